@@ -1,0 +1,5 @@
+//! tandemd: the Tandem cache server.
+fn main() {
+    eprintln!("tandemd: not built yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,1 @@
+//! Network backends. `kernel`: epoll over kernel sockets, the default.

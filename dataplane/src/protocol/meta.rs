@@ -1,0 +1,1 @@
+//! meta commands codec (being written).

@@ -1,0 +1,1 @@
+//! Helpers for Tandem integration tests: start tandemd and memcached, talk to them.
