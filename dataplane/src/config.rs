@@ -1,8 +1,15 @@
 //! Operator settings: memcached's flags, a TOML file, and the [`Settings`] every shard reads.
 //!
-//! (Flag and file parsing land with the runtime; [`Settings`] is the shape every module reads.)
+//! Flags follow memcached where they overlap (`-p -l -m -t -c -I -U -v -A -F -C -M -R`), with its
+//! defaults; everything is also settable in a TOML file (`--config FILE`, section `[server]`). Flags
+//! override the file. Unknown keys, bad values and conflicting settings are start-up errors that name
+//! the key.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
+
+use clap::Parser;
+use serde::Deserialize;
 
 /// Settings fixed at start-up, shared read-only by every thread (verbosity can change at run time).
 #[derive(Debug)]
@@ -49,5 +56,266 @@ impl Default for Settings {
             reqs_per_event: 20,
             verbosity: AtomicU32::new(0),
         }
+    }
+}
+
+/// memcached's floor and ceiling for `-I`.
+pub const ITEM_SIZE_MIN: usize = 1024;
+pub const ITEM_SIZE_LIMIT: usize = 1 << 30;
+
+/// Command-line flags, memcached's where they overlap.
+#[derive(Parser, Debug, Default)]
+#[command(name = "tandemd", version = crate::VERSION, about = "Tandem: a memcached-compatible cache server, one shard per core")]
+pub struct Flags {
+    /// TCP port to listen on (default 11211; 0 picks a free port).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// UDP port: only 0 (off) is accepted; Tandem has no UDP.
+    #[arg(short = 'U', long = "udp-port")]
+    pub udp_port: Option<u16>,
+    /// Interface(s) to listen on, comma separated (default 127.0.0.1).
+    #[arg(short = 'l', long = "listen")]
+    pub listen: Option<String>,
+    /// Item memory in megabytes (default 64).
+    #[arg(short = 'm', long = "memory-limit")]
+    pub memory_mb: Option<usize>,
+    /// Worker threads, one shard each (default: the CPUs this process may use).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Maximum simultaneous connections (default 1024).
+    #[arg(short = 'c', long = "conn-limit")]
+    pub max_connections: Option<usize>,
+    /// Maximum item size, with k/m/g suffix (default 1m, at most 1g).
+    #[arg(short = 'I', long = "max-item-size")]
+    pub max_item_size: Option<String>,
+    /// Verbose logging; -vv more so.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Enable the `shutdown` command.
+    #[arg(short = 'A', long = "enable-shutdown")]
+    pub enable_shutdown: bool,
+    /// Disable flush_all.
+    #[arg(short = 'F', long = "disable-flush-all")]
+    pub disable_flush: bool,
+    /// Disable CAS (responses carry 0).
+    #[arg(short = 'C', long = "disable-cas")]
+    pub disable_cas: bool,
+    /// Return an error when memory is full instead of evicting.
+    #[arg(short = 'M', long = "disable-evictions")]
+    pub disable_evictions: bool,
+    /// Requests per connection per event before yielding to others (default 20).
+    #[arg(short = 'R', long = "max-reqs-per-event")]
+    pub reqs_per_event: Option<usize>,
+    /// TOML configuration file; flags override it.
+    #[arg(long = "config")]
+    pub config: Option<PathBuf>,
+}
+
+/// The TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+/// `[server]` in the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<String>,
+    pub port: Option<u16>,
+    pub memory_mb: Option<usize>,
+    pub threads: Option<usize>,
+    pub max_connections: Option<usize>,
+    /// Bytes as an integer, or a string with a k/m/g suffix.
+    pub max_item_size: Option<Size>,
+    pub reqs_per_event: Option<usize>,
+    pub cas: Option<bool>,
+    pub flush_all: Option<bool>,
+    pub shutdown_command: Option<bool>,
+    pub evictions: Option<bool>,
+    pub verbosity: Option<u32>,
+}
+
+/// A size written as bytes or with a suffix.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+/// A bad setting, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Parses "1m", "512k", "2g", "1048576".
+pub fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
+        _ => (text, 'b'),
+    };
+    let n: usize = digits.parse().ok()?;
+    let mult = match unit {
+        'b' => 1,
+        'k' => 1 << 10,
+        'm' => 1 << 20,
+        'g' => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// CPUs available to this process (the default thread count).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl Settings {
+    /// Builds settings from the file (if any) and the flags, flags winning.
+    pub fn from_flags(flags: &Flags) -> Result<Settings, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?
+            }
+            None => FileConfig::default(),
+        };
+        let server = file.server;
+        let mut s = Settings::default();
+        s.threads = available_cpus();
+
+        if let Some(port) = flags.udp_port {
+            if port != 0 {
+                return Err(invalid("-U", format!("UDP port {port} requested, but Tandem serves TCP only; use -U 0")));
+            }
+        }
+        s.port = flags.port.or(server.port).unwrap_or(s.port);
+        s.listen = flags.listen.clone().or(server.listen).unwrap_or(s.listen);
+        if s.listen.trim().is_empty() {
+            return Err(invalid("listen", "empty address"));
+        }
+        let memory_mb = flags.memory_mb.or(server.memory_mb).unwrap_or(64);
+        if memory_mb == 0 {
+            return Err(invalid("memory_mb", "must be at least 1"));
+        }
+        s.memory_limit = memory_mb.checked_mul(1 << 20).ok_or_else(|| invalid("memory_mb", "too large"))?;
+        s.threads = flags.threads.or(server.threads).unwrap_or(s.threads);
+        if s.threads == 0 || s.threads > 256 {
+            return Err(invalid("threads", format!("{} is not between 1 and 256", s.threads)));
+        }
+        s.max_connections = flags.max_connections.or(server.max_connections).unwrap_or(s.max_connections);
+        if s.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        let item_size = match (&flags.max_item_size, &server.max_item_size) {
+            (Some(text), _) => Some(parse_size(text).ok_or_else(|| invalid("-I", format!("cannot parse size {text:?}")))?),
+            (None, Some(Size::Bytes(n))) => Some(*n as usize),
+            (None, Some(Size::Text(text))) => {
+                Some(parse_size(text).ok_or_else(|| invalid("max_item_size", format!("cannot parse size {text:?}")))?)
+            }
+            (None, None) => None,
+        };
+        if let Some(size) = item_size {
+            if size < ITEM_SIZE_MIN {
+                return Err(invalid("max_item_size", format!("{size} is below the minimum of {ITEM_SIZE_MIN} bytes")));
+            }
+            if size > ITEM_SIZE_LIMIT {
+                return Err(invalid("max_item_size", format!("{size} is above the maximum of 1g")));
+            }
+            s.item_size_max = size;
+        }
+        if s.item_size_max > s.memory_limit / 2 {
+            return Err(invalid("max_item_size", "cannot be larger than half of the memory limit (-m)"));
+        }
+        s.reqs_per_event = flags.reqs_per_event.or(server.reqs_per_event).unwrap_or(s.reqs_per_event);
+        if s.reqs_per_event == 0 {
+            return Err(invalid("reqs_per_event", "must be at least 1"));
+        }
+        s.cas_enabled = !flags.disable_cas && server.cas.unwrap_or(true);
+        s.flush_enabled = !flags.disable_flush && server.flush_all.unwrap_or(true);
+        s.shutdown_enabled = flags.enable_shutdown || server.shutdown_command.unwrap_or(false);
+        s.evictions = !flags.disable_evictions && server.evictions.unwrap_or(true);
+        let verbosity = if flags.verbose > 0 { flags.verbose as u32 } else { server.verbosity.unwrap_or(0) };
+        s.verbosity = AtomicU32::new(verbosity);
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut all = vec!["tandemd"];
+        all.extend_from_slice(args);
+        Flags::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_memcacheds() {
+        let s = Settings::from_flags(&flags(&[])).unwrap();
+        assert_eq!((s.port, s.listen.as_str(), s.memory_limit, s.max_connections, s.item_size_max), (11211, "127.0.0.1", 64 << 20, 1024, 1 << 20));
+        assert!(s.cas_enabled && s.flush_enabled && !s.shutdown_enabled && s.evictions);
+    }
+
+    #[test]
+    fn memcached_flags_are_understood() {
+        let s = Settings::from_flags(&flags(&["-p", "1234", "-m", "128", "-t", "3", "-c", "10", "-I", "2m", "-vv", "-A", "-F", "-C", "-M", "-R", "5", "-U", "0"])).unwrap();
+        assert_eq!((s.port, s.memory_limit, s.threads, s.max_connections, s.item_size_max, s.reqs_per_event), (1234, 128 << 20, 3, 10, 2 << 20, 5));
+        assert!(s.shutdown_enabled && !s.flush_enabled && !s.cas_enabled && !s.evictions);
+        assert_eq!(s.verbosity.into_inner(), 2);
+    }
+
+    #[test]
+    fn udp_is_refused_clearly() {
+        let err = Settings::from_flags(&flags(&["-U", "11211"])).unwrap_err().to_string();
+        assert!(err.contains("-U") && err.contains("TCP only"), "{err}");
+    }
+
+    #[test]
+    fn item_size_limits_follow_memcached() {
+        assert!(Settings::from_flags(&flags(&["-I", "2g"])).is_err());
+        assert!(Settings::from_flags(&flags(&["-I", "100"])).is_err());
+        assert!(Settings::from_flags(&flags(&["-I", "64m", "-m", "64"])).is_err());
+        assert!(Settings::from_flags(&flags(&["-I", "lots"])).is_err());
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_override_them() {
+        let dir = std::env::temp_dir().join(format!("tandem-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ok.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.2\"\nmemory_mb = 32\nthreads = 2\nmax_connections = 50\nmax_item_size = \"512k\"\n").unwrap();
+        let s = Settings::from_flags(&flags(&["--config", path.to_str().unwrap(), "-c", "60"])).unwrap();
+        assert_eq!((s.listen.as_str(), s.memory_limit, s.threads, s.max_connections, s.item_size_max), ("127.0.0.2", 32 << 20, 2, 60, 512 << 10));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("tandem-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[server]\nmemroy_mb = 32\n").unwrap();
+        let err = Settings::from_flags(&flags(&["--config", path.to_str().unwrap()])).unwrap_err().to_string();
+        assert!(err.contains("memroy_mb"), "{err}");
+        std::fs::write(&path, "[server]\nthreads = \"many\"\n").unwrap();
+        let err = Settings::from_flags(&flags(&["--config", path.to_str().unwrap()])).unwrap_err().to_string();
+        assert!(err.contains("threads"), "{err}");
     }
 }

@@ -55,6 +55,11 @@ macro_rules! counter_set {
             pub fn for_each(&self, mut f: impl FnMut(&'static str, u64)) {
                 $(f(stringify!($field), self.$field.get());)*
             }
+
+            /// Every counter, for the owner (to reset them).
+            pub fn for_each_mut(&self, mut f: impl FnMut(&Counter)) {
+                $(f(&self.$field);)*
+            }
         }
     };
 }
@@ -63,7 +68,7 @@ counter_set! {
     /// Command counters of one shard, named as memcached names them in `stats`. Executors in
     /// [`crate::shard`] and the protocol modules update them on the shard's own thread.
     CommandCounters {
-        cmd_get, cmd_set, cmd_touch,
+        cmd_get, cmd_set, cmd_flush, cmd_touch,
         get_hits, get_misses, get_expired, get_flushed,
         delete_hits, delete_misses,
         incr_hits, incr_misses, decr_hits, decr_misses,

@@ -1,1 +1,6 @@
-//! Network backends. `kernel`: epoll over kernel sockets, the default.
+//! Network backends: where bytes come from and go to.
+//!
+//! - [`kernel`]: kernel TCP sockets, one SO_REUSEPORT listener per worker, polled with epoll (mio).
+//!   The default; runs anywhere without privileges.
+
+pub mod kernel;

@@ -257,3 +257,6 @@ pub trait ItemDebug: ItemView {
 
 mod engine;
 pub use engine::{ItemRef, Store};
+
+/// Bytes per segment: the unit the arena is cut into and eviction reclaims.
+pub const SEGMENT_SIZE: usize = 1 << 20;

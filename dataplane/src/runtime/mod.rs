@@ -1,0 +1,187 @@
+//! Worker threads pinned to CPUs, each owning one shard, its listeners and its connections.
+//!
+//! - [`worker`]: one core's poll loop: accept, read, parse, route, execute, reply, and mail.
+//! - [`conn`]: a connection, with replies kept in request order across cores.
+//! - [`mailbox`]: the bounded rings between cores, batched per poll round.
+//! - [`report`]: `stats` answers, assembled from every shard's counters.
+//!
+//! [`Server::start`] builds one store per worker on the worker's own thread (so its memory is touched
+//! there first), binds the listeners, and returns once every worker serves.
+
+pub mod conn;
+pub mod mailbox;
+pub mod report;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context};
+
+use crate::config::Settings;
+use crate::stats::{CommandCounters, ConnCounters};
+use crate::store::{Backing, StoreStats};
+
+/// What every worker publishes about itself for `stats`, once it is up.
+pub struct WorkerInfo {
+    pub commands: Arc<CommandCounters>,
+    pub store: Arc<StoreStats>,
+    pub conns: Arc<ConnCounters>,
+    pub backing: Backing,
+    /// Open connections: fd and peer (for `stats conns`). Touched on accept and close only.
+    pub conn_list: Mutex<Vec<(i32, Option<SocketAddr>)>>,
+    pub listeners: Vec<(i32, SocketAddr)>,
+}
+
+/// State shared by all workers. Nothing here is touched per request except through atomics that are
+/// read-mostly (`shutdown`) or per connection (`open_connections`).
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    pub shutdown: AtomicBool,
+    /// Connections open across all workers, checked against `-c` on accept.
+    pub open_connections: AtomicUsize,
+    pub workers: Vec<OnceLock<WorkerInfo>>,
+    pub started: std::time::Instant,
+}
+
+impl Shared {
+    pub fn worker_infos(&self) -> impl Iterator<Item = &WorkerInfo> {
+        self.workers.iter().filter_map(|w| w.get())
+    }
+}
+
+/// A running server.
+pub struct Server {
+    pub shared: Arc<Shared>,
+    mailboxes: Arc<mailbox::Mailboxes>,
+    threads: Vec<JoinHandle<()>>,
+    /// The addresses actually bound (the port is resolved when `-p 0`).
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Server {
+    /// Starts `settings.threads` workers and waits until each has its store and listeners.
+    pub fn start(settings: Settings) -> anyhow::Result<Server> {
+        let settings = Arc::new(settings);
+        let threads = settings.threads;
+        if threads == 0 {
+            bail!("-t must be at least 1");
+        }
+        let mut addrs = Vec::new();
+        for host in settings.listen.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            addrs.extend(crate::net::kernel::resolve(host, settings.port).with_context(|| format!("bad -l address {host:?}"))?);
+        }
+        // With -p 0 the first bind picks a port; every other listener must use the same one.
+        let first = crate::net::kernel::reuseport_listener(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
+        let port = first.local_addr()?.port();
+        for addr in &mut addrs {
+            addr.set_port(port);
+        }
+        drop(first);
+
+        let shared = Arc::new(Shared {
+            settings: settings.clone(),
+            shutdown: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
+            workers: (0..threads).map(|_| OnceLock::new()).collect(),
+            started: std::time::Instant::now(),
+        });
+        let pollers = (0..threads).map(|_| mio::Poll::new()).collect::<Result<Vec<_>, _>>()?;
+        let mut doorbells = Vec::new();
+        for poll in &pollers {
+            let waker = mio::Waker::new(poll.registry(), worker::WAKER)?;
+            doorbells.push(Arc::new(mailbox::Doorbell::new(Box::new(PollWaker(waker)))));
+        }
+        let mailboxes = mailbox::Mailboxes::new(doorbells);
+        let cpus = allowed_cpus();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let mut handles = Vec::new();
+        for (id, poll) in pollers.into_iter().enumerate() {
+            let shared = shared.clone();
+            let mailboxes = mailboxes.clone();
+            let addrs = addrs.clone();
+            let cpu = cpus.get(id % cpus.len().max(1)).copied();
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new().name(format!("tandem-w{id}")).spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to_cpu(cpu);
+                }
+                match worker::Worker::new(id, poll, &addrs, shared, mailboxes) {
+                    Ok(mut w) => {
+                        let _ = ready.send(Ok(()));
+                        w.run();
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            })?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        for _ in 0..threads {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    shared.shutdown.store(true, Ordering::SeqCst);
+                    for i in 0..threads {
+                        mailboxes.doorbell(i).ring();
+                    }
+                    return Err(e);
+                }
+                Err(_) => bail!("a worker thread died while starting"),
+            }
+        }
+        Ok(Server { shared, mailboxes, threads: handles, addrs })
+    }
+
+    /// Asks every worker to stop.
+    pub fn stop(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        for i in 0..self.mailboxes.workers() {
+            self.mailboxes.doorbell(i).ring();
+        }
+    }
+
+    /// Waits for every worker to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+struct PollWaker(mio::Waker);
+
+impl mailbox::Wake for PollWaker {
+    fn wake(&self) {
+        let _ = self.0.wake();
+    }
+}
+
+/// CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Pins the calling thread to one CPU (best effort: logged, not fatal).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "could not pin worker to cpu");
+    }
+}

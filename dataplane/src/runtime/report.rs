@@ -1,0 +1,241 @@
+//! `stats` answers, assembled from every shard's and worker's counters, with memcached's names.
+//!
+//! Counters are single-writer atomics owned by their shard or worker (see [`crate::stats`]); reading
+//! them here needs no message and no lock. Groups: general, `settings`, `items`, `slabs`, `sizes`,
+//! `conns`. Tandem has no slab classes: `items` and `slabs` report one class per shard (class id =
+//! shard + 1), whose pages are the shard's segments.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+use crate::shard::Shard;
+use crate::stats::ConnCounters;
+
+type Pairs = Vec<(Cow<'static, str>, String)>;
+
+fn push(pairs: &mut Pairs, name: impl Into<Cow<'static, str>>, value: impl ToString) {
+    pairs.push((name.into(), value.to_string()));
+}
+
+/// The pairs of a stats group, or None for a group memcached does not know either.
+pub fn stats(shared: &Shared, group: Option<&str>) -> Option<Pairs> {
+    match group {
+        None | Some("") => Some(general(shared)),
+        Some("settings") => Some(settings(shared)),
+        Some("items") => Some(items(shared)),
+        Some("slabs") => Some(slabs(shared)),
+        Some("sizes") => Some(vec![("sizes_status".into(), "disabled".into())]),
+        Some("conns") => Some(conns(shared)),
+        _ => None,
+    }
+}
+
+fn rusage() -> (String, String) {
+    // SAFETY: getrusage fills a plain struct for this process.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let fmt = |tv: libc::timeval| format!("{}.{:06}", tv.tv_sec, tv.tv_usec);
+    (fmt(usage.ru_utime), fmt(usage.ru_stime))
+}
+
+fn general(shared: &Shared) -> Pairs {
+    let settings = &shared.settings;
+    let clock = crate::clock::Clock::global();
+    let now = clock.now();
+    let mut sum_cmd = std::collections::BTreeMap::<&'static str, u64>::new();
+    let mut sum_conn = std::collections::BTreeMap::<&'static str, u64>::new();
+    let (mut curr_items, mut total_items, mut bytes, mut evictions, mut reclaimed) = (0, 0, 0, 0, 0);
+    let (mut expired_unfetched, mut evicted_unfetched, mut get_expired, mut reinserted, mut oom) = (0, 0, 0, 0, 0);
+    let (mut segments_used, mut segments_total, mut index_bytes) = (0, 0, 0);
+    let mut backing = "none";
+    for info in shared.worker_infos() {
+        info.commands.for_each(|name, v| *sum_cmd.entry(name).or_default() += v);
+        info.conns.for_each(|name, v| *sum_conn.entry(name).or_default() += v);
+        let s = &info.store;
+        curr_items += s.curr_items.get();
+        total_items += s.total_items.get();
+        bytes += s.bytes.get();
+        evictions += s.evictions.get();
+        reclaimed += s.reclaimed.get();
+        expired_unfetched += s.expired_unfetched.get();
+        evicted_unfetched += s.evicted_unfetched.get();
+        get_expired += s.get_expired.get();
+        reinserted += s.reinserted.get();
+        oom += s.outofmemory.get();
+        segments_used += s.segments_used.get();
+        segments_total += s.segments_total.get();
+        index_bytes += s.index_bytes.get();
+        backing = info.backing.name();
+    }
+    let cmd = |name: &str| sum_cmd.get(name).copied().unwrap_or(0);
+    let conn = |name: &str| sum_conn.get(name).copied().unwrap_or(0);
+    let (user, system) = rusage();
+    let mut p = Pairs::new();
+    push(&mut p, "pid", std::process::id());
+    push(&mut p, "uptime", shared.started.elapsed().as_secs());
+    push(&mut p, "time", clock.to_unix(now));
+    push(&mut p, "version", crate::VERSION);
+    push(&mut p, "libevent", "none");
+    push(&mut p, "pointer_size", usize::BITS);
+    push(&mut p, "rusage_user", user);
+    push(&mut p, "rusage_system", system);
+    push(&mut p, "max_connections", settings.max_connections);
+    push(&mut p, "curr_connections", conn("curr_connections"));
+    push(&mut p, "total_connections", conn("total_connections"));
+    push(&mut p, "rejected_connections", conn("rejected_connections"));
+    push(&mut p, "connection_structures", conn("curr_connections"));
+    for name in ["cmd_get", "cmd_set", "cmd_flush", "cmd_touch"] {
+        push(&mut p, name, cmd(name));
+    }
+    push(&mut p, "cmd_meta", 0);
+    push(&mut p, "get_hits", cmd("get_hits"));
+    push(&mut p, "get_misses", cmd("get_misses"));
+    push(&mut p, "get_expired", cmd("get_expired") + get_expired);
+    push(&mut p, "get_flushed", cmd("get_flushed"));
+    for name in [
+        "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
+        "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
+    ] {
+        push(&mut p, name, cmd(name));
+    }
+    push(&mut p, "auth_cmds", 0);
+    push(&mut p, "auth_errors", 0);
+    push(&mut p, "bytes_read", conn("bytes_read"));
+    push(&mut p, "bytes_written", conn("bytes_written"));
+    push(&mut p, "limit_maxbytes", settings.memory_limit);
+    push(&mut p, "accepting_conns", 1);
+    push(&mut p, "threads", settings.threads);
+    push(&mut p, "conn_yields", conn("conn_yields"));
+    push(&mut p, "hash_bytes", index_bytes);
+    push(&mut p, "curr_items", curr_items);
+    push(&mut p, "total_items", total_items);
+    push(&mut p, "expired_unfetched", expired_unfetched);
+    push(&mut p, "evicted_unfetched", evicted_unfetched);
+    push(&mut p, "evictions", evictions);
+    push(&mut p, "reclaimed", reclaimed);
+    push(&mut p, "bytes", bytes);
+    // Tandem's own.
+    push(&mut p, "shards", settings.threads);
+    push(&mut p, "memory_backing", backing);
+    push(&mut p, "cross_shard_requests", conn("cross_shard_requests"));
+    push(&mut p, "reinserted", reinserted);
+    push(&mut p, "outofmemory", oom);
+    push(&mut p, "segments_used", segments_used);
+    push(&mut p, "segments_total", segments_total);
+    p
+}
+
+fn settings(shared: &Shared) -> Pairs {
+    let s = &shared.settings;
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let mut p = Pairs::new();
+    push(&mut p, "maxbytes", s.memory_limit);
+    push(&mut p, "maxconns", s.max_connections);
+    push(&mut p, "tcpport", s.port);
+    push(&mut p, "udpport", 0);
+    push(&mut p, "inter", &s.listen);
+    push(&mut p, "verbosity", s.verbosity.load(Ordering::Relaxed));
+    push(&mut p, "oldest", 0);
+    push(&mut p, "evictions", if s.evictions { "on" } else { "off" });
+    push(&mut p, "domain_socket", "NULL");
+    push(&mut p, "num_threads", s.threads);
+    push(&mut p, "stat_key_prefix", ":");
+    push(&mut p, "detail_enabled", "no");
+    push(&mut p, "reqs_per_event", s.reqs_per_event);
+    push(&mut p, "cas_enabled", yes_no(s.cas_enabled));
+    push(&mut p, "tcp_backlog", crate::net::kernel::LISTEN_BACKLOG);
+    push(&mut p, "binding_protocol", "auto-negotiate");
+    push(&mut p, "auth_enabled_sasl", "no");
+    push(&mut p, "item_size_max", s.item_size_max);
+    push(&mut p, "maxconns_fast", "yes");
+    push(&mut p, "flush_enabled", yes_no(s.flush_enabled));
+    push(&mut p, "shutdown_command", yes_no(s.shutdown_enabled));
+    push(&mut p, "memory_backing", shared.worker_infos().next().map(|w| w.backing.name()).unwrap_or("none"));
+    push(&mut p, "shards", s.threads);
+    p
+}
+
+fn items(shared: &Shared) -> Pairs {
+    let mut p = Pairs::new();
+    for (shard, info) in shared.worker_infos().enumerate() {
+        let s = &info.store;
+        if s.curr_items.get() == 0 && s.evictions.get() == 0 {
+            continue;
+        }
+        let class = shard + 1;
+        push(&mut p, format!("items:{class}:number"), s.curr_items.get());
+        push(&mut p, format!("items:{class}:evicted"), s.evictions.get());
+        push(&mut p, format!("items:{class}:evicted_unfetched"), s.evicted_unfetched.get());
+        push(&mut p, format!("items:{class}:outofmemory"), s.outofmemory.get());
+        push(&mut p, format!("items:{class}:reclaimed"), s.reclaimed.get());
+        push(&mut p, format!("items:{class}:expired_unfetched"), s.expired_unfetched.get());
+        push(&mut p, format!("items:{class}:mem_requested"), s.bytes.get());
+    }
+    p
+}
+
+fn slabs(shared: &Shared) -> Pairs {
+    let mut p = Pairs::new();
+    let mut total = 0u64;
+    let mut active = 0;
+    for (shard, info) in shared.worker_infos().enumerate() {
+        let s = &info.store;
+        let class = shard + 1;
+        let segment = crate::store::SEGMENT_SIZE as u64;
+        total += s.segments_total.get() * segment;
+        if s.segments_used.get() == 0 {
+            continue;
+        }
+        active += 1;
+        push(&mut p, format!("{class}:chunk_size"), segment);
+        push(&mut p, format!("{class}:chunks_per_page"), 1);
+        push(&mut p, format!("{class}:total_pages"), s.segments_used.get());
+        push(&mut p, format!("{class}:total_chunks"), s.segments_used.get());
+        push(&mut p, format!("{class}:used_chunks"), s.segments_used.get());
+        push(&mut p, format!("{class}:free_chunks"), s.segments_total.get() - s.segments_used.get().min(s.segments_total.get()));
+        push(&mut p, format!("{class}:mem_requested"), s.bytes.get());
+    }
+    push(&mut p, "active_slabs", active);
+    push(&mut p, "total_malloced", total);
+    p
+}
+
+fn conns(shared: &Shared) -> Pairs {
+    let mut p = Pairs::new();
+    for info in shared.worker_infos() {
+        for (fd, addr) in &info.listeners {
+            push(&mut p, format!("{fd}:addr"), format!("tcp:{addr}"));
+            push(&mut p, format!("{fd}:state"), "conn_listening");
+        }
+        for (fd, peer) in info.conn_list.lock().unwrap().iter() {
+            let addr = peer.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+            push(&mut p, format!("{fd}:addr"), format!("tcp:{addr}"));
+            push(&mut p, format!("{fd}:state"), "conn_parse_cmd");
+        }
+    }
+    p
+}
+
+/// `stats reset` on this worker: its own counters only (each thread resets what it owns).
+pub fn reset_local(shard: &mut Shard, conns: &ConnCounters) {
+    shard.counters.for_each_mut(|c| c.set(0));
+    for c in [&conns.total_connections, &conns.rejected_connections, &conns.bytes_read, &conns.bytes_written, &conns.conn_yields, &conns.cross_shard_requests] {
+        c.set(0);
+    }
+    let s = shard.store.stats();
+    for c in [&s.total_items, &s.evictions, &s.reclaimed, &s.expired_unfetched, &s.evicted_unfetched, &s.reinserted, &s.outofmemory, &s.get_expired] {
+        c.set(0);
+    }
+}
+
+/// Asks the process to shut down (the `shutdown` command): main waits for this signal.
+pub fn request_shutdown() {
+    // SAFETY: sending a signal to our own process.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGTERM);
+    }
+}

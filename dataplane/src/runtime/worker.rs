@@ -1,0 +1,533 @@
+//! One core's poll loop: accept, read, parse, route, execute, reply; and mail to and from other cores.
+//!
+//! A round: wait for socket events (or mail, or the 1 s tick), serve every ready connection (read to
+//! EAGAIN, parse up to `-R` requests, run each where its key lives, write once), run the requests other
+//! cores mailed here and send their replies back, deliver replies that came back, then post this
+//! round's outgoing mail as one batch per peer. Connections that still hold input (they hit `-R` or
+//! their client is not reading) are revisited next round without waiting.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+
+use super::conn::{Conn, OUTPUT_HIGH_WATER};
+use super::mailbox::{ConnRef, Mailboxes, Msg, Postbox, Proto};
+use super::report;
+use super::{Shared, WorkerInfo};
+use crate::clock::Clock;
+use crate::protocol::binary::BinaryCodec;
+use crate::protocol::text::TextCodec;
+use crate::protocol::{Admin, AdminReply, After, Codec, Limits, Parse, Route};
+use crate::route::{shard_for, ShardId};
+use crate::shard::Shard;
+use crate::stats::ConnCounters;
+use crate::store::{Store, StoreConfig};
+
+/// The poller token of the cross-core waker.
+pub const WAKER: Token = Token(usize::MAX - 1);
+/// Listener tokens count down from here.
+const LISTENER_BASE: usize = usize::MAX - 2;
+
+/// Bytes read from one connection per round before others get their turn.
+const READ_BUDGET: usize = 1 << 20;
+/// Read granularity.
+const READ_CHUNK: usize = 64 * 1024;
+/// memcached's reply to a connection over `-c`.
+const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
+
+pub struct Worker {
+    id: ShardId,
+    poll: Poll,
+    listeners: Vec<TcpListener>,
+    shard: Shard,
+    postbox: Postbox,
+    shared: Arc<Shared>,
+    counters: Arc<ConnCounters>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    next_generation: u32,
+    /// Connections to revisit without waiting for an event.
+    pending: VecDeque<usize>,
+    /// Connections that received remote replies this round and need a write.
+    touched: Vec<usize>,
+    /// Read buffer for connections that hold no partial input.
+    scratch: Vec<u8>,
+    limits: Limits,
+}
+
+/// What a connection needs after a service pass.
+enum Next {
+    Idle,
+    Revisit,
+    Close,
+}
+
+impl Worker {
+    pub fn new(
+        id: ShardId,
+        poll: Poll,
+        addrs: &[std::net::SocketAddr],
+        shared: Arc<Shared>,
+        mailboxes: Arc<Mailboxes>,
+    ) -> anyhow::Result<Worker> {
+        let settings = shared.settings.clone();
+        let threads = settings.threads;
+        let share = settings.memory_limit / threads;
+        let store = Store::new(StoreConfig {
+            memory_bytes: share,
+            item_size_max: settings.item_size_max,
+            evict: settings.evictions,
+            shard_index: id,
+            shard_count: threads,
+            try_hugepages: true,
+        })
+        .with_context(|| format!("worker {id}: cannot build its store of {share} bytes"))?;
+        let backing = store.backing();
+        let shard = Shard::new(id, store, settings.clone());
+        let mut listeners = Vec::new();
+        let mut listener_info = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let mut l = crate::net::kernel::reuseport_listener(*addr).with_context(|| format!("cannot listen on {addr}"))?;
+            poll.registry().register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            listener_info.push((l.as_raw_fd(), *addr));
+            listeners.push(l);
+        }
+        let counters = Arc::new(ConnCounters::default());
+        let info = WorkerInfo {
+            commands: shard.counters.clone(),
+            store: shard.store.stats().clone(),
+            conns: counters.clone(),
+            backing,
+            conn_list: Default::default(),
+            listeners: listener_info,
+        };
+        let _ = shared.workers[id].set(info);
+        Ok(Worker {
+            id,
+            poll,
+            listeners,
+            shard,
+            postbox: Postbox::new(id, mailboxes),
+            limits: Limits { item_size_max: settings.item_size_max },
+            shared,
+            counters,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_generation: 0,
+            pending: VecDeque::new(),
+            touched: Vec::new(),
+            scratch: Vec::with_capacity(READ_CHUNK),
+        })
+    }
+
+    /// Runs until the server shuts down.
+    pub fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        let clock = Clock::global();
+        let mut last_now = 0;
+        while !self.shared.shutdown.load(Ordering::Relaxed) {
+            let now = clock.now();
+            self.shard.set_now(now);
+            if now != last_now {
+                last_now = now;
+                self.shard.tick();
+            }
+            let busy = !self.pending.is_empty() || self.postbox.has_inbound();
+            let timeout = if busy || !self.postbox.prepare_sleep() { Duration::ZERO } else { Duration::from_secs(1) };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(worker = self.id, error = %e, "poll failed");
+                    break;
+                }
+            }
+            self.postbox.awake();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    Token(t) if t > LISTENER_BASE - self.listeners.len() && t <= LISTENER_BASE => self.accept(LISTENER_BASE - t),
+                    Token(index) => self.serve(index),
+                }
+            }
+            for _ in 0..self.pending.len() {
+                if let Some(index) = self.pending.pop_front() {
+                    self.serve(index);
+                }
+            }
+            self.handle_mail();
+            self.postbox.flush();
+        }
+        tracing::debug!(worker = self.id, "worker stopped");
+    }
+
+    fn accept(&mut self, which: usize) {
+        loop {
+            let (mut stream, peer) = match self.listeners[which].accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and friends: log and try again next round.
+                    tracing::warn!(worker = self.id, error = %e, "accept failed");
+                    return;
+                }
+            };
+            let open = self.shared.open_connections.fetch_add(1, Ordering::Relaxed);
+            if open >= self.shared.settings.max_connections {
+                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                self.counters.rejected_connections.incr();
+                let _ = stream.write(TOO_MANY_CONNECTIONS);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let index = self.free.pop().unwrap_or_else(|| {
+                self.conns.push(None);
+                self.conns.len() - 1
+            });
+            if let Err(e) = self.poll.registry().register(&mut stream, Token(index), Interest::READABLE | Interest::WRITABLE) {
+                tracing::warn!(error = %e, "cannot register connection");
+                self.free.push(index);
+                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            self.next_generation = self.next_generation.wrapping_add(1);
+            if let Some(info) = self.shared.workers[self.id].get() {
+                info.conn_list.lock().unwrap().push((stream.as_raw_fd(), Some(peer)));
+            }
+            self.conns[index] = Some(Conn::new(stream, Some(peer), self.next_generation));
+            self.counters.curr_connections.incr();
+            self.counters.total_connections.incr();
+        }
+    }
+
+    fn close(&mut self, index: usize) {
+        if let Some(mut conn) = self.conns[index].take() {
+            let fd = conn.stream.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            if let Some(info) = self.shared.workers[self.id].get() {
+                info.conn_list.lock().unwrap().retain(|(f, _)| *f != fd);
+            }
+            self.free.push(index);
+            self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            self.counters.curr_connections.sub(1);
+        }
+    }
+
+    fn serve(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else { return };
+        let conn_ref = ConnRef { index: index as u32, generation: conn.generation };
+        let next = {
+            let mut ctx = Ctx {
+                shard: &mut self.shard,
+                postbox: &mut self.postbox,
+                shared: &self.shared,
+                counters: &self.counters,
+                limits: self.limits,
+            };
+            service(&mut ctx, conn, conn_ref, &mut self.scratch)
+        };
+        match next {
+            Next::Idle => {}
+            Next::Revisit => self.pending.push_back(index),
+            Next::Close => self.close(index),
+        }
+    }
+
+    fn handle_mail(&mut self) {
+        let Worker { shard, postbox, conns, touched, limits, counters, .. } = self;
+        postbox.drain(|postbox, from, msg| match msg {
+            Msg::Request { conn, slot, proto, key_only, frame } => {
+                let mut out = postbox.buffer();
+                match proto {
+                    Proto::Text => run_frame::<TextCodec>(shard, &frame, key_only, limits, &mut out),
+                    Proto::Binary => run_frame::<BinaryCodec>(shard, &frame, key_only, limits, &mut out),
+                }
+                postbox.recycle(frame);
+                postbox.send(from, Msg::Reply { conn, slot, bytes: out });
+            }
+            Msg::Reply { conn: conn_ref, slot, bytes } => {
+                let index = conn_ref.index as usize;
+                match conns.get_mut(index).and_then(Option::as_mut) {
+                    Some(conn) if conn.generation == conn_ref.generation => {
+                        conn.fill_slot(slot, bytes, |b| postbox.recycle(b));
+                        touched.push(index);
+                    }
+                    _ => postbox.recycle(bytes),
+                }
+            }
+            Msg::Flush { delay } => shard.flush(delay),
+            Msg::ResetStats => report::reset_local(shard, counters),
+        });
+        let mut list = std::mem::take(&mut self.touched);
+        list.sort_unstable();
+        list.dedup();
+        for index in list.drain(..) {
+            self.serve(index);
+        }
+        self.touched = list;
+    }
+}
+
+/// Runs a frame mailed from another core on this shard.
+fn run_frame<C: Codec>(shard: &mut Shard, frame: &[u8], key_only: bool, limits: &Limits, out: &mut Vec<u8>) {
+    match C::parse(frame, limits) {
+        Parse::Request { request, .. } if key_only => C::execute_key(shard, &request, 0, out),
+        Parse::Request { request, .. } => C::execute(shard, &request, out),
+        // The sender parsed these exact bytes as a request; anything else is a bug, reported to the client.
+        other => {
+            tracing::error!(?other, "a mailed frame did not parse");
+            out.extend_from_slice(b"SERVER_ERROR internal error\r\n");
+        }
+    }
+}
+
+/// What service needs besides the connection.
+struct Ctx<'w> {
+    shard: &'w mut Shard,
+    postbox: &'w mut Postbox,
+    shared: &'w Shared,
+    counters: &'w ConnCounters,
+    limits: Limits,
+}
+
+/// One pass over a connection: write what is queued, run held-back input, read and run, write.
+fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut Vec<u8>) -> Next {
+    if write_out(ctx, conn).is_err() {
+        return Next::Close;
+    }
+    let mut yielded = false;
+    // Input held back by -R or by a full output runs before anything new is read.
+    if !conn.input.is_empty() && !conn.closing && conn.backlog() <= OUTPUT_HIGH_WATER {
+        let mut input = std::mem::take(&mut conn.input);
+        let (consumed, stopped) = process(ctx, conn, conn_ref, &input);
+        input.drain(..consumed);
+        conn.input = input;
+        yielded = stopped;
+    }
+    let mut read_total = 0;
+    while !yielded && !conn.closing && conn.backlog() <= OUTPUT_HIGH_WATER {
+        if read_total >= READ_BUDGET {
+            // The socket may hold more; edge-triggered polling will not say so again.
+            yielded = true;
+            break;
+        }
+        let use_scratch = conn.input.is_empty();
+        let buf: &mut Vec<u8> = if use_scratch { &mut *scratch } else { &mut conn.input };
+        let start = buf.len();
+        if buf.capacity() - start < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        buf.resize(buf.capacity(), 0);
+        let got = conn.stream.read(&mut buf[start..]);
+        buf.truncate(start + *got.as_ref().unwrap_or(&0));
+        match got {
+            Ok(0) => conn.closing = true,
+            Ok(n) => {
+                read_total += n;
+                ctx.counters.bytes_read.add(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Next::Close,
+        }
+        let stopped = if use_scratch {
+            let (consumed, stopped) = process(ctx, conn, conn_ref, scratch);
+            conn.input.extend_from_slice(&scratch[consumed..]);
+            scratch.clear();
+            stopped
+        } else {
+            let mut input = std::mem::take(&mut conn.input);
+            let (consumed, stopped) = process(ctx, conn, conn_ref, &input);
+            input.drain(..consumed);
+            conn.input = input;
+            stopped
+        };
+        yielded = stopped;
+    }
+    if write_out(ctx, conn).is_err() {
+        return Next::Close;
+    }
+    if conn.closing {
+        return if conn.backlog() == 0 && !conn.awaiting_replies() { Next::Close } else { Next::Idle };
+    }
+    if conn.backlog() > OUTPUT_HIGH_WATER {
+        // The client is not reading: its writable event brings the connection back.
+        return Next::Idle;
+    }
+    if yielded {
+        ctx.counters.conn_yields.incr();
+        Next::Revisit
+    } else {
+        Next::Idle
+    }
+}
+
+/// Writes queued output; Err when the connection is broken.
+fn write_out(ctx: &mut Ctx<'_>, conn: &mut Conn) -> io::Result<()> {
+    while conn.written < conn.output.len() {
+        match conn.stream.write(&conn.output[conn.written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                conn.written += n;
+                ctx.counters.bytes_written.add(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    conn.output.clear();
+    conn.written = 0;
+    if conn.output.capacity() > 4 * READ_CHUNK {
+        conn.output = Vec::new();
+    }
+    Ok(())
+}
+
+/// Runs the requests at the front of `input`, up to `-R` of them. Returns the bytes used and whether
+/// it stopped early (with complete requests possibly left).
+fn process(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, input: &[u8]) -> (usize, bool) {
+    let mut pos = 0;
+    if conn.swallow > 0 {
+        let drop = conn.swallow.min(input.len());
+        conn.swallow -= drop;
+        pos += drop;
+    }
+    if pos == input.len() {
+        return (pos, false);
+    }
+    let proto = *conn.proto.get_or_insert(if input[pos] == crate::protocol::binary::REQUEST_MAGIC { Proto::Binary } else { Proto::Text });
+    match proto {
+        Proto::Text => process_with::<TextCodec>(ctx, conn, conn_ref, input, pos, Proto::Text),
+        Proto::Binary => process_with::<BinaryCodec>(ctx, conn, conn_ref, input, pos, Proto::Binary),
+    }
+}
+
+/// Writes a reply produced here: straight to the output when nothing waits before it, else in a slot.
+fn emit(conn: &mut Conn, postbox: &mut Postbox, write: impl FnOnce(&mut Vec<u8>)) {
+    if conn.in_order() {
+        write(&mut conn.output);
+    } else {
+        let mut buf = postbox.buffer();
+        write(&mut buf);
+        conn.push_ready(buf);
+    }
+}
+
+fn process_with<C: Codec>(
+    ctx: &mut Ctx<'_>,
+    conn: &mut Conn,
+    conn_ref: ConnRef,
+    input: &[u8],
+    mut pos: usize,
+    proto: Proto,
+) -> (usize, bool) {
+    let shards = ctx.shared.settings.threads;
+    let me = ctx.shard.id;
+    let mut budget = ctx.shared.settings.reqs_per_event.max(1);
+    while pos < input.len() && !conn.closing {
+        if budget == 0 || conn.backlog() > OUTPUT_HIGH_WATER {
+            return (pos, true);
+        }
+        budget -= 1;
+        let (request, consumed) = match C::parse(&input[pos..], &ctx.limits) {
+            Parse::Incomplete => break,
+            Parse::Invalid(bad) => {
+                emit(conn, ctx.postbox, |out| out.extend_from_slice(&bad.reply));
+                pos += bad.consumed;
+                let drop = bad.swallow.min(input.len() - pos);
+                pos += drop;
+                conn.swallow = bad.swallow - drop;
+                if bad.close {
+                    conn.closing = true;
+                }
+                continue;
+            }
+            Parse::Request { request, consumed } => (request, consumed),
+        };
+        let frame = &input[pos..pos + consumed];
+        pos += consumed;
+        match C::route(&request) {
+            Route::Key(key) => {
+                let owner = shard_for(key, shards);
+                if owner == me {
+                    emit(conn, ctx.postbox, |out| C::execute(ctx.shard, &request, out));
+                } else {
+                    let slot = conn.reserve_slot();
+                    let mut bytes = ctx.postbox.buffer();
+                    bytes.extend_from_slice(frame);
+                    ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: false, frame: bytes });
+                    ctx.counters.cross_shard_requests.incr();
+                }
+            }
+            Route::Keys(count) => {
+                for index in 0..count {
+                    let owner = shard_for(C::key_at(&request, index), shards);
+                    if owner == me {
+                        emit(conn, ctx.postbox, |out| C::execute_key(ctx.shard, &request, index, out));
+                    } else {
+                        let slot = conn.reserve_slot();
+                        let mut bytes = ctx.postbox.buffer();
+                        C::key_frame(&request, index, &mut bytes);
+                        ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: true, frame: bytes });
+                        ctx.counters.cross_shard_requests.incr();
+                    }
+                }
+                emit(conn, ctx.postbox, |out| C::finish_keys(&request, out));
+            }
+            Route::Connection => {
+                let mut after = After::Continue;
+                emit(conn, ctx.postbox, |out| after = C::answer(&request, out));
+                if after == After::Close {
+                    conn.closing = true;
+                }
+            }
+            Route::Admin(admin) => admin_request::<C>(ctx, conn, &request, admin),
+        }
+    }
+    (pos, false)
+}
+
+/// Answers requests about the whole server.
+fn admin_request<C: Codec>(ctx: &mut Ctx<'_>, conn: &mut Conn, request: &C::Request<'_>, admin: Admin<'_>) {
+    let settings = &ctx.shared.settings;
+    match admin {
+        Admin::Flush { delay } => {
+            if !settings.flush_enabled {
+                emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::FlushDisabled, out));
+                return;
+            }
+            ctx.shard.counters.cmd_flush.incr();
+            ctx.shard.flush(delay);
+            ctx.postbox.broadcast(|| Msg::Flush { delay });
+            emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::Flushed, out));
+        }
+        Admin::Verbosity(level) => {
+            settings.verbosity.store(level, Ordering::Relaxed);
+            emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::VerbosityOk, out));
+        }
+        Admin::Shutdown => {
+            if settings.shutdown_enabled {
+                emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::ShutdownAccepted, out));
+                conn.closing = true;
+                report::request_shutdown();
+            } else {
+                emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::ShutdownDisabled, out));
+            }
+        }
+        Admin::Stats(Some("reset")) => {
+            report::reset_local(ctx.shard, ctx.counters);
+            ctx.postbox.broadcast(|| Msg::ResetStats);
+            emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::Reset, out));
+        }
+        Admin::Stats(group) => match report::stats(ctx.shared, group) {
+            Some(pairs) => emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::Stats(&pairs), out)),
+            None => emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::BadArgument, out)),
+        },
+    }
+}

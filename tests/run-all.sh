@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test of Tandem: unit and property tests, integration tests against real tandemd
+# processes (pymemcache, memccapable, bad input, size shift, memory, 10k connections), and each fuzz
+# target for a bounded time. Needs: cargo, python3 with venv, memcached and libmemcached-tools
+# (.ci/run installs them). FUZZ_SECONDS (default 60) bounds each fuzz target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+fuzz_seconds=${FUZZ_SECONDS:-60}
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "build (release)"
+cargo build --release --workspace --bins
+
+step "unit, property and Rust integration tests"
+cargo test --release --workspace -- --include-ignored 2>&1 | tee /tmp/tandem-cargo-test.log
+grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4; f+=$6} END {print "cargo tests: " p " passed, " f " failed"}'
+
+step "python integration suite against target/release/tandemd"
+venv=${TANDEM_VENV:-$root/.venv}
+if [[ ! -x $venv/bin/pytest ]]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r tests/requirements.txt
+fi
+TANDEM_SERVER=$root/target/release/tandemd "$venv/bin/pytest" -q -rs tests/python
+
+step "fuzz targets, ${fuzz_seconds}s each"
+for target in $(cd dataplane/fuzz && cargo +nightly fuzz list); do
+  (cd dataplane/fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 2>&1 | tail -n 3)
+done
+
+step "all tests passed"
