@@ -221,6 +221,22 @@ class RawConn:
         data, self.pending = self.pending[:end], self.pending[end:]
         return data
 
+    def recv_until_count(self, terminator, count, timeout=None):
+        """Bytes up to and including the ``count``-th ``terminator`` (or whatever came before the deadline)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while self.pending.count(terminator) < count and self._fill(deadline):
+            pass
+        end = -1
+        for _ in range(count):
+            end = self.pending.find(terminator, end + 1)
+            if end < 0:
+                end = len(self.pending)
+                break
+        else:
+            end += len(terminator)
+        data, self.pending = self.pending[:end], self.pending[end:]
+        return data
+
     def recv_available(self, quiet_s=0.2):
         """Everything that arrives until the server has been quiet for ``quiet_s``."""
         for _ in range(1000):
