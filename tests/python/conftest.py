@@ -1,0 +1,42 @@
+"""pytest fixtures for Tandem's integration tests (see harness.py for the environment variables)."""
+
+import pytest
+
+pytest.register_assert_rewrite("harness")
+
+import harness  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"server under test: {harness.SERVER_KIND} ({harness.server_binary()})"
+
+
+@pytest.fixture
+def start(tmp_path):
+    """Factory: ``start(*flags, nofile=None)`` starts a server; every server is killed at teardown."""
+    started = []
+
+    def factory(*flags, nofile=None):
+        server = harness.start_server(flags, log_dir=tmp_path, nofile=nofile)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start):
+    """A server with default settings (-t 2, -m 64, -I 1m)."""
+    return start()
+
+
+@pytest.fixture
+def client(server):
+    return server.client()
+
+
+@pytest.fixture
+def conn(server):
+    return server.raw()
