@@ -374,3 +374,389 @@ fn flush_removes_everything() {
     assert_eq!(get_value(&mut store, b"k1", 1).unwrap(), b"again");
     store.check_invariants();
 }
+
+// ---- model-based property tests ----
+
+/// A client TTL choice.
+#[derive(Clone, Copy, Debug)]
+enum Ttl {
+    Never,
+    In(u32),
+    Immediately,
+}
+
+impl Ttl {
+    fn expiry(self, now: RelTime) -> Expiry {
+        match self {
+            Ttl::Never => Expiry::Never,
+            Ttl::In(secs) => Expiry::At(now + secs),
+            Ttl::Immediately => Expiry::Immediately,
+        }
+    }
+}
+
+/// Which CAS a request carries.
+#[derive(Clone, Copy, Debug)]
+enum CasChoice {
+    None,
+    Current,
+    Wrong,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Store { mode: StoreMode, key: u8, len: usize, flags: u32, ttl: Ttl, cas: CasChoice },
+    SetNumber { key: u8, number: u64 },
+    Delete { key: u8, cas: CasChoice },
+    Arith { key: u8, incr: bool, delta: u64 },
+    Get { key: u8 },
+    Touch { key: u8, ttl: Ttl },
+    Advance { secs: u32 },
+}
+
+fn ttl_strategy() -> impl Strategy<Value = Ttl> {
+    prop_oneof![4 => Just(Ttl::Never), 3 => (1u32..4).prop_map(Ttl::In), 1 => Just(Ttl::Immediately)]
+}
+
+fn cas_strategy() -> impl Strategy<Value = CasChoice> {
+    prop_oneof![6 => Just(CasChoice::None), 2 => Just(CasChoice::Current), 1 => Just(CasChoice::Wrong)]
+}
+
+fn len_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => Just(0usize),
+        30 => 1usize..300,
+        4 => 300usize..20_000,
+        1 => (SEGMENT_SIZE - 100)..(SEGMENT_SIZE + SEGMENT_SIZE / 4),
+    ]
+}
+
+fn mode_strategy() -> impl Strategy<Value = StoreMode> {
+    prop_oneof![
+        4 => Just(StoreMode::Set),
+        1 => Just(StoreMode::Add),
+        1 => Just(StoreMode::Replace),
+        1 => Just(StoreMode::Append),
+        1 => Just(StoreMode::Prepend),
+    ]
+}
+
+fn op_strategy(keys: u8) -> impl Strategy<Value = Op> {
+    let flags = prop_oneof![Just(0u32), any::<u32>()];
+    prop_oneof![
+        8 => (mode_strategy(), 0..keys, len_strategy(), flags, ttl_strategy(), cas_strategy())
+            .prop_map(|(mode, key, len, flags, ttl, cas)| Op::Store { mode, key, len, flags, ttl, cas }),
+        2 => (0..keys, prop_oneof![0u64..1000, Just(u64::MAX - 1)])
+            .prop_map(|(key, number)| Op::SetNumber { key, number }),
+        2 => (0..keys, cas_strategy()).prop_map(|(key, cas)| Op::Delete { key, cas }),
+        3 => (0..keys, any::<bool>(), prop_oneof![0u64..10, Just(u64::MAX)])
+            .prop_map(|(key, incr, delta)| Op::Arith { key, incr, delta }),
+        6 => (0..keys).prop_map(|key| Op::Get { key }),
+        2 => (0..keys, ttl_strategy()).prop_map(|(key, ttl)| Op::Touch { key, ttl }),
+        2 => (0u32..3).prop_map(|secs| Op::Advance { secs }),
+    ]
+}
+
+/// Distinct, recognizable bytes for the `serial`th value.
+fn value_bytes(len: usize, serial: u32) -> Vec<u8> {
+    let seed = serial.to_le_bytes();
+    (0..len).map(|i| seed[i % 4] ^ (i as u8).wrapping_mul(7)).collect()
+}
+
+fn key_bytes(key: u8) -> Vec<u8> {
+    format!("key:{key}").into_bytes()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ModelItem {
+    value: Vec<u8>,
+    flags: u32,
+    exptime: RelTime,
+    cas: u64,
+}
+
+/// memcached's semantics over a HashMap, with memory to spare.
+struct Model {
+    items: HashMap<u8, ModelItem>,
+    cas_sequence: u64,
+    item_size_max: usize,
+}
+
+impl Model {
+    fn live(&mut self, key: u8, now: RelTime) -> Option<&mut ModelItem> {
+        if self.items.get(&key).is_some_and(|item| item.exptime != 0 && item.exptime <= now) {
+            self.items.remove(&key);
+        }
+        self.items.get_mut(&key)
+    }
+
+    fn next_cas(&mut self) -> u64 {
+        self.cas_sequence += 1;
+        self.cas_sequence
+    }
+
+    fn insert(&mut self, key: u8, value: Vec<u8>, flags: u32, exptime: RelTime) -> StoreResult {
+        let cas = self.next_cas();
+        self.items.insert(key, ModelItem { value, flags, exptime, cas });
+        StoreResult::Stored { cas }
+    }
+
+    fn store(&mut self, key: u8, request: &StoreRequest<'_>, now: RelTime) -> StoreResult {
+        if request.value.len() > self.item_size_max {
+            if request.mode == StoreMode::Set && request.compare_cas.is_none() {
+                self.items.remove(&key);
+            }
+            return StoreResult::TooLarge;
+        }
+        let cas_command = request.compare_cas.is_some() && matches!(request.mode, StoreMode::Set | StoreMode::Replace);
+        let (value, flags, exptime) = (request.value.to_vec(), request.client_flags, request.expiry.as_rel());
+        let Some(old) = self.live(key, now).cloned() else {
+            return match request.mode {
+                _ if cas_command => StoreResult::NotFound,
+                StoreMode::Set | StoreMode::Add => self.insert(key, value, flags, exptime),
+                _ => StoreResult::NotStored,
+            };
+        };
+        let cas_ok = match request.compare_cas {
+            None | Some(0) => !cas_command,
+            Some(cas) => cas == old.cas,
+        };
+        match request.mode {
+            StoreMode::Add => StoreResult::NotStored,
+            _ if !cas_ok => StoreResult::Exists,
+            StoreMode::Set | StoreMode::Replace => self.insert(key, value, flags, exptime),
+            StoreMode::Append | StoreMode::Prepend => {
+                if old.value.len() + value.len() > self.item_size_max {
+                    return StoreResult::NotStored;
+                }
+                let combined = if request.mode == StoreMode::Append {
+                    [&old.value[..], &value[..]].concat()
+                } else {
+                    [&value[..], &old.value[..]].concat()
+                };
+                self.insert(key, combined, old.flags, old.exptime)
+            }
+        }
+    }
+
+    fn arith(&mut self, key: u8, incr: bool, delta: u64, now: RelTime) -> ArithResult {
+        let cas = self.cas_sequence + 1;
+        let Some(item) = self.live(key, now) else { return ArithResult::NotFound };
+        let Some(current) = std::str::from_utf8(&item.value).ok().and_then(|text| text.parse::<u64>().ok()) else {
+            return ArithResult::NonNumeric;
+        };
+        let value = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
+        item.value = value.to_string().into_bytes();
+        item.cas = cas;
+        let exptime = item.exptime;
+        self.cas_sequence += 1;
+        ArithResult::Value { value, cas, exptime }
+    }
+}
+
+fn cas_for(choice: CasChoice, current: Option<u64>) -> Option<u64> {
+    match choice {
+        CasChoice::None => None,
+        CasChoice::Current => Some(current.unwrap_or(424_242)),
+        CasChoice::Wrong => Some(current.map_or(1, |cas| cas + 1_000)),
+    }
+}
+
+fn model_item(item: &impl ItemView) -> ModelItem {
+    ModelItem { value: value_of(item), flags: item.client_flags(), exptime: item.exptime(), cas: item.cas() }
+}
+
+/// Runs `ops` against a store with plenty of memory and against the model; every result must agree.
+fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
+    let item_size_max = SEGMENT_SIZE + SEGMENT_SIZE / 8;
+    let mut store = Store::new(StoreConfig {
+        memory_bytes: 128 * MIB,
+        item_size_max,
+        evict: true,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .unwrap();
+    let mut model = Model { items: HashMap::new(), cas_sequence: 0, item_size_max };
+    let mut now: RelTime = 100;
+    for (serial, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Store { mode, key, len, flags, ttl, cas } => {
+                let value = value_bytes(len, serial as u32);
+                let k = key_bytes(key);
+                let current = model.live(key, now).map(|item| item.cas);
+                let request = StoreRequest {
+                    client_flags: flags,
+                    expiry: ttl.expiry(now),
+                    compare_cas: cas_for(cas, current),
+                    ..request(mode, &k, &value)
+                };
+                let expected = model.store(key, &request, now);
+                prop_assert_eq!(store.store(&request, now), expected, "{:?}", op);
+            }
+            Op::SetNumber { key, number } => {
+                let k = key_bytes(key);
+                let text = number.to_string();
+                let request = request(StoreMode::Set, &k, text.as_bytes());
+                let expected = model.store(key, &request, now);
+                prop_assert_eq!(store.store(&request, now), expected);
+            }
+            Op::Delete { key, cas } => {
+                let current = model.live(key, now).map(|item| item.cas);
+                let compare_cas = cas_for(cas, current);
+                let expected = match current {
+                    None => DeleteResult::NotFound,
+                    Some(cas) if compare_cas.is_some_and(|c| c != cas) => DeleteResult::Exists,
+                    Some(_) => {
+                        model.items.remove(&key);
+                        DeleteResult::Deleted
+                    }
+                };
+                let k = key_bytes(key);
+                let request = DeleteRequest { key: &k, compare_cas, invalidate: false, new_expiry: None, new_cas: None };
+                prop_assert_eq!(store.delete(&request, now), expected);
+            }
+            Op::Arith { key, incr, delta } => {
+                let k = key_bytes(key);
+                let expected = model.arith(key, incr, delta, now);
+                let request =
+                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                prop_assert_eq!(store.arith(&request, now), expected);
+            }
+            Op::Get { key } | Op::Touch { key, .. } => {
+                let touch = match *op {
+                    Op::Touch { ttl, .. } => Some(ttl.expiry(now)),
+                    _ => None,
+                };
+                let mut expected = model.live(key, now).cloned();
+                if let (Some(item), Some(expiry)) = (model.items.get_mut(&key), touch) {
+                    item.exptime = expiry.as_rel();
+                    expected = Some(item.clone());
+                }
+                let got = match store.get(&key_bytes(key), GetOptions { touch, ..GetOptions::default() }, now) {
+                    GetResult::Hit(hit) => Some(model_item(&hit.item)),
+                    GetResult::Miss => None,
+                };
+                prop_assert_eq!(got, expected, "{:?}", op);
+            }
+            Op::Advance { secs } => now += secs,
+        }
+    }
+    prop_assert_eq!(store.stats().evictions.get(), 0, "the model test must not evict");
+    for key in 0..=u8::MAX {
+        let stored = store.peek(&key_bytes(key), now).map(|item| model_item(&item));
+        prop_assert_eq!(stored, model.live(key, now).cloned());
+    }
+    store.check_invariants();
+    Ok(())
+}
+
+/// Tiny memory: whatever is evicted, a hit always returns the last value stored for its key.
+fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
+    let memory = 4 * MIB;
+    let mut store = Store::new(StoreConfig {
+        memory_bytes: memory,
+        item_size_max: 2 * MIB,
+        evict,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .unwrap();
+    let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
+    let mut now: RelTime = 100;
+    let keys: Vec<u8> = ops
+        .iter()
+        .filter_map(|op| match *op {
+            Op::Store { key, .. } | Op::SetNumber { key, .. } | Op::Delete { key, .. } => Some(key),
+            Op::Arith { key, .. } | Op::Get { key } | Op::Touch { key, .. } => Some(key),
+            Op::Advance { .. } => None,
+        })
+        .collect();
+    for (serial, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Store { mode, key, len, flags, ttl, cas } => {
+                let value = value_bytes(len * 3, serial as u32); // bigger values: more pressure
+                let k = key_bytes(key);
+                let current = store.peek(&k, now).map(|item| item.cas());
+                let request = StoreRequest {
+                    client_flags: flags,
+                    expiry: ttl.expiry(now),
+                    compare_cas: cas_for(cas, current),
+                    ..request(mode, &k, &value)
+                };
+                if let StoreResult::Stored { .. } = store.store(&request, now) {
+                    let old = model.remove(&key).unwrap_or_default();
+                    let new = match mode {
+                        StoreMode::Append => [&old[..], &value[..]].concat(),
+                        StoreMode::Prepend => [&value[..], &old[..]].concat(),
+                        _ => value,
+                    };
+                    model.insert(key, new);
+                }
+            }
+            Op::SetNumber { key, number } => {
+                let text = number.to_string();
+                if let StoreResult::Stored { .. } = set(&mut store, &key_bytes(key), text.as_bytes(), now) {
+                    model.insert(key, text.into_bytes());
+                }
+            }
+            Op::Delete { key, .. } => {
+                let k = key_bytes(key);
+                let request = DeleteRequest { key: &k, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+                store.delete(&request, now);
+                model.remove(&key);
+            }
+            Op::Arith { key, incr, delta } => {
+                let k = key_bytes(key);
+                let request =
+                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                if let ArithResult::Value { value, .. } = store.arith(&request, now) {
+                    model.insert(key, value.to_string().into_bytes());
+                }
+            }
+            Op::Get { key } => {
+                if let Some(value) = get_value(&mut store, &key_bytes(key), now) {
+                    prop_assert_eq!(Some(&value), model.get(&key), "a hit returns the last value stored");
+                }
+            }
+            Op::Touch { key, ttl } => {
+                let options = GetOptions { touch: Some(ttl.expiry(now)), ..GetOptions::default() };
+                store.get(&key_bytes(key), options, now);
+            }
+            Op::Advance { secs } => now += secs,
+        }
+        // Items may vanish (evicted, expired); those present hold exactly the last value stored.
+        for &key in &keys {
+            match store.peek(&key_bytes(key), now) {
+                Some(item) => prop_assert_eq!(Some(&value_of(&item)), model.get(&key), "key {} after {:?}", key, op),
+                None => {
+                    model.remove(&key);
+                }
+            }
+        }
+        let stats = store.stats();
+        prop_assert!(stats.bytes.get() as usize <= memory);
+        prop_assert!(stats.segments_used.get() <= stats.segments_total.get());
+    }
+    store.check_invariants();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_model(ops in proptest::collection::vec(op_strategy(6), 1..80)) {
+        run_against_model(&ops)?;
+    }
+
+    #[test]
+    fn tiny_memory_never_returns_wrong_values(
+        ops in proptest::collection::vec(op_strategy(40), 1..150),
+        evict in prop_oneof![3 => Just(true), 1 => Just(false)],
+    ) {
+        run_tiny(&ops, evict)?;
+    }
+}
