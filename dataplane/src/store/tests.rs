@@ -677,7 +677,9 @@ fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
     for (serial, op) in ops.iter().enumerate() {
         match *op {
             Op::Store { mode, key, len, flags, ttl, cas } => {
-                let value = value_bytes(len * 3, serial as u32); // bigger values: more pressure
+                // Larger values than the model test's, so that 4 MiB fills up (up to 1.9 MiB).
+                let len = if len >= SEGMENT_SIZE / 2 { len * 3 / 2 } else { (len * 100).min(2 * MIB - 4096) };
+                let value = value_bytes(len, serial as u32);
                 let k = key_bytes(key);
                 let current = store.peek(&k, now).map(|item| item.cas());
                 let request = StoreRequest {
@@ -754,7 +756,7 @@ proptest! {
 
     #[test]
     fn tiny_memory_never_returns_wrong_values(
-        ops in proptest::collection::vec(op_strategy(40), 1..150),
+        ops in proptest::collection::vec(op_strategy(40), 1..250),
         evict in prop_oneof![3 => Just(true), 1 => Just(false)],
     ) {
         run_tiny(&ops, evict)?;
