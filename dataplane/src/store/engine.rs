@@ -1,50 +1,850 @@
-//! PLACEHOLDER until the store lands: the [`Store`] API every other module codes against.
-//! (Replaced by the real engine: arena, segments, index, eviction.)
+//! The store engine: memcached's item operations over the arena, the segment log and the index.
+//!
+//! Writing appends an item at the open segment and points the index at it; an older item of the same
+//! key is only forgotten (index and live accounting), its bytes are recovered when its segment is
+//! reclaimed. When a write needs a segment and none is free, the oldest segment of the log is
+//! reclaimed: each item in it that the index still points at is dropped if expired, given a second
+//! chance (re-appended at the head, `ACCESSED` cleared) if it was read since it was last written and is
+//! small, and evicted otherwise. Re-appends are capped at half a segment per reclaimed segment and one
+//! free segment is kept in reserve for them, so every reclaim frees memory and always has room.
+//! Without eviction (`-M`), only segments holding no live unexpired item are reclaimed.
+//!
+//! Expired items are removed lazily when a lookup finds them and in bounded batches by [`Store::tick`].
+//!
+//! Hot paths allocate nothing: reads return [`ItemRef`]s borrowed from the arena, writes copy into it.
+//! The exceptions are amortized: the index grows by half when full, and append/prepend assemble the new
+//! value in a scratch buffer the store keeps (a reclaim during the write may move the old value).
 
+use super::arena::Arena;
+use super::decimal;
+use super::index::{self, tag_of, Index};
+use super::item::{self, Header, ValueChunks, ACCESSED, FETCHED, STALE, WIN_SENT};
+use super::segment::{
+    address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE,
+    SMALL_ITEM_MAX,
+};
 use super::*;
+use crate::route::key_hash;
 use std::sync::Arc;
 
+/// The index is presized for items of about this many bytes.
+const PRESIZE_BYTES_PER_ITEM: usize = 256;
+/// Fewest segments a store runs with: the reserve, one to reclaim, one to write.
+const MIN_SEGMENTS: usize = RESERVED_SEGMENTS + 2;
+/// Re-appended bytes allowed per reclaimed segment.
+const REINSERT_BUDGET: usize = SEGMENT_SIZE / 2;
+/// Index slots [`Store::tick`] examines per call.
+const TICK_SLOTS: usize = 4096;
+/// The append/prepend scratch buffer is released after use when it grew beyond this.
+const SCRATCH_KEEP: usize = 2 * SEGMENT_SIZE;
+
+/// One shard's item store.
 pub struct Store {
-    _private: (),
+    arena: Arena,
+    segments: Segments,
+    index: Index,
+    stats: Arc<StoreStats>,
+    item_size_max: usize,
+    /// Largest item (header, key and value) the arena can hold at all.
+    max_item_len: usize,
+    evict: bool,
+    cas_sequence: u64,
+    shard_index: u64,
+    shard_count: u64,
+    /// Where [`Store::tick`] resumes its scan of the index.
+    tick_cursor: usize,
+    /// Reused by append/prepend.
+    scratch: Vec<u8>,
 }
 
+/// A borrowed view of one stored item.
 pub struct ItemRef<'s> {
-    _store: &'s Store,
+    arena: &'s [u8],
+    segments: &'s [SegmentMeta],
+    addr: usize,
+    header: Header,
+    header_len: usize,
+    /// The time of the operation that produced this view (to widen the 16-bit last access).
+    now: RelTime,
+}
+
+impl<'s> ItemRef<'s> {
+    fn new(store: &'s Store, addr: usize, now: RelTime) -> ItemRef<'s> {
+        let arena = store.arena.bytes();
+        let header = Header::decode(&arena[addr..]);
+        ItemRef { arena, segments: store.segments.metas(), addr, header, header_len: header.encoded_len(), now }
+    }
+
+    fn value_addr(&self) -> usize {
+        self.addr + self.header_len + self.header.key_len as usize
+    }
 }
 
 impl ItemView for ItemRef<'_> {
-    fn key(&self) -> &[u8] { todo!() }
-    fn client_flags(&self) -> u32 { todo!() }
-    fn cas(&self) -> u64 { todo!() }
-    fn exptime(&self) -> RelTime { todo!() }
-    fn value_len(&self) -> usize { todo!() }
-    fn value_chunks(&self) -> ValueChunks<'_> { todo!() }
+    fn key(&self) -> &[u8] {
+        let at = self.addr + self.header_len;
+        &self.arena[at..at + self.header.key_len as usize]
+    }
+    fn client_flags(&self) -> u32 {
+        self.header.client_flags
+    }
+    fn cas(&self) -> u64 {
+        self.header.cas
+    }
+    fn exptime(&self) -> RelTime {
+        self.header.exptime
+    }
+    fn value_len(&self) -> usize {
+        self.header.value_len as usize
+    }
+    fn value_chunks(&self) -> ValueChunks<'_> {
+        ValueChunks::in_arena(self.arena, self.segments, self.value_addr(), self.value_len())
+    }
 }
 
 impl ItemDebug for ItemRef<'_> {
-    fn last_access(&self) -> RelTime { todo!() }
-    fn fetched(&self) -> bool { todo!() }
-    fn total_size(&self) -> usize { todo!() }
+    /// Reconstructed from 16 bits, so exact for the last 18 hours (see `item`).
+    fn last_access(&self) -> RelTime {
+        self.now.wrapping_sub(self.header.idle_secs(self.now))
+    }
+    fn fetched(&self) -> bool {
+        self.header.bits & FETCHED != 0
+    }
+    fn total_size(&self) -> usize {
+        self.header.total_len()
+    }
+}
+
+/// Not enough memory for a write (only without eviction, or for impossible sizes).
+struct NoSpace;
+
+/// A live item found by key.
+#[derive(Clone, Copy)]
+struct Found {
+    slot: usize,
+    addr: usize,
+    header: Header,
+}
+
+/// An item to write.
+struct NewItem<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    client_flags: u32,
+    exptime: RelTime,
+    cas: u64,
+    bits: u8,
+}
+
+impl NewItem<'_> {
+    fn header(&self, now: RelTime) -> Header {
+        Header {
+            key_len: self.key.len() as u8,
+            bits: self.bits,
+            last_access: now as u16,
+            exptime: self.exptime,
+            cas: self.cas,
+            client_flags: self.client_flags,
+            value_len: self.value.len() as u32,
+        }
+    }
+}
+
+/// An item met while walking a segment.
+struct SegmentItem {
+    addr: usize,
+    header: Header,
+    tag: u32,
+    /// The index slot pointing at it; `None` when the item is dead (deleted or replaced).
+    slot: Option<usize>,
+}
+
+/// The CAS test of a store request against the existing item (memcached's `cas_res`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CasCheck {
+    /// No CAS given (or 0).
+    Absent,
+    Match,
+    /// Lower than the item's, with invalidation allowed.
+    Stale,
+    Mismatch,
 }
 
 impl Store {
     /// Maps the arena and builds an empty store.
-    pub fn new(_config: StoreConfig) -> Result<Store, StoreError> { todo!() }
+    pub fn new(config: StoreConfig) -> Result<Store, StoreError> {
+        let addressable = (index::MAX_ADDRESS + 1) & !(SEGMENT_SIZE - 1);
+        if config.memory_bytes > addressable {
+            tracing::warn!(requested = config.memory_bytes, used = addressable, "shard memory capped by the index");
+        }
+        let segment_count = config.memory_bytes.min(addressable) / SEGMENT_SIZE;
+        if segment_count < MIN_SEGMENTS {
+            return Err(StoreError::TooSmall { memory: config.memory_bytes, item_size_max: config.item_size_max });
+        }
+        let arena = Arena::map(segment_count * SEGMENT_SIZE, config.try_hugepages)?;
+        let index = Index::with_items(arena.len() / PRESIZE_BYTES_PER_ITEM);
+        let stats = Arc::new(StoreStats::default());
+        stats.segments_total.set(segment_count as u64);
+        stats.index_bytes.set(index.bytes() as u64);
+        let shard_count = config.shard_count.max(1) as u64;
+        Ok(Store {
+            arena,
+            segments: Segments::new(segment_count),
+            index,
+            stats,
+            item_size_max: config.item_size_max,
+            max_item_len: (segment_count - RESERVED_SEGMENTS) * SEGMENT_SIZE,
+            evict: config.evict,
+            cas_sequence: 0,
+            shard_index: (config.shard_index as u64) % shard_count,
+            shard_count,
+            tick_cursor: 0,
+            scratch: Vec::new(),
+        })
+    }
+
     /// Where the arena's memory came from.
-    pub fn backing(&self) -> Backing { todo!() }
+    pub fn backing(&self) -> Backing {
+        self.arena.backing()
+    }
+
     /// The store's counters, shareable with the thread that answers `stats`.
-    pub fn stats(&self) -> &Arc<StoreStats> { todo!() }
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        &self.stats
+    }
+
     /// Largest value accepted.
-    pub fn item_size_max(&self) -> usize { todo!() }
+    pub fn item_size_max(&self) -> usize {
+        self.item_size_max
+    }
+
     /// A read; may touch, vivify, mark fetched, bump.
-    pub fn get(&mut self, _key: &[u8], _options: GetOptions, _now: RelTime) -> GetResult<'_> { todo!() }
+    pub fn get(&mut self, key: &[u8], options: GetOptions, now: RelTime) -> GetResult<'_> {
+        let tag = tag_of(key_hash(key));
+        let Some(Found { addr, header, .. }) = self.lookup_live(key, tag, now) else {
+            return match options.vivify {
+                Some(expiry) => self.vivify(key, tag, expiry, options.no_bump, now),
+                None => GetResult::Miss,
+            };
+        };
+        let already_won = header.bits & WIN_SENT != 0;
+        let stale = header.bits & STALE != 0;
+        // A live item with an expiry has `exptime > now`.
+        let recache = options.recache_below.is_some_and(|below| header.exptime != 0 && header.exptime - now < below);
+        let won = !already_won && (stale || recache);
+        let mut bits = header.bits;
+        if won {
+            bits |= WIN_SENT;
+        }
+        let bytes = &mut self.arena.bytes_mut()[addr..];
+        if !options.no_bump {
+            bits |= FETCHED | ACCESSED;
+            item::set_last_access(bytes, now);
+        }
+        if bits != header.bits {
+            item::set_bits(bytes, bits);
+        }
+        if let Some(expiry) = options.touch {
+            item::set_exptime(bytes, expiry.as_rel());
+        }
+        GetResult::Hit(Hit {
+            item: ItemRef::new(self, addr, now),
+            fetched_before: header.bits & FETCHED != 0,
+            idle_secs: header.idle_secs(now),
+            won,
+            stale,
+            already_won,
+        })
+    }
+
     /// A read with no side effects at all (meta `me`, and tests). Expired items are not returned.
-    pub fn peek(&self, _key: &[u8], _now: RelTime) -> Option<ItemRef<'_>> { todo!() }
-    pub fn store(&mut self, _request: &StoreRequest<'_>, _now: RelTime) -> StoreResult { todo!() }
-    pub fn delete(&mut self, _request: &DeleteRequest<'_>, _now: RelTime) -> DeleteResult { todo!() }
-    pub fn arith(&mut self, _request: &ArithRequest<'_>, _now: RelTime) -> ArithResult { todo!() }
+    pub fn peek(&self, key: &[u8], now: RelTime) -> Option<ItemRef<'_>> {
+        let (_, addr) = self.find(key, tag_of(key_hash(key)))?;
+        let item = ItemRef::new(self, addr, now);
+        (!item.header.is_expired(now)).then_some(item)
+    }
+
+    /// A storage command. A SET (without CAS) that fails for size or memory also removes the old item,
+    /// as memcached's text protocol does, so stale data does not outlive a failed overwrite.
+    pub fn store(&mut self, request: &StoreRequest<'_>, now: RelTime) -> StoreResult {
+        let key = request.key;
+        let tag = tag_of(key_hash(key));
+        let unconditional_set = request.mode == StoreMode::Set && request.compare_cas.is_none();
+        if key.len() > MAX_KEY_LEN
+            || request.value.len() > self.item_size_max
+            || self.item_len(key.len(), request.value.len(), request.client_flags) > self.max_item_len
+        {
+            if unconditional_set {
+                self.remove(key, tag);
+            }
+            return StoreResult::TooLarge;
+        }
+        // CAS given with set/replace makes the command memcached's NREAD_CAS.
+        let cas_command = request.compare_cas.is_some() && matches!(request.mode, StoreMode::Set | StoreMode::Replace);
+        let Some(old) = self.lookup_live(key, tag, now) else {
+            if cas_command {
+                return StoreResult::NotFound;
+            }
+            let exptime = match (request.mode, request.vivify_on_miss) {
+                (StoreMode::Set | StoreMode::Add, _) => request.expiry.as_rel(),
+                (StoreMode::Append | StoreMode::Prepend, Some(expiry)) => expiry.as_rel(),
+                (StoreMode::Replace | StoreMode::Append | StoreMode::Prepend, _) => return StoreResult::NotStored,
+            };
+            return self.store_value(request, tag, request.value, request.client_flags, exptime, 0, now);
+        };
+        let check = match request.compare_cas {
+            None | Some(0) => CasCheck::Absent,
+            Some(cas) if cas == old.header.cas => CasCheck::Match,
+            Some(cas) if request.invalidate && cas < old.header.cas => CasCheck::Stale,
+            Some(_) => CasCheck::Mismatch,
+        };
+        match request.mode {
+            StoreMode::Add => {
+                self.bump(old.addr, old.header, now);
+                StoreResult::NotStored
+            }
+            StoreMode::Set | StoreMode::Replace if cas_command => match check {
+                CasCheck::Match => {
+                    self.store_value(request, tag, request.value, request.client_flags, request.expiry.as_rel(), 0, now)
+                }
+                // memcached keeps the old TTL and win token and marks the new value stale.
+                CasCheck::Stale => {
+                    let bits = STALE | (old.header.bits & WIN_SENT);
+                    self.store_value(request, tag, request.value, request.client_flags, old.header.exptime, bits, now)
+                }
+                CasCheck::Absent | CasCheck::Mismatch => StoreResult::Exists,
+            },
+            StoreMode::Set | StoreMode::Replace => {
+                self.store_value(request, tag, request.value, request.client_flags, request.expiry.as_rel(), 0, now)
+            }
+            StoreMode::Append | StoreMode::Prepend => {
+                if matches!(check, CasCheck::Stale | CasCheck::Mismatch) {
+                    return StoreResult::Exists;
+                }
+                let len = old.header.value_len as usize + request.value.len();
+                // memcached cannot allocate the combined item and answers NOT_STORED.
+                if len > self.item_size_max || self.item_len(key.len(), len, old.header.client_flags) > self.max_item_len {
+                    return StoreResult::NotStored;
+                }
+                let mut combined = std::mem::take(&mut self.scratch);
+                combined.clear();
+                if request.mode == StoreMode::Prepend {
+                    combined.extend_from_slice(request.value);
+                }
+                for chunk in ItemRef::new(self, old.addr, now).value_chunks() {
+                    combined.extend_from_slice(chunk);
+                }
+                if request.mode == StoreMode::Append {
+                    combined.extend_from_slice(request.value);
+                }
+                let result =
+                    self.store_value(request, tag, &combined, old.header.client_flags, old.header.exptime, 0, now);
+                if combined.capacity() <= SCRATCH_KEEP {
+                    self.scratch = combined;
+                }
+                result
+            }
+        }
+    }
+
+    /// Writes the value of a store request that passed its checks.
+    #[allow(clippy::too_many_arguments)]
+    fn store_value(
+        &mut self,
+        request: &StoreRequest<'_>,
+        tag: u32,
+        value: &[u8],
+        client_flags: u32,
+        exptime: RelTime,
+        bits: u8,
+        now: RelTime,
+    ) -> StoreResult {
+        let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
+        let new = NewItem { key: request.key, value, client_flags, exptime, cas, bits };
+        match self.write_and_link(&new, tag, now) {
+            Ok(_) => StoreResult::Stored { cas },
+            Err(NoSpace) => {
+                self.stats.outofmemory.incr();
+                if request.mode == StoreMode::Set && request.compare_cas.is_none() {
+                    self.remove(request.key, tag);
+                }
+                StoreResult::OutOfMemory
+            }
+        }
+    }
+
+    pub fn delete(&mut self, request: &DeleteRequest<'_>, now: RelTime) -> DeleteResult {
+        let tag = tag_of(key_hash(request.key));
+        let Some(Found { slot, addr, header }) = self.lookup_live(request.key, tag, now) else {
+            return DeleteResult::NotFound;
+        };
+        if request.compare_cas.is_some_and(|cas| cas != header.cas) {
+            return DeleteResult::Exists;
+        }
+        if request.invalidate {
+            // memcached md I: keep the item, mark it stale, new CAS, and let the next reader win again.
+            let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
+            let bytes = &mut self.arena.bytes_mut()[addr..];
+            item::set_bits(bytes, (header.bits | STALE) & !WIN_SENT);
+            item::set_cas(bytes, cas);
+            if let Some(expiry) = request.new_expiry {
+                item::set_exptime(bytes, expiry.as_rel());
+            }
+        } else {
+            self.unlink(slot, addr, &header);
+        }
+        DeleteResult::Deleted
+    }
+
+    /// incr/decr. The result is stored as plain decimal text (memcached may leave a shorter result
+    /// space-padded in place; its protocol document allows either).
+    pub fn arith(&mut self, request: &ArithRequest<'_>, now: RelTime) -> ArithResult {
+        let key = request.key;
+        let tag = tag_of(key_hash(key));
+        let mut digits = [0u8; decimal::MAX_DIGITS];
+        let Some(old) = self.lookup_live(key, tag, now) else {
+            let Some((expiry, initial)) = request.vivify else {
+                return ArithResult::NotFound;
+            };
+            let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
+            let exptime = expiry.as_rel();
+            let value = decimal::format_u64(initial, &mut digits);
+            let new = NewItem { key, value, client_flags: 0, exptime, cas, bits: 0 };
+            return match self.write_and_link(&new, tag, now) {
+                Ok(_) => ArithResult::Value { value: initial, cas, exptime },
+                Err(NoSpace) => {
+                    self.stats.outofmemory.incr();
+                    ArithResult::OutOfMemory
+                }
+            };
+        };
+        // As in memcached, a CAS of 0 means "no CAS".
+        if request.compare_cas.is_some_and(|cas| cas != 0 && cas != old.header.cas) {
+            return ArithResult::Exists;
+        }
+        let Some(current) = self.contiguous_value(old.addr, &old.header).and_then(decimal::parse_u64) else {
+            return ArithResult::NonNumeric;
+        };
+        let value = if request.incr { current.wrapping_add(request.delta) } else { current.saturating_sub(request.delta) };
+        let text = decimal::format_u64(value, &mut digits);
+        let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
+        let exptime = request.new_expiry.map_or(old.header.exptime, Expiry::as_rel);
+        if text.len() == old.header.value_len as usize {
+            // Same length: rewrite the digits in place.
+            let value_at = old.addr + old.header.encoded_len() + old.header.key_len as usize;
+            let bytes = self.arena.bytes_mut();
+            bytes[value_at..value_at + text.len()].copy_from_slice(text);
+            item::set_cas(&mut bytes[old.addr..], cas);
+            item::set_exptime(&mut bytes[old.addr..], exptime);
+        } else {
+            let new = NewItem { key, value: text, client_flags: old.header.client_flags, exptime, cas, bits: old.header.bits };
+            if self.write_and_link(&new, tag, now).is_err() {
+                self.stats.outofmemory.incr();
+                return ArithResult::OutOfMemory;
+            }
+        }
+        ArithResult::Value { value, cas, exptime }
+    }
+
     /// Removes every item (flush_all once its time has come).
-    pub fn flush(&mut self) { todo!() }
-    /// Background reclaim: frees a bounded amount of expired items; returns how many were reclaimed.
-    pub fn tick(&mut self, _now: RelTime) -> usize { todo!() }
+    pub fn flush(&mut self) {
+        self.index.clear();
+        self.segments.reset();
+        self.tick_cursor = 0;
+        self.stats.curr_items.set(0);
+        self.stats.bytes.set(0);
+        self.stats.segments_used.set(0);
+    }
+
+    /// Background reclaim: examines a window of index slots and removes the expired items there;
+    /// returns how many were removed (also counted in `reclaimed`).
+    pub fn tick(&mut self, now: RelTime) -> usize {
+        let capacity = self.index.capacity();
+        let mut slot = if self.tick_cursor < capacity { self.tick_cursor } else { 0 };
+        let mut removed = 0;
+        for _ in 0..TICK_SLOTS.min(capacity) {
+            // A removal shifts the next entry of the run into this slot: look at it again.
+            while let Some(addr) = self.index.address_at(slot) {
+                let header = self.header_at(addr);
+                if !header.is_expired(now) {
+                    break;
+                }
+                self.unlink(slot, addr, &header);
+                self.count_expired_reclaim(&header);
+                removed += 1;
+            }
+            slot = if slot + 1 == capacity { 0 } else { slot + 1 };
+        }
+        self.tick_cursor = slot;
+        removed
+    }
+
+    // ---- lookups ----
+
+    /// The slot and address of `key`'s entry, expired or not.
+    #[inline]
+    fn find(&self, key: &[u8], tag: u32) -> Option<(usize, usize)> {
+        let arena = self.arena.bytes();
+        self.index.find(tag, |addr| item::key_of(&arena[addr..]) == key)
+    }
+
+    /// `key`'s item if it is live; an expired one is removed on the way (lazy expiry, `get_expired`).
+    fn lookup_live(&mut self, key: &[u8], tag: u32, now: RelTime) -> Option<Found> {
+        let (slot, addr) = self.find(key, tag)?;
+        let header = self.header_at(addr);
+        if header.is_expired(now) {
+            self.unlink(slot, addr, &header);
+            self.stats.get_expired.incr();
+            return None;
+        }
+        Some(Found { slot, addr, header })
+    }
+
+    #[inline]
+    fn header_at(&self, addr: usize) -> Header {
+        Header::decode(&self.arena.bytes()[addr..])
+    }
+
+    /// The value as one slice, unless it spans segments.
+    fn contiguous_value(&self, addr: usize, header: &Header) -> Option<&[u8]> {
+        let total = header.total_len();
+        if offset_of(addr) + total > SEGMENT_SIZE {
+            return None;
+        }
+        let value_len = header.value_len as usize;
+        Some(&self.arena.bytes()[addr + total - value_len..addr + total])
+    }
+
+    fn item_len(&self, key_len: usize, value_len: usize, client_flags: u32) -> usize {
+        Header { key_len: 0, bits: 0, last_access: 0, exptime: 0, cas: 0, client_flags, value_len: value_len as u32 }
+            .encoded_len()
+            + key_len
+            + value_len
+    }
+
+    fn next_cas(&mut self) -> u64 {
+        let cas = self.cas_sequence.wrapping_mul(self.shard_count).wrapping_add(self.shard_index + 1);
+        self.cas_sequence += 1;
+        cas
+    }
+
+    // ---- changing items ----
+
+    /// Marks an item recently used (Add on an existing item).
+    fn bump(&mut self, addr: usize, header: Header, now: RelTime) {
+        let bytes = &mut self.arena.bytes_mut()[addr..];
+        item::set_bits(bytes, header.bits | ACCESSED);
+        item::set_last_access(bytes, now);
+    }
+
+    /// mg N on a miss: an empty item, and the win for this caller.
+    fn vivify(&mut self, key: &[u8], tag: u32, expiry: Expiry, no_bump: bool, now: RelTime) -> GetResult<'_> {
+        if key.len() > MAX_KEY_LEN {
+            return GetResult::Miss;
+        }
+        let cas = self.next_cas();
+        let bits = if no_bump { WIN_SENT } else { WIN_SENT | FETCHED | ACCESSED };
+        let new = NewItem { key, value: &[], client_flags: 0, exptime: expiry.as_rel(), cas, bits };
+        match self.write_and_link(&new, tag, now) {
+            Ok(addr) => GetResult::Hit(Hit {
+                item: ItemRef::new(self, addr, now),
+                fetched_before: false,
+                idle_secs: 0,
+                won: true,
+                stale: false,
+                already_won: false,
+            }),
+            Err(NoSpace) => {
+                self.stats.outofmemory.incr();
+                GetResult::Miss
+            }
+        }
+    }
+
+    /// Removes `key`'s item, if any.
+    fn remove(&mut self, key: &[u8], tag: u32) {
+        if let Some((slot, addr)) = self.find(key, tag) {
+            let header = self.header_at(addr);
+            self.unlink(slot, addr, &header);
+        }
+    }
+
+    /// Removes an index entry and forgets its item.
+    fn unlink(&mut self, slot: usize, addr: usize, header: &Header) {
+        self.index.remove(slot);
+        self.forget(addr, header);
+    }
+
+    /// Accounts an item as dead (its index entry is gone or repointed).
+    fn forget(&mut self, addr: usize, header: &Header) {
+        let total = header.total_len();
+        self.account(addr, total, false);
+        self.stats.curr_items.sub(1);
+        self.stats.bytes.sub(total as u64);
+    }
+
+    /// Adds (`live`) or removes an item's bytes from the live accounting of the segments it occupies.
+    fn account(&mut self, addr: usize, total: usize, live: bool) {
+        let mut segment = super::segment::segment_of(addr);
+        let mut offset = offset_of(addr);
+        let mut remaining = total;
+        let mut first = true;
+        loop {
+            let piece = remaining.min(SEGMENT_SIZE - offset);
+            let meta = self.segments.meta_mut(segment);
+            if live {
+                meta.live_bytes += piece as u32;
+                meta.live_items += first as u32;
+            } else {
+                meta.live_bytes -= piece as u32;
+                meta.live_items -= first as u32;
+            }
+            remaining -= piece;
+            if remaining == 0 {
+                break;
+            }
+            segment = meta.next;
+            offset = 0;
+            first = false;
+        }
+    }
+
+    /// Writes an item and makes it `key`'s item, replacing any older one.
+    fn write_and_link(&mut self, new: &NewItem<'_>, tag: u32, now: RelTime) -> Result<usize, NoSpace> {
+        let addr = self.write_item(new, now)?;
+        let total = new.header(now).total_len();
+        // Making room may have reclaimed segments, moving or dropping the old item: look it up again.
+        match self.find(new.key, tag) {
+            Some((slot, old_addr)) => {
+                let old = self.header_at(old_addr);
+                self.forget(old_addr, &old);
+                self.index.relocate(slot, tag, addr);
+            }
+            None => {
+                self.index.insert(tag, addr);
+                self.stats.index_bytes.set(self.index.bytes() as u64);
+            }
+        }
+        self.account(addr, total, true);
+        self.stats.curr_items.add(1);
+        self.stats.total_items.incr();
+        self.stats.bytes.add(total as u64);
+        Ok(addr)
+    }
+
+    /// Appends an item to the log (not yet indexed); returns its address.
+    fn write_item(&mut self, new: &NewItem<'_>, now: RelTime) -> Result<usize, NoSpace> {
+        let header = new.header(now);
+        let header_len = header.encoded_len();
+        let head_len = header_len + new.key.len();
+        let total = head_len + new.value.len();
+        self.make_room(total, head_len, now)?;
+        if self.usable_head_room(total, head_len) == 0 {
+            self.segments.seal_head();
+            self.segments.open_new_head().expect("make_room keeps a free segment");
+        }
+        let start = self.segments.head_position().expect("an open segment");
+        let addr = start.address();
+        let first_piece = new.value.len().min(SEGMENT_SIZE - start.offset - head_len);
+        let bytes = self.arena.bytes_mut();
+        header.encode(&mut bytes[addr..]);
+        bytes[addr + header_len..addr + head_len].copy_from_slice(new.key);
+        bytes[addr + head_len..addr + head_len + first_piece].copy_from_slice(&new.value[..first_piece]);
+        self.segments.advance_head(head_len + first_piece);
+        // A large item continues at the start of the next segment(s) in log order.
+        let mut rest = &new.value[first_piece..];
+        while !rest.is_empty() {
+            let segment = self.segments.open_new_head().expect("make_room reserved the segments");
+            let piece = rest.len().min(SEGMENT_SIZE);
+            let at = address(segment, 0);
+            self.arena.bytes_mut()[at..at + piece].copy_from_slice(&rest[..piece]);
+            self.segments.advance_head(piece);
+            self.segments.meta_mut(segment).first_item = piece as u32;
+            rest = &rest[piece..];
+        }
+        self.stats.segments_used.set(self.segments.in_use() as u64);
+        Ok(addr)
+    }
+
+    /// Bytes of an item of `total` bytes (header and key `head_len`) that the open segment takes:
+    /// all of it, or for a large item whatever is left after the header, key and at least one value
+    /// byte; 0 when the item must start in a new segment.
+    fn usable_head_room(&self, total: usize, head_len: usize) -> usize {
+        let room = self.segments.head_room();
+        if room >= total {
+            total
+        } else if total > SMALL_ITEM_MAX && room > head_len {
+            room
+        } else {
+            0
+        }
+    }
+
+    /// Reclaims segments until the item fits with the reserve left free.
+    fn make_room(&mut self, total: usize, head_len: usize, now: RelTime) -> Result<(), NoSpace> {
+        loop {
+            let needed = (total - self.usable_head_room(total, head_len)).div_ceil(SEGMENT_SIZE);
+            if self.segments.free_count() >= needed + RESERVED_SEGMENTS {
+                return Ok(());
+            }
+            let reclaimed = if self.evict { self.evict_oldest(now) } else { self.reclaim_unused(now) };
+            if !reclaimed {
+                return Err(NoSpace);
+            }
+        }
+    }
+
+    // ---- reclaiming segments ----
+
+    /// The item whose header is at `offset` of `segment`, if one starts there.
+    fn item_at(&self, segment: SegmentId, offset: usize) -> Option<SegmentItem> {
+        if offset >= self.segments.meta(segment).write_offset as usize {
+            return None;
+        }
+        let addr = address(segment, offset);
+        let item = &self.arena.bytes()[addr..];
+        let header = Header::decode(item);
+        let tag = tag_of(key_hash(item::key_of(item)));
+        Some(SegmentItem { addr, header, tag, slot: self.index.find_entry(tag, addr) })
+    }
+
+    /// Reclaims the oldest segment, evicting what it holds except expired items (dropped) and
+    /// recently read small ones (re-appended). `false` when the log is empty.
+    fn evict_oldest(&mut self, now: RelTime) -> bool {
+        let Some(segment) = self.segments.oldest() else {
+            return false;
+        };
+        if self.segments.open_head() == Some(segment) {
+            self.segments.seal_head();
+        }
+        let mut budget = REINSERT_BUDGET;
+        let mut offset = self.segments.meta(segment).first_item as usize;
+        while self.segments.meta(segment).live_items > 0 {
+            let Some(found) = self.item_at(segment, offset) else { break };
+            let total = found.header.total_len();
+            offset += total;
+            let Some(slot) = found.slot else { continue };
+            if found.header.is_expired(now) {
+                self.unlink(slot, found.addr, &found.header);
+                self.count_expired_reclaim(&found.header);
+            } else if found.header.bits & ACCESSED != 0
+                && total <= SMALL_ITEM_MAX
+                && total <= budget
+                && self.reinsert(slot, &found)
+            {
+                budget -= total;
+                self.stats.reinserted.incr();
+            } else {
+                self.unlink(slot, found.addr, &found.header);
+                self.stats.evictions.incr();
+                if found.header.bits & FETCHED == 0 {
+                    self.stats.evicted_unfetched.incr();
+                }
+            }
+        }
+        self.release(segment, NO_SEGMENT);
+        true
+    }
+
+    /// Second chance: copies a small item to the head with `ACCESSED` cleared and repoints its entry.
+    /// May use the reserved segment; `false` if there is no room at all.
+    fn reinsert(&mut self, slot: usize, found: &SegmentItem) -> bool {
+        let total = found.header.total_len();
+        if self.segments.head_room() < total {
+            self.segments.seal_head();
+            if self.segments.open_new_head().is_none() {
+                return false;
+            }
+        }
+        let to = self.segments.head_position().expect("an open segment").address();
+        let bytes = self.arena.bytes_mut();
+        bytes.copy_within(found.addr..found.addr + total, to);
+        item::set_bits(&mut bytes[to..], found.header.bits & !ACCESSED);
+        self.segments.advance_head(total);
+        self.account(found.addr, total, false);
+        self.account(to, total, true);
+        self.index.relocate(slot, found.tag, to);
+        true
+    }
+
+    /// Without eviction: reclaims the oldest segment if every live item in it has expired, else any
+    /// segment with no live bytes. `false` if there is none.
+    fn reclaim_unused(&mut self, now: RelTime) -> bool {
+        let Some(oldest) = self.segments.oldest() else {
+            return false;
+        };
+        if !self.holds_unexpired(oldest, now) {
+            let mut offset = self.segments.meta(oldest).first_item as usize;
+            while self.segments.meta(oldest).live_items > 0 {
+                let Some(found) = self.item_at(oldest, offset) else { break };
+                offset += found.header.total_len();
+                if let Some(slot) = found.slot {
+                    self.unlink(slot, found.addr, &found.header);
+                    self.count_expired_reclaim(&found.header);
+                }
+            }
+            self.release(oldest, NO_SEGMENT);
+            return true;
+        }
+        let unused = self.segments.log().find(|&(segment, _)| self.segments.meta(segment).live_bytes == 0);
+        match unused {
+            Some((segment, prev)) => {
+                self.release(segment, prev);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `segment` starts a live item that has not expired.
+    fn holds_unexpired(&self, segment: SegmentId, now: RelTime) -> bool {
+        let mut offset = self.segments.meta(segment).first_item as usize;
+        while let Some(found) = self.item_at(segment, offset) {
+            if found.slot.is_some() && !found.header.is_expired(now) {
+                return true;
+            }
+            offset += found.header.total_len();
+        }
+        false
+    }
+
+    fn release(&mut self, segment: SegmentId, prev: SegmentId) {
+        debug_assert_eq!(self.segments.meta(segment).live_items, 0);
+        self.segments.release(segment, prev);
+        self.stats.segments_used.set(self.segments.in_use() as u64);
+    }
+
+    fn count_expired_reclaim(&self, header: &Header) {
+        self.stats.reclaimed.incr();
+        if header.bits & FETCHED == 0 {
+            self.stats.expired_unfetched.incr();
+        }
+    }
+
+    /// Checks the bookkeeping against the data (tests only).
+    #[cfg(test)]
+    pub(super) fn check_invariants(&self) {
+        let metas = self.segments.metas();
+        let live: u64 = metas.iter().map(|m| m.live_bytes as u64).sum();
+        let items: u64 = metas.iter().map(|m| m.live_items as u64).sum();
+        assert_eq!(live, self.stats.bytes.get(), "live bytes per segment add up to `bytes`");
+        assert_eq!(items, self.stats.curr_items.get(), "live items per segment add up to `curr_items`");
+        assert_eq!(self.index.len() as u64, self.stats.curr_items.get());
+        assert_eq!(self.segments.in_use() + self.segments.free_count(), self.segments.count());
+        assert_eq!(self.segments.log().count(), self.segments.in_use());
+        assert!(self.stats.bytes.get() as usize <= self.arena.len());
+        assert!(self.segments.free_count() >= RESERVED_SEGMENTS || !self.evict);
+        for slot in 0..self.index.capacity() {
+            if let Some(addr) = self.index.address_at(slot) {
+                let key = item::key_of(&self.arena.bytes()[addr..]);
+                assert_eq!(self.find(key, tag_of(key_hash(key))), Some((slot, addr)));
+            }
+        }
+    }
+
+    /// Bytes of index table per item and header bytes per item (tests only).
+    #[cfg(test)]
+    pub(super) fn index_bytes(&self) -> usize {
+        self.index.bytes()
+    }
 }

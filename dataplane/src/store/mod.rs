@@ -147,8 +147,8 @@ pub trait ItemView {
     }
 }
 
-/// Iterator over the contiguous pieces of a value.
-pub type ValueChunks<'a> = Box<dyn Iterator<Item = &'a [u8]> + 'a>;
+/// Iterator over the contiguous pieces of a value (no allocation; [`ValueChunks::single`] wraps a slice).
+pub use item::ValueChunks;
 
 /// A hit: the item, and what the read found out about it before it changed anything.
 pub struct Hit<'s> {
@@ -255,8 +255,14 @@ pub trait ItemDebug: ItemView {
     fn total_size(&self) -> usize;
 }
 
+mod arena;
+mod decimal;
 mod engine;
-pub use engine::{ItemRef, Store};
+mod index;
+mod item;
+mod segment;
+#[cfg(test)]
+mod tests;
 
-/// Bytes per segment: the unit the arena is cut into and eviction reclaims.
-pub const SEGMENT_SIZE: usize = 1 << 20;
+pub use engine::{ItemRef, Store};
+pub use segment::SEGMENT_SIZE;

@@ -1,0 +1,764 @@
+//! Behaviour tests of the whole store: memcached semantics, a model-based property test, eviction
+//! quality (size shift, second chance), `-M`, and the per-item memory overhead.
+
+use super::*;
+use crate::clock::Expiry;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+const MIB: usize = 1 << 20;
+
+fn store_with(memory_bytes: usize, evict: bool) -> Store {
+    Store::new(StoreConfig {
+        memory_bytes,
+        item_size_max: MIB,
+        evict,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .expect("store")
+}
+
+fn request<'a>(mode: StoreMode, key: &'a [u8], value: &'a [u8]) -> StoreRequest<'a> {
+    StoreRequest {
+        key,
+        value,
+        client_flags: 0,
+        expiry: Expiry::Never,
+        mode,
+        compare_cas: None,
+        invalidate: false,
+        new_cas: None,
+        vivify_on_miss: None,
+    }
+}
+
+fn set(store: &mut Store, key: &[u8], value: &[u8], now: RelTime) -> StoreResult {
+    store.store(&request(StoreMode::Set, key, value), now)
+}
+
+fn value_of(item: &impl ItemView) -> Vec<u8> {
+    let mut out = Vec::new();
+    item.copy_value_into(&mut out);
+    out
+}
+
+fn get_value(store: &mut Store, key: &[u8], now: RelTime) -> Option<Vec<u8>> {
+    match store.get(key, GetOptions::default(), now) {
+        GetResult::Hit(hit) => Some(value_of(&hit.item)),
+        GetResult::Miss => None,
+    }
+}
+
+fn hit_flags(result: GetResult<'_>) -> Option<(bool, bool, bool, bool)> {
+    match result {
+        GetResult::Hit(hit) => Some((hit.won, hit.already_won, hit.stale, hit.fetched_before)),
+        GetResult::Miss => None,
+    }
+}
+
+fn cas_of(store: &Store, key: &[u8], now: RelTime) -> u64 {
+    store.peek(key, now).expect("present").cas()
+}
+
+#[test]
+fn set_get_overwrite_and_delete() {
+    let mut store = store_with(8 * MIB, true);
+    assert_eq!(set(&mut store, b"k", b"one", 10), StoreResult::Stored { cas: 1 });
+    assert_eq!(get_value(&mut store, b"k", 10).as_deref(), Some(&b"one"[..]));
+    assert_eq!(set(&mut store, b"k", b"", 10), StoreResult::Stored { cas: 2 });
+    assert_eq!(get_value(&mut store, b"k", 10).as_deref(), Some(&b""[..]));
+    let delete = DeleteRequest { key: b"k", compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+    assert_eq!(store.delete(&delete, 10), DeleteResult::Deleted);
+    assert_eq!(store.delete(&delete, 10), DeleteResult::NotFound);
+    assert!(get_value(&mut store, b"k", 10).is_none());
+    assert_eq!(store.stats().curr_items.get(), 0);
+    assert_eq!(store.stats().total_items.get(), 2);
+    store.check_invariants();
+}
+
+#[test]
+fn cas_values_are_unique_across_shards() {
+    let config = |shard_index| StoreConfig {
+        memory_bytes: 4 * MIB,
+        item_size_max: MIB,
+        evict: true,
+        shard_index,
+        shard_count: 3,
+        try_hugepages: false,
+    };
+    let mut stores: Vec<Store> = (0..3).map(|i| Store::new(config(i)).unwrap()).collect();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..5 {
+        for store in &mut stores {
+            let StoreResult::Stored { cas } = set(store, b"k", b"v", 1) else { panic!() };
+            assert!(cas != 0 && seen.insert(cas), "cas {cas} repeated");
+        }
+    }
+}
+
+#[test]
+fn store_modes_follow_memcached() {
+    let mut store = store_with(8 * MIB, true);
+    let now = 5;
+    assert_eq!(store.store(&request(StoreMode::Replace, b"k", b"x"), now), StoreResult::NotStored);
+    assert_eq!(store.store(&request(StoreMode::Append, b"k", b"x"), now), StoreResult::NotStored);
+    assert_eq!(store.store(&request(StoreMode::Prepend, b"k", b"x"), now), StoreResult::NotStored);
+    assert!(matches!(store.store(&request(StoreMode::Add, b"k", b"mid"), now), StoreResult::Stored { .. }));
+    assert_eq!(store.store(&request(StoreMode::Add, b"k", b"other"), now), StoreResult::NotStored);
+    // Append/prepend keep flags and expiry, and get a new CAS.
+    let flagged = StoreRequest { client_flags: 5, expiry: Expiry::At(100), ..request(StoreMode::Set, b"k", b"mid") };
+    store.store(&flagged, now);
+    let before = cas_of(&store, b"k", now);
+    let append = StoreRequest { client_flags: 7, expiry: Expiry::At(3), ..request(StoreMode::Append, b"k", b"+") };
+    assert!(matches!(store.store(&append, now), StoreResult::Stored { cas } if cas > before));
+    store.store(&request(StoreMode::Prepend, b"k", b"-"), now);
+    let item = store.peek(b"k", now).unwrap();
+    assert_eq!((value_of(&item), item.client_flags(), item.exptime()), (b"-mid+".to_vec(), 5, 100));
+    assert_eq!(store.store(&request(StoreMode::Replace, b"k", b"r"), now), StoreResult::Stored { cas: cas_of(&store, b"k", now) });
+    // Append with vivify creates the item on a miss.
+    let vivify = StoreRequest { vivify_on_miss: Some(Expiry::At(50)), ..request(StoreMode::Append, b"new", b"abc") };
+    assert!(matches!(store.store(&vivify, now), StoreResult::Stored { .. }));
+    assert_eq!(store.peek(b"new", now).map(|i| (value_of(&i), i.exptime())), Some((b"abc".to_vec(), 50)));
+    store.check_invariants();
+}
+
+#[test]
+fn compare_and_swap() {
+    let mut store = store_with(8 * MIB, true);
+    let cas_set = |cas| StoreRequest { compare_cas: Some(cas), ..request(StoreMode::Set, b"k", b"new") };
+    assert_eq!(store.store(&cas_set(1), 1), StoreResult::NotFound);
+    set(&mut store, b"k", b"old", 1);
+    let cas = cas_of(&store, b"k", 1);
+    assert_eq!(store.store(&cas_set(cas + 1), 1), StoreResult::Exists);
+    assert_eq!(store.store(&cas_set(0), 1), StoreResult::Exists);
+    assert!(matches!(store.store(&cas_set(cas), 1), StoreResult::Stored { .. }));
+    assert_eq!(store.store(&cas_set(cas), 1), StoreResult::Exists, "the CAS changed");
+    // E: the caller picks the new CAS.
+    let explicit = StoreRequest { new_cas: Some(777), ..request(StoreMode::Set, b"k", b"e") };
+    assert_eq!(store.store(&explicit, 1), StoreResult::Stored { cas: 777 });
+    // Append with a wrong CAS.
+    let append = StoreRequest { compare_cas: Some(1), ..request(StoreMode::Append, b"k", b"x") };
+    assert_eq!(store.store(&append, 1), StoreResult::Exists);
+    let append = StoreRequest { compare_cas: Some(777), ..request(StoreMode::Append, b"k", b"x") };
+    assert!(matches!(store.store(&append, 1), StoreResult::Stored { .. }));
+    assert_eq!(get_value(&mut store, b"k", 1).unwrap(), b"ex");
+}
+
+/// Checked against memcached 1.6.18: `ms k S1 I C<lower>` keeps the TTL, marks stale; the first
+/// reader gets W (and X), later readers Z; `md k I T30` re-opens the win.
+#[test]
+fn invalidation_and_stale_wins() {
+    let mut store = store_with(8 * MIB, true);
+    let now = 10;
+    set(&mut store, b"other", b"x", now); // so that k's CAS is above 1
+    store.store(&StoreRequest { expiry: Expiry::At(110), ..request(StoreMode::Set, b"k", b"v") }, now);
+    let cas = cas_of(&store, b"k", now);
+    let higher = StoreRequest { compare_cas: Some(cas + 5), invalidate: true, ..request(StoreMode::Set, b"k", b"w") };
+    assert_eq!(store.store(&higher, now), StoreResult::Exists);
+    let lower = StoreRequest {
+        compare_cas: Some(cas - 1),
+        invalidate: true,
+        expiry: Expiry::At(15),
+        ..request(StoreMode::Set, b"k", b"w")
+    };
+    assert!(matches!(store.store(&lower, now), StoreResult::Stored { .. }));
+    assert_eq!(store.peek(b"k", now).unwrap().exptime(), 110, "stale set keeps the old TTL");
+    assert_eq!(hit_flags(store.get(b"k", GetOptions::default(), now)), Some((true, false, true, false)));
+    assert_eq!(hit_flags(store.get(b"k", GetOptions::default(), now)), Some((false, true, true, true)));
+    // md I T30: stale, new CAS, new TTL, the next reader wins again.
+    let before = cas_of(&store, b"k", now);
+    let md = DeleteRequest { key: b"k", compare_cas: None, invalidate: true, new_expiry: Some(Expiry::At(40)), new_cas: None };
+    assert_eq!(store.delete(&md, now), DeleteResult::Deleted);
+    let item = store.peek(b"k", now).unwrap();
+    assert!(item.cas() > before);
+    assert_eq!(item.exptime(), 40);
+    assert_eq!(hit_flags(store.get(b"k", GetOptions::default(), now)), Some((true, false, true, true)));
+    // Delete with a wrong CAS.
+    let md = DeleteRequest { key: b"k", compare_cas: Some(1), invalidate: false, new_expiry: None, new_cas: None };
+    assert_eq!(store.delete(&md, now), DeleteResult::Exists);
+}
+
+/// memcached 1.6.18, `mg key N30 v s c` twice: `VA 0 s0 c1 W`, then `VA 0 s0 c1 Z` (and h0, then h1).
+#[test]
+fn vivify_gives_one_win() {
+    let mut store = store_with(8 * MIB, true);
+    let options = GetOptions { vivify: Some(Expiry::At(130)), ..GetOptions::default() };
+    match store.get(b"key", options, 100) {
+        GetResult::Hit(hit) => {
+            assert!(hit.won && !hit.already_won && !hit.stale && !hit.fetched_before);
+            assert_eq!((hit.item.value_len(), hit.item.cas(), hit.item.exptime()), (0, 1, 130));
+        }
+        GetResult::Miss => panic!("vivify hits"),
+    }
+    assert_eq!(hit_flags(store.get(b"key", options, 101)), Some((false, true, false, true)));
+    assert_eq!(hit_flags(store.get(b"key", options, 102)), Some((false, true, false, true)));
+}
+
+#[test]
+fn recache_below_wins_once() {
+    let mut store = store_with(8 * MIB, true);
+    store.store(&StoreRequest { expiry: Expiry::At(120), ..request(StoreMode::Set, b"k", b"v") }, 100);
+    store.store(&request(StoreMode::Set, b"forever", b"v"), 100);
+    let r = |below| GetOptions { recache_below: Some(below), ..GetOptions::default() };
+    assert_eq!(hit_flags(store.get(b"k", r(20), 100)), Some((false, false, false, false)), "20s left is not < 20");
+    assert_eq!(hit_flags(store.get(b"k", r(30), 100)), Some((true, false, false, true)));
+    assert_eq!(hit_flags(store.get(b"k", r(30), 101)), Some((false, true, false, true)));
+    assert_eq!(hit_flags(store.get(b"forever", r(30), 100)).map(|f| f.0), Some(false), "no TTL, no recache");
+}
+
+#[test]
+fn touch_no_bump_and_idle_time() {
+    let mut store = store_with(8 * MIB, true);
+    set(&mut store, b"k", b"v", 100);
+    let peek = GetOptions { no_bump: true, ..GetOptions::default() };
+    match store.get(b"k", peek, 130) {
+        GetResult::Hit(hit) => assert_eq!((hit.idle_secs, hit.fetched_before), (30, false)),
+        GetResult::Miss => panic!(),
+    }
+    let touch = GetOptions { touch: Some(Expiry::At(200)), ..GetOptions::default() };
+    match store.get(b"k", touch, 140) {
+        GetResult::Hit(hit) => {
+            assert_eq!((hit.idle_secs, hit.fetched_before, hit.item.exptime()), (40, false, 200));
+            assert_eq!(hit.item.last_access(), 140);
+            assert!(hit.item.fetched());
+        }
+        GetResult::Miss => panic!(),
+    }
+    assert!(store.peek(b"k", 199).is_some());
+    assert!(get_value(&mut store, b"k", 200).is_none(), "expired at its exptime");
+    assert_eq!(store.stats().get_expired.get(), 1);
+    assert_eq!(store.stats().curr_items.get(), 0, "lazy expiry removes it");
+}
+
+#[test]
+fn expiry_immediately_and_tick() {
+    let mut store = store_with(8 * MIB, true);
+    store.store(&StoreRequest { expiry: Expiry::Immediately, ..request(StoreMode::Set, b"gone", b"v") }, 10);
+    assert!(store.peek(b"gone", 10).is_none());
+    for i in 0..2000u32 {
+        let key = format!("key{i}");
+        let expiry = if i % 2 == 0 { Expiry::At(20) } else { Expiry::Never };
+        store.store(&StoreRequest { expiry, ..request(StoreMode::Set, key.as_bytes(), b"value") }, 10);
+    }
+    assert_eq!(store.tick(15), 0, "nothing expired yet");
+    let mut removed = 0;
+    for _ in 0..(store.index_bytes() / 8).div_ceil(4096) + 1 {
+        removed += store.tick(20);
+    }
+    assert_eq!(removed, 1001, "1000 keys and `gone`");
+    assert_eq!(store.stats().reclaimed.get(), 1001);
+    assert_eq!(store.stats().expired_unfetched.get(), 1001);
+    assert_eq!(store.stats().curr_items.get(), 1000);
+    store.check_invariants();
+}
+
+#[test]
+fn arith_follows_memcached() {
+    let mut store = store_with(8 * MIB, true);
+    let now = 3;
+    let arith = |key, incr, delta| ArithRequest {
+        key,
+        incr,
+        delta,
+        vivify: None,
+        compare_cas: None,
+        new_expiry: None,
+        new_cas: None,
+    };
+    assert_eq!(store.arith(&arith(&b"n"[..], true, 1), now), ArithResult::NotFound);
+    store.store(&StoreRequest { client_flags: 9, expiry: Expiry::At(50), ..request(StoreMode::Set, b"n", b"99") }, now);
+    let ArithResult::Value { value, cas, exptime } = store.arith(&arith(b"n", true, 1), now) else { panic!() };
+    assert_eq!((value, exptime), (100, 50));
+    let item = store.peek(b"n", now).unwrap();
+    assert_eq!((value_of(&item), item.cas(), item.client_flags()), (b"100".to_vec(), cas, 9));
+    assert!(matches!(store.arith(&arith(b"n", false, 1000), now), ArithResult::Value { value: 0, .. }));
+    assert_eq!(get_value(&mut store, b"n", now).unwrap(), b"0", "no space padding");
+    set(&mut store, b"max", b"18446744073709551615", now);
+    assert!(matches!(store.arith(&arith(b"max", true, 2), now), ArithResult::Value { value: 1, .. }));
+    set(&mut store, b"same", b"10", now);
+    assert!(matches!(store.arith(&arith(b"same", true, 5), now), ArithResult::Value { value: 15, .. }));
+    assert_eq!(get_value(&mut store, b"same", now).unwrap(), b"15");
+    for bad in [&b""[..], b"abc", b"-1", b"12a", b"18446744073709551616", b" "] {
+        set(&mut store, b"bad", bad, now);
+        assert_eq!(store.arith(&arith(b"bad", true, 1), now), ArithResult::NonNumeric, "{bad:?}");
+    }
+    let cas_mismatch = ArithRequest { compare_cas: Some(12345), ..arith(b"same", true, 1) };
+    assert_eq!(store.arith(&cas_mismatch, now), ArithResult::Exists);
+    let vivify = ArithRequest { vivify: Some((Expiry::At(90), 42)), new_expiry: None, ..arith(b"fresh", true, 5) };
+    assert!(matches!(store.arith(&vivify, now), ArithResult::Value { value: 42, exptime: 90, .. }));
+    assert!(matches!(store.arith(&vivify, now), ArithResult::Value { value: 47, exptime: 90, .. }));
+    let touch = ArithRequest { new_expiry: Some(Expiry::At(77)), ..arith(b"fresh", false, 7) };
+    assert!(matches!(store.arith(&touch, now), ArithResult::Value { value: 40, exptime: 77, .. }));
+    store.check_invariants();
+}
+
+#[test]
+fn too_large_values_and_failed_sets() {
+    let mut store = store_with(8 * MIB, true);
+    set(&mut store, b"k", b"old", 1);
+    let big = vec![7u8; MIB + 1];
+    assert_eq!(set(&mut store, b"k", &big, 1), StoreResult::TooLarge);
+    assert!(store.peek(b"k", 1).is_none(), "memcached drops the old item when a set fails");
+    set(&mut store, b"a", b"old", 1);
+    assert_eq!(store.store(&request(StoreMode::Replace, b"a", &big), 1), StoreResult::TooLarge);
+    assert!(store.peek(b"a", 1).is_some(), "other modes keep it");
+    // Appending past the limit: memcached answers NOT_STORED and keeps the item.
+    let most = vec![1u8; MIB - 1];
+    set(&mut store, b"a", &most, 1);
+    assert_eq!(store.store(&request(StoreMode::Append, b"a", b"xy"), 1), StoreResult::NotStored);
+    assert_eq!(store.peek(b"a", 1).unwrap().value_len(), MIB - 1);
+    // An item the shard could never hold.
+    let mut huge_limit = Store::new(StoreConfig {
+        memory_bytes: 4 * MIB,
+        item_size_max: 64 * MIB,
+        evict: true,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .unwrap();
+    assert_eq!(set(&mut huge_limit, b"k", &vec![0u8; 4 * MIB], 1), StoreResult::TooLarge);
+    assert!(matches!(set(&mut huge_limit, b"k", &vec![3u8; 2 * MIB + 5], 1), StoreResult::Stored { .. }));
+    assert_eq!(get_value(&mut huge_limit, b"k", 1).unwrap(), vec![3u8; 2 * MIB + 5]);
+    huge_limit.check_invariants();
+}
+
+#[test]
+fn spanning_items_read_back_byte_for_byte() {
+    let mut store = Store::new(StoreConfig {
+        memory_bytes: 16 * MIB,
+        item_size_max: 4 * MIB,
+        evict: true,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .unwrap();
+    let pattern = |len: usize, seed: u8| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
+    set(&mut store, b"small", &pattern(1000, 1), 1);
+    let values = [pattern(SEGMENT_SIZE + 17, 2), pattern(3 * SEGMENT_SIZE + 1, 3), pattern(200_000, 4)];
+    for (i, value) in values.iter().enumerate() {
+        set(&mut store, format!("big{i}").as_bytes(), value, 1);
+    }
+    set(&mut store, b"after", &pattern(50, 5), 1);
+    for (i, value) in values.iter().enumerate() {
+        let item = store.peek(format!("big{i}").as_bytes(), 1).unwrap();
+        let chunks: Vec<&[u8]> = item.value_chunks().collect();
+        assert!(chunks.len() >= 2 || value.len() < SEGMENT_SIZE, "value {i} spans segments");
+        assert!(chunks.iter().all(|c| !c.is_empty()));
+        assert_eq!(&value_of(&item), value, "value {i}");
+    }
+    assert_eq!(get_value(&mut store, b"small", 1).unwrap(), pattern(1000, 1));
+    assert_eq!(get_value(&mut store, b"after", 1).unwrap(), pattern(50, 5));
+    // Appending to a spanning item.
+    store.store(&request(StoreMode::Append, b"big0", b"tail"), 1);
+    let mut expected = values[0].clone();
+    expected.extend_from_slice(b"tail");
+    assert_eq!(get_value(&mut store, b"big0", 1).unwrap(), expected);
+    store.check_invariants();
+}
+
+#[test]
+fn flush_removes_everything() {
+    let mut store = store_with(8 * MIB, true);
+    for i in 0..1000 {
+        set(&mut store, format!("k{i}").as_bytes(), b"value", 1);
+    }
+    store.flush();
+    assert!(get_value(&mut store, b"k1", 1).is_none());
+    assert_eq!(store.stats().curr_items.get(), 0);
+    assert_eq!(store.stats().segments_used.get(), 0);
+    set(&mut store, b"k1", b"again", 1);
+    assert_eq!(get_value(&mut store, b"k1", 1).unwrap(), b"again");
+    store.check_invariants();
+}
+
+// ---- model-based property tests ----
+
+/// A client TTL choice.
+#[derive(Clone, Copy, Debug)]
+enum Ttl {
+    Never,
+    In(u32),
+    Immediately,
+}
+
+impl Ttl {
+    fn expiry(self, now: RelTime) -> Expiry {
+        match self {
+            Ttl::Never => Expiry::Never,
+            Ttl::In(secs) => Expiry::At(now + secs),
+            Ttl::Immediately => Expiry::Immediately,
+        }
+    }
+}
+
+/// Which CAS a request carries.
+#[derive(Clone, Copy, Debug)]
+enum CasChoice {
+    None,
+    Current,
+    Wrong,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Store { mode: StoreMode, key: u8, len: usize, flags: u32, ttl: Ttl, cas: CasChoice },
+    SetNumber { key: u8, number: u64 },
+    Delete { key: u8, cas: CasChoice },
+    Arith { key: u8, incr: bool, delta: u64 },
+    Get { key: u8 },
+    Touch { key: u8, ttl: Ttl },
+    Advance { secs: u32 },
+}
+
+fn ttl_strategy() -> impl Strategy<Value = Ttl> {
+    prop_oneof![4 => Just(Ttl::Never), 3 => (1u32..4).prop_map(Ttl::In), 1 => Just(Ttl::Immediately)]
+}
+
+fn cas_strategy() -> impl Strategy<Value = CasChoice> {
+    prop_oneof![6 => Just(CasChoice::None), 2 => Just(CasChoice::Current), 1 => Just(CasChoice::Wrong)]
+}
+
+fn len_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => Just(0usize),
+        30 => 1usize..300,
+        4 => 300usize..20_000,
+        1 => (SEGMENT_SIZE - 100)..(SEGMENT_SIZE + SEGMENT_SIZE / 4),
+    ]
+}
+
+fn mode_strategy() -> impl Strategy<Value = StoreMode> {
+    prop_oneof![
+        4 => Just(StoreMode::Set),
+        1 => Just(StoreMode::Add),
+        1 => Just(StoreMode::Replace),
+        1 => Just(StoreMode::Append),
+        1 => Just(StoreMode::Prepend),
+    ]
+}
+
+fn op_strategy(keys: u8) -> impl Strategy<Value = Op> {
+    let flags = prop_oneof![Just(0u32), any::<u32>()];
+    prop_oneof![
+        8 => (mode_strategy(), 0..keys, len_strategy(), flags, ttl_strategy(), cas_strategy())
+            .prop_map(|(mode, key, len, flags, ttl, cas)| Op::Store { mode, key, len, flags, ttl, cas }),
+        2 => (0..keys, prop_oneof![0u64..1000, Just(u64::MAX - 1)])
+            .prop_map(|(key, number)| Op::SetNumber { key, number }),
+        2 => (0..keys, cas_strategy()).prop_map(|(key, cas)| Op::Delete { key, cas }),
+        3 => (0..keys, any::<bool>(), prop_oneof![0u64..10, Just(u64::MAX)])
+            .prop_map(|(key, incr, delta)| Op::Arith { key, incr, delta }),
+        6 => (0..keys).prop_map(|key| Op::Get { key }),
+        2 => (0..keys, ttl_strategy()).prop_map(|(key, ttl)| Op::Touch { key, ttl }),
+        2 => (0u32..3).prop_map(|secs| Op::Advance { secs }),
+    ]
+}
+
+/// Distinct, recognizable bytes for the `serial`th value.
+fn value_bytes(len: usize, serial: u32) -> Vec<u8> {
+    let seed = serial.to_le_bytes();
+    (0..len).map(|i| seed[i % 4] ^ (i as u8).wrapping_mul(7)).collect()
+}
+
+fn key_bytes(key: u8) -> Vec<u8> {
+    format!("key:{key}").into_bytes()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ModelItem {
+    value: Vec<u8>,
+    flags: u32,
+    exptime: RelTime,
+    cas: u64,
+}
+
+/// memcached's semantics over a HashMap, with memory to spare.
+struct Model {
+    items: HashMap<u8, ModelItem>,
+    cas_sequence: u64,
+    item_size_max: usize,
+}
+
+impl Model {
+    fn live(&mut self, key: u8, now: RelTime) -> Option<&mut ModelItem> {
+        if self.items.get(&key).is_some_and(|item| item.exptime != 0 && item.exptime <= now) {
+            self.items.remove(&key);
+        }
+        self.items.get_mut(&key)
+    }
+
+    fn next_cas(&mut self) -> u64 {
+        self.cas_sequence += 1;
+        self.cas_sequence
+    }
+
+    fn insert(&mut self, key: u8, value: Vec<u8>, flags: u32, exptime: RelTime) -> StoreResult {
+        let cas = self.next_cas();
+        self.items.insert(key, ModelItem { value, flags, exptime, cas });
+        StoreResult::Stored { cas }
+    }
+
+    fn store(&mut self, key: u8, request: &StoreRequest<'_>, now: RelTime) -> StoreResult {
+        if request.value.len() > self.item_size_max {
+            if request.mode == StoreMode::Set && request.compare_cas.is_none() {
+                self.items.remove(&key);
+            }
+            return StoreResult::TooLarge;
+        }
+        let cas_command = request.compare_cas.is_some() && matches!(request.mode, StoreMode::Set | StoreMode::Replace);
+        let (value, flags, exptime) = (request.value.to_vec(), request.client_flags, request.expiry.as_rel());
+        let Some(old) = self.live(key, now).cloned() else {
+            return match request.mode {
+                _ if cas_command => StoreResult::NotFound,
+                StoreMode::Set | StoreMode::Add => self.insert(key, value, flags, exptime),
+                _ => StoreResult::NotStored,
+            };
+        };
+        let cas_ok = match request.compare_cas {
+            None | Some(0) => !cas_command,
+            Some(cas) => cas == old.cas,
+        };
+        match request.mode {
+            StoreMode::Add => StoreResult::NotStored,
+            _ if !cas_ok => StoreResult::Exists,
+            StoreMode::Set | StoreMode::Replace => self.insert(key, value, flags, exptime),
+            StoreMode::Append | StoreMode::Prepend => {
+                if old.value.len() + value.len() > self.item_size_max {
+                    return StoreResult::NotStored;
+                }
+                let combined = if request.mode == StoreMode::Append {
+                    [&old.value[..], &value[..]].concat()
+                } else {
+                    [&value[..], &old.value[..]].concat()
+                };
+                self.insert(key, combined, old.flags, old.exptime)
+            }
+        }
+    }
+
+    fn arith(&mut self, key: u8, incr: bool, delta: u64, now: RelTime) -> ArithResult {
+        let cas = self.cas_sequence + 1;
+        let Some(item) = self.live(key, now) else { return ArithResult::NotFound };
+        let Some(current) = std::str::from_utf8(&item.value).ok().and_then(|text| text.parse::<u64>().ok()) else {
+            return ArithResult::NonNumeric;
+        };
+        let value = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
+        item.value = value.to_string().into_bytes();
+        item.cas = cas;
+        let exptime = item.exptime;
+        self.cas_sequence += 1;
+        ArithResult::Value { value, cas, exptime }
+    }
+}
+
+fn cas_for(choice: CasChoice, current: Option<u64>) -> Option<u64> {
+    match choice {
+        CasChoice::None => None,
+        CasChoice::Current => Some(current.unwrap_or(424_242)),
+        CasChoice::Wrong => Some(current.map_or(1, |cas| cas + 1_000)),
+    }
+}
+
+fn model_item(item: &impl ItemView) -> ModelItem {
+    ModelItem { value: value_of(item), flags: item.client_flags(), exptime: item.exptime(), cas: item.cas() }
+}
+
+/// Runs `ops` against a store with plenty of memory and against the model; every result must agree.
+fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
+    let item_size_max = SEGMENT_SIZE + SEGMENT_SIZE / 8;
+    let mut store = Store::new(StoreConfig {
+        memory_bytes: 128 * MIB,
+        item_size_max,
+        evict: true,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .unwrap();
+    let mut model = Model { items: HashMap::new(), cas_sequence: 0, item_size_max };
+    let mut now: RelTime = 100;
+    for (serial, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Store { mode, key, len, flags, ttl, cas } => {
+                let value = value_bytes(len, serial as u32);
+                let k = key_bytes(key);
+                let current = model.live(key, now).map(|item| item.cas);
+                let request = StoreRequest {
+                    client_flags: flags,
+                    expiry: ttl.expiry(now),
+                    compare_cas: cas_for(cas, current),
+                    ..request(mode, &k, &value)
+                };
+                let expected = model.store(key, &request, now);
+                prop_assert_eq!(store.store(&request, now), expected, "{:?}", op);
+            }
+            Op::SetNumber { key, number } => {
+                let k = key_bytes(key);
+                let text = number.to_string();
+                let request = request(StoreMode::Set, &k, text.as_bytes());
+                let expected = model.store(key, &request, now);
+                prop_assert_eq!(store.store(&request, now), expected);
+            }
+            Op::Delete { key, cas } => {
+                let current = model.live(key, now).map(|item| item.cas);
+                let compare_cas = cas_for(cas, current);
+                let expected = match current {
+                    None => DeleteResult::NotFound,
+                    Some(cas) if compare_cas.is_some_and(|c| c != cas) => DeleteResult::Exists,
+                    Some(_) => {
+                        model.items.remove(&key);
+                        DeleteResult::Deleted
+                    }
+                };
+                let k = key_bytes(key);
+                let request = DeleteRequest { key: &k, compare_cas, invalidate: false, new_expiry: None, new_cas: None };
+                prop_assert_eq!(store.delete(&request, now), expected);
+            }
+            Op::Arith { key, incr, delta } => {
+                let k = key_bytes(key);
+                let expected = model.arith(key, incr, delta, now);
+                let request =
+                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                prop_assert_eq!(store.arith(&request, now), expected);
+            }
+            Op::Get { key } | Op::Touch { key, .. } => {
+                let touch = match *op {
+                    Op::Touch { ttl, .. } => Some(ttl.expiry(now)),
+                    _ => None,
+                };
+                let mut expected = model.live(key, now).cloned();
+                if let (Some(item), Some(expiry)) = (model.items.get_mut(&key), touch) {
+                    item.exptime = expiry.as_rel();
+                    expected = Some(item.clone());
+                }
+                let got = match store.get(&key_bytes(key), GetOptions { touch, ..GetOptions::default() }, now) {
+                    GetResult::Hit(hit) => Some(model_item(&hit.item)),
+                    GetResult::Miss => None,
+                };
+                prop_assert_eq!(got, expected, "{:?}", op);
+            }
+            Op::Advance { secs } => now += secs,
+        }
+    }
+    prop_assert_eq!(store.stats().evictions.get(), 0, "the model test must not evict");
+    for key in 0..=u8::MAX {
+        let stored = store.peek(&key_bytes(key), now).map(|item| model_item(&item));
+        prop_assert_eq!(stored, model.live(key, now).cloned());
+    }
+    store.check_invariants();
+    Ok(())
+}
+
+/// Tiny memory: whatever is evicted, a hit always returns the last value stored for its key.
+fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
+    let memory = 4 * MIB;
+    let mut store = Store::new(StoreConfig {
+        memory_bytes: memory,
+        item_size_max: 2 * MIB,
+        evict,
+        shard_index: 0,
+        shard_count: 1,
+        try_hugepages: false,
+    })
+    .unwrap();
+    let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
+    let mut now: RelTime = 100;
+    let keys: Vec<u8> = ops
+        .iter()
+        .filter_map(|op| match *op {
+            Op::Store { key, .. } | Op::SetNumber { key, .. } | Op::Delete { key, .. } => Some(key),
+            Op::Arith { key, .. } | Op::Get { key } | Op::Touch { key, .. } => Some(key),
+            Op::Advance { .. } => None,
+        })
+        .collect();
+    for (serial, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Store { mode, key, len, flags, ttl, cas } => {
+                // Larger values than the model test's, so that 4 MiB fills up (up to 1.9 MiB).
+                let len = if len >= SEGMENT_SIZE / 2 { len * 3 / 2 } else { (len * 100).min(2 * MIB - 4096) };
+                let value = value_bytes(len, serial as u32);
+                let k = key_bytes(key);
+                let current = store.peek(&k, now).map(|item| item.cas());
+                let request = StoreRequest {
+                    client_flags: flags,
+                    expiry: ttl.expiry(now),
+                    compare_cas: cas_for(cas, current),
+                    ..request(mode, &k, &value)
+                };
+                if let StoreResult::Stored { .. } = store.store(&request, now) {
+                    let old = model.remove(&key).unwrap_or_default();
+                    let new = match mode {
+                        StoreMode::Append => [&old[..], &value[..]].concat(),
+                        StoreMode::Prepend => [&value[..], &old[..]].concat(),
+                        _ => value,
+                    };
+                    model.insert(key, new);
+                }
+            }
+            Op::SetNumber { key, number } => {
+                let text = number.to_string();
+                if let StoreResult::Stored { .. } = set(&mut store, &key_bytes(key), text.as_bytes(), now) {
+                    model.insert(key, text.into_bytes());
+                }
+            }
+            Op::Delete { key, .. } => {
+                let k = key_bytes(key);
+                let request = DeleteRequest { key: &k, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+                store.delete(&request, now);
+                model.remove(&key);
+            }
+            Op::Arith { key, incr, delta } => {
+                let k = key_bytes(key);
+                let request =
+                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                if let ArithResult::Value { value, .. } = store.arith(&request, now) {
+                    model.insert(key, value.to_string().into_bytes());
+                }
+            }
+            Op::Get { key } => {
+                if let Some(value) = get_value(&mut store, &key_bytes(key), now) {
+                    prop_assert_eq!(Some(&value), model.get(&key), "a hit returns the last value stored");
+                }
+            }
+            Op::Touch { key, ttl } => {
+                let options = GetOptions { touch: Some(ttl.expiry(now)), ..GetOptions::default() };
+                store.get(&key_bytes(key), options, now);
+            }
+            Op::Advance { secs } => now += secs,
+        }
+        // Items may vanish (evicted, expired); those present hold exactly the last value stored.
+        for &key in &keys {
+            match store.peek(&key_bytes(key), now) {
+                Some(item) => prop_assert_eq!(Some(&value_of(&item)), model.get(&key), "key {} after {:?}", key, op),
+                None => {
+                    model.remove(&key);
+                }
+            }
+        }
+        let stats = store.stats();
+        prop_assert!(stats.bytes.get() as usize <= memory);
+        prop_assert!(stats.segments_used.get() <= stats.segments_total.get());
+    }
+    store.check_invariants();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_model(ops in proptest::collection::vec(op_strategy(6), 1..80)) {
+        run_against_model(&ops)?;
+    }
+
+    #[test]
+    fn tiny_memory_never_returns_wrong_values(
+        ops in proptest::collection::vec(op_strategy(40), 1..250),
+        evict in prop_oneof![3 => Just(true), 1 => Just(false)],
+    ) {
+        run_tiny(&ops, evict)?;
+    }
+}
