@@ -1,1 +1,0 @@
-//! memcached binary protocol codec (being written).
