@@ -125,7 +125,13 @@ mod tests {
 
     #[test]
     fn encodes_with_padding() {
-        for (raw, text) in [(&b""[..], &b""[..]), (b"f", b"Zg=="), (b"fo", b"Zm8="), (b"foo", b"Zm9v"), (b"\x00\x01bin key\xff", b"AAFiaW4ga2V5/w==")] {
+        for (raw, text) in [
+            (&b""[..], &b""[..]),
+            (b"f", b"Zg=="),
+            (b"fo", b"Zm8="),
+            (b"foo", b"Zm9v"),
+            (b"\x00\x01bin key\xff", b"AAFiaW4ga2V5/w=="),
+        ] {
             let mut out = Vec::new();
             encode_into(raw, &mut out);
             assert_eq!(out, text);

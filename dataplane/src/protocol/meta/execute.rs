@@ -132,9 +132,7 @@ fn recache_below(shard: &Shard, exptime: i32) -> u32 {
 /// The item's stored exptime before this request changes it (0 when absent, as memcached's vivified
 /// item is born without one), for a `t` that precedes the `T` or `N` changing it.
 fn exptime_before(shard: &Shard, key: &Key<'_>, flags: &Flags<'_>) -> Option<RelTime> {
-    flags
-        .ttl_before_change
-        .then(|| shard.store.peek(key.bytes(), shard.now()).map_or(0, |item| item.exptime()))
+    flags.ttl_before_change.then(|| shard.store.peek(key.bytes(), shard.now()).map_or(0, |item| item.exptime()))
 }
 
 fn get(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, out: &mut Vec<u8>) {
@@ -238,8 +236,13 @@ fn set(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, mode: StoreMode, val
         StoreResult::NotFound => (b"NF", 0),
         StoreResult::TooLarge | StoreResult::OutOfMemory => {
             // memcached unlinks the old item so that a failed store leaves no stale value behind.
-            let unlink =
-                DeleteRequest { key: key.bytes(), compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+            let unlink = DeleteRequest {
+                key: key.bytes(),
+                compare_cas: None,
+                invalidate: false,
+                new_expiry: None,
+                new_cas: None,
+            };
             shard.store.delete(&unlink, now);
             out.extend_from_slice(if result == StoreResult::TooLarge {
                 b"SERVER_ERROR object too large for cache\r\n"
@@ -314,7 +317,11 @@ fn arith(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, incr: bool, out: &
     match shard.store.arith(&request, now) {
         ArithResult::Value { value, cas, exptime } => {
             if existed {
-                if incr { counters.incr_hits.incr() } else { counters.decr_hits.incr() }
+                if incr {
+                    counters.incr_hits.incr()
+                } else {
+                    counters.decr_hits.incr()
+                }
                 if flags.quiet {
                     return;
                 }
@@ -339,7 +346,11 @@ fn arith(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, incr: bool, out: &
             out.extend_from_slice(b"\r\n");
         }
         ArithResult::NotFound => {
-            if incr { counters.incr_misses.incr() } else { counters.decr_misses.incr() }
+            if incr {
+                counters.incr_misses.incr()
+            } else {
+                counters.decr_misses.incr()
+            }
             push_status(out, b"NF", flags, key);
         }
         ArithResult::Exists => push_status(out, b"EX", flags, key),

@@ -97,9 +97,8 @@ fn c_number(token: &[u8]) -> Option<CNumber> {
         Some(&next) if is_c_space(next) => {}
         Some(_) => return None,
     }
-    let magnitude = rest[..digits]
-        .iter()
-        .try_fold(0u64, |acc, d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')));
+    let magnitude =
+        rest[..digits].iter().try_fold(0u64, |acc, d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')));
     Some(CNumber { negative, magnitude })
 }
 
