@@ -11,8 +11,8 @@ use super::{Request, Retrieval, Storage, StorageCommand};
 use crate::protocol::meta;
 use crate::shard::Shard;
 use crate::store::{
-    ArithRequest, ArithResult, DeleteRequest, DeleteResult, GetOptions, GetResult, ItemView, StoreMode,
-    StoreRequest, StoreResult,
+    ArithRequest, ArithResult, DeleteRequest, DeleteResult, GetOptions, GetResult, ItemView, StoreMode, StoreRequest,
+    StoreResult,
 };
 
 /// Runs a request routed to one key ([`crate::protocol::Route::Key`]).
@@ -164,8 +164,7 @@ fn delete(shard: &mut Shard, key: &[u8], noreply: bool, out: &mut Vec<u8>) {
 
 fn arith(shard: &mut Shard, key: &[u8], incr: bool, delta: u64, noreply: bool, out: &mut Vec<u8>) {
     let now = shard.now();
-    let request =
-        ArithRequest { key, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+    let request = ArithRequest { key, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
     let counters = &shard.counters;
     let (hits, misses) =
         if incr { (&counters.incr_hits, &counters.incr_misses) } else { (&counters.decr_hits, &counters.decr_misses) };

@@ -62,7 +62,8 @@ impl<'a> KeyList<'a> {
             }
             count += 1;
         }
-        let spans = if count <= INLINE_KEYS { Spans::Inline { count: count as u8, spans: inline } } else { Spans::Heap(heap) };
+        let spans =
+            if count <= INLINE_KEYS { Spans::Inline { count: count as u8, spans: inline } } else { Spans::Heap(heap) };
         Ok(KeyList { line, spans })
     }
 

@@ -36,19 +36,44 @@ pub enum Request<'a> {
     Storage(Storage<'a>),
     /// A storage command whose data block was not followed by `\r\n`. memcached counts it as a set and
     /// answers `CLIENT_ERROR bad data chunk` (unless `noreply`).
-    BadDataChunk { key: &'a [u8], noreply: bool },
+    BadDataChunk {
+        key: &'a [u8],
+        noreply: bool,
+    },
     /// `get`, `gets`, `gat`, `gats` (and memcached's old alias `bget`).
     Retrieval(Retrieval<'a>),
-    Delete { key: &'a [u8], noreply: bool },
+    Delete {
+        key: &'a [u8],
+        noreply: bool,
+    },
     /// `incr` (`incr: true`) or `decr`.
-    Arith { key: &'a [u8], incr: bool, delta: u64, noreply: bool },
-    Touch { key: &'a [u8], exptime: i32, noreply: bool },
+    Arith {
+        key: &'a [u8],
+        incr: bool,
+        delta: u64,
+        noreply: bool,
+    },
+    Touch {
+        key: &'a [u8],
+        exptime: i32,
+        noreply: bool,
+    },
     /// `flush_all [delay]`; a delay of 0 or less is now.
-    FlushAll { delay: i32, noreply: bool },
-    Verbosity { level: u32, noreply: bool },
+    FlushAll {
+        delay: i32,
+        noreply: bool,
+    },
+    Verbosity {
+        level: u32,
+        noreply: bool,
+    },
     /// `stats [group]`: `None` is the general group.
-    Stats { group: Option<&'a str> },
-    Shutdown { graceful: bool },
+    Stats {
+        group: Option<&'a str>,
+    },
+    Shutdown {
+        graceful: bool,
+    },
     Version,
     Quit,
     Meta(meta::Request<'a>),
@@ -75,7 +100,9 @@ pub enum StorageCommand {
     Append,
     Prepend,
     /// Store only if the item's CAS is still `unique`.
-    Cas { unique: u64 },
+    Cas {
+        unique: u64,
+    },
 }
 
 impl StorageCommand {
@@ -104,8 +131,12 @@ pub enum RetrievalCommand {
     Get,
     Gets,
     /// Get and touch.
-    Gat { exptime: i32 },
-    Gats { exptime: i32 },
+    Gat {
+        exptime: i32,
+    },
+    Gats {
+        exptime: i32,
+    },
 }
 
 impl RetrievalCommand {

@@ -38,7 +38,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
         return refuse(reply::ERROR, false, line_len);
     }
     if command.len() == 2 && command[0] == b'm' {
-        return if b"gsdnae".contains(&command[1]) { delegate_to_meta(buf, limits) } else { refuse(reply::ERROR, false, line_len) };
+        return if b"gsdnae".contains(&command[1]) {
+            delegate_to_meta(buf, limits)
+        } else {
+            refuse(reply::ERROR, false, line_len)
+        };
     }
     let parsed = match command {
         b"get" | b"bget" => retrieval(line, &tokens, RetrievalCommand::Get),
@@ -102,7 +106,9 @@ fn starts_multiget(buf: &[u8]) -> bool {
 fn delegate_to_meta<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
     let spaces = buf.iter().take_while(|&&byte| byte == b' ').count();
     match meta::parse(&buf[spaces..], limits) {
-        Parse::Request { request, consumed } => Parse::Request { request: Request::Meta(request), consumed: spaces + consumed },
+        Parse::Request { request, consumed } => {
+            Parse::Request { request: Request::Meta(request), consumed: spaces + consumed }
+        }
         Parse::Incomplete => Parse::Incomplete,
         Parse::Invalid(mut invalid) => {
             invalid.consumed += spaces;
@@ -170,7 +176,7 @@ fn storage<'a>(
         other => other,
     };
     // memcached adds the "\r\n" to the length in an int.
-    if value_len < 0 || value_len > i32::MAX - 2 {
+    if !(0..=i32::MAX - 2).contains(&value_len) {
         return refuse(reply::BAD_FORMAT, noreply, line_len);
     }
     let value_len = value_len as usize;
