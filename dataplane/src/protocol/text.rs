@@ -1,1 +1,0 @@
-//! memcached text protocol codec (being written).

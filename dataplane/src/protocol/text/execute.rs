@@ -1,0 +1,206 @@
+//! Running keyed requests on the shard that owns their keys: the store call, the counters memcached
+//! keeps for it, and the reply.
+//!
+//! Counting follows memcached 1.6.18: every storage command whose data arrived counts `cmd_set` (a bad
+//! data chunk too; a value refused as too large or for memory does not); `cas` counts `cas_misses`,
+//! `cas_hits` or `cas_badval`; `get`/`gets` count `cmd_get` and `get_hits`/`get_misses` per key, while
+//! `gat`/`gats` count only `cmd_touch` and `touch_hits`/`touch_misses`, like `touch`.
+
+use super::reply::{self, push};
+use super::{Request, Retrieval, Storage, StorageCommand};
+use crate::protocol::meta;
+use crate::shard::Shard;
+use crate::store::{
+    ArithRequest, ArithResult, DeleteRequest, DeleteResult, GetOptions, GetResult, ItemView, StoreMode, StoreRequest,
+    StoreResult,
+};
+
+/// Runs a request routed to one key ([`crate::protocol::Route::Key`]).
+pub fn execute(shard: &mut Shard, request: &Request<'_>, out: &mut Vec<u8>) {
+    match request {
+        Request::Storage(storage) => store(shard, storage, out),
+        Request::BadDataChunk { noreply, .. } => {
+            shard.counters.cmd_set.incr();
+            push(out, reply::BAD_DATA_CHUNK, *noreply);
+        }
+        Request::Delete { key, noreply } => delete(shard, key, *noreply, out),
+        Request::Arith { key, incr, delta, noreply } => arith(shard, key, *incr, *delta, *noreply, out),
+        Request::Touch { key, exptime, noreply } => touch(shard, key, *exptime, *noreply, out),
+        Request::Meta(request) => meta::execute(shard, request, out),
+        other => debug_assert!(false, "not a keyed request: {other:?}"),
+    }
+}
+
+fn store(shard: &mut Shard, request: &Storage<'_>, out: &mut Vec<u8>) {
+    let now = shard.now();
+    let (mode, compare_cas) = match request.command {
+        StorageCommand::Set => (StoreMode::Set, None),
+        StorageCommand::Add => (StoreMode::Add, None),
+        StorageCommand::Replace => (StoreMode::Replace, None),
+        StorageCommand::Append => (StoreMode::Append, None),
+        StorageCommand::Prepend => (StoreMode::Prepend, None),
+        StorageCommand::Cas { unique } => (StoreMode::Set, Some(unique)),
+    };
+    let counters = &shard.counters;
+    if compare_cas.is_some() && !shard.cas_enabled() {
+        // With -C memcached's items carry no CAS and `cas` never matches one, whatever the unique.
+        counters.cmd_set.incr();
+        let reply = if shard.store.peek(request.key, now).is_some() {
+            counters.cas_badval.incr();
+            reply::EXISTS
+        } else {
+            counters.cas_misses.incr();
+            reply::NOT_FOUND
+        };
+        return push(out, reply, request.noreply);
+    }
+    let store_request = StoreRequest {
+        key: request.key,
+        value: request.value,
+        client_flags: request.client_flags,
+        expiry: shard.expiry(request.exptime.into()),
+        mode,
+        compare_cas,
+        invalidate: false,
+        new_cas: None,
+        vivify_on_miss: None,
+    };
+    let result = shard.store.store(&store_request, now);
+    let is_cas = compare_cas.is_some();
+    let reply = match result {
+        StoreResult::Stored { .. } => {
+            counters.cmd_set.incr();
+            if is_cas {
+                counters.cas_hits.incr();
+            }
+            reply::STORED
+        }
+        StoreResult::NotStored => {
+            counters.cmd_set.incr();
+            reply::NOT_STORED
+        }
+        StoreResult::Exists => {
+            counters.cmd_set.incr();
+            counters.cas_badval.incr();
+            reply::EXISTS
+        }
+        StoreResult::NotFound => {
+            counters.cmd_set.incr();
+            if is_cas {
+                counters.cas_misses.incr();
+            }
+            reply::NOT_FOUND
+        }
+        StoreResult::TooLarge | StoreResult::OutOfMemory => {
+            if request.command == StorageCommand::Set {
+                // memcached drops the old value of a `set` it could not store, rather than serve stale data.
+                shard.store.delete(&plain_delete(request.key), now);
+            }
+            if result == StoreResult::TooLarge {
+                reply::TOO_LARGE
+            } else {
+                reply::OUT_OF_MEMORY_STORING
+            }
+        }
+    };
+    push(out, reply, request.noreply);
+}
+
+/// Runs key `index` of a retrieval: its `VALUE` block on a hit, nothing on a miss.
+pub fn retrieve(shard: &mut Shard, request: &Retrieval<'_>, index: usize, out: &mut Vec<u8>) {
+    let key = request.keys.get(index);
+    let now = shard.now();
+    let touch = request.command.exptime().map(|exptime| shard.expiry(exptime.into()));
+    let cas_enabled = shard.cas_enabled();
+    let counters = &shard.counters;
+    let options = GetOptions { touch, ..GetOptions::default() };
+    match shard.store.get(key, options, now) {
+        GetResult::Hit(hit) => {
+            if touch.is_some() {
+                counters.cmd_touch.incr();
+                counters.touch_hits.incr();
+            } else {
+                counters.cmd_get.incr();
+                counters.get_hits.incr();
+            }
+            let item = &hit.item;
+            let cas = request.command.returns_cas().then(|| if cas_enabled { item.cas() } else { 0 });
+            reply::push_value_header(out, item.key(), item.client_flags(), item.value_len(), cas);
+            item.copy_value_into(out);
+            out.extend_from_slice(b"\r\n");
+        }
+        GetResult::Miss => {
+            if touch.is_some() {
+                counters.cmd_touch.incr();
+                counters.touch_misses.incr();
+            } else {
+                counters.cmd_get.incr();
+                counters.get_misses.incr();
+            }
+        }
+    }
+}
+
+fn plain_delete(key: &[u8]) -> DeleteRequest<'_> {
+    DeleteRequest { key, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None }
+}
+
+fn delete(shard: &mut Shard, key: &[u8], noreply: bool, out: &mut Vec<u8>) {
+    let now = shard.now();
+    let reply = match shard.store.delete(&plain_delete(key), now) {
+        DeleteResult::Deleted => {
+            shard.counters.delete_hits.incr();
+            reply::DELETED
+        }
+        DeleteResult::NotFound => {
+            shard.counters.delete_misses.incr();
+            reply::NOT_FOUND
+        }
+        // Only a compare CAS gives Exists, and text delete has none.
+        DeleteResult::Exists => reply::EXISTS,
+    };
+    push(out, reply, noreply);
+}
+
+fn arith(shard: &mut Shard, key: &[u8], incr: bool, delta: u64, noreply: bool, out: &mut Vec<u8>) {
+    let now = shard.now();
+    let request = ArithRequest { key, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+    let counters = &shard.counters;
+    let (hits, misses) =
+        if incr { (&counters.incr_hits, &counters.incr_misses) } else { (&counters.decr_hits, &counters.decr_misses) };
+    match shard.store.arith(&request, now) {
+        ArithResult::Value { value, .. } => {
+            hits.incr();
+            if !noreply {
+                reply::push_decimal(out, value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        ArithResult::NotFound => {
+            misses.incr();
+            push(out, reply::NOT_FOUND, noreply);
+        }
+        ArithResult::NonNumeric => push(out, reply::NON_NUMERIC, noreply),
+        ArithResult::OutOfMemory => push(out, reply::OUT_OF_MEMORY, noreply),
+        // Only a compare CAS gives Exists, and text incr/decr has none.
+        ArithResult::Exists => push(out, reply::EXISTS, noreply),
+    }
+}
+
+fn touch(shard: &mut Shard, key: &[u8], exptime: i32, noreply: bool, out: &mut Vec<u8>) {
+    let now = shard.now();
+    let options = GetOptions { touch: Some(shard.expiry(exptime.into())), ..GetOptions::default() };
+    let counters = &shard.counters;
+    counters.cmd_touch.incr();
+    let reply = match shard.store.get(key, options, now) {
+        GetResult::Hit(_) => {
+            counters.touch_hits.incr();
+            reply::TOUCHED
+        }
+        GetResult::Miss => {
+            counters.touch_misses.incr();
+            reply::NOT_FOUND
+        }
+    };
+    push(out, reply, noreply);
+}
