@@ -5,7 +5,8 @@
 //! reclaimed. When a write needs a segment and none is free, the oldest segment of the log is
 //! reclaimed: each item in it that the index still points at is dropped if expired, given a second
 //! chance (re-appended at the head, `ACCESSED` cleared) if it was read since it was last written and is
-//! small, and evicted otherwise. Re-appends are capped at half a segment per reclaimed segment and one
+//! small, and evicted otherwise. Re-appends are capped at half a segment per reclaimed segment on
+//! average (unused allowance carries over, up to three quarters of a segment for one reclaim), and one
 //! free segment is kept in reserve for them, so every reclaim frees memory and always has room.
 //! Without eviction (`-M`), only segments holding no live unexpired item are reclaimed.
 //!
@@ -31,8 +32,11 @@ use std::sync::Arc;
 const PRESIZE_BYTES_PER_ITEM: usize = 256;
 /// Fewest segments a store runs with: the reserve, one to reclaim, one to write.
 const MIN_SEGMENTS: usize = RESERVED_SEGMENTS + 2;
-/// Re-appended bytes allowed per reclaimed segment.
-const REINSERT_BUDGET: usize = SEGMENT_SIZE / 2;
+/// Re-append credit earned per reclaimed segment: on average a reclaim frees at least half a segment.
+const REINSERT_CREDIT: usize = SEGMENT_SIZE / 2;
+/// Most credit one reclaim may spend (unspent credit carries over up to this), so a segment dense with
+/// recently read items keeps more of them; below a segment, so every reclaim still frees memory.
+const REINSERT_CREDIT_MAX: usize = SEGMENT_SIZE * 3 / 4;
 /// Index slots [`Store::tick`] examines per call.
 const TICK_SLOTS: usize = 4096;
 /// The append/prepend scratch buffer is released after use when it grew beyond this.
@@ -53,6 +57,8 @@ pub struct Store {
     shard_count: u64,
     /// Where [`Store::tick`] resumes its scan of the index.
     tick_cursor: usize,
+    /// Bytes the next reclaim may re-append.
+    reinsert_credit: usize,
     /// Reused by append/prepend.
     scratch: Vec<u8>,
 }
@@ -199,6 +205,7 @@ impl Store {
             shard_index: (config.shard_index as u64) % shard_count,
             shard_count,
             tick_cursor: 0,
+            reinsert_credit: 0,
             scratch: Vec::new(),
         })
     }
@@ -717,7 +724,7 @@ impl Store {
         if self.segments.open_head() == Some(segment) {
             self.segments.seal_head();
         }
-        let mut budget = REINSERT_BUDGET;
+        let mut budget = (self.reinsert_credit + REINSERT_CREDIT).min(REINSERT_CREDIT_MAX);
         let mut offset = self.segments.meta(segment).first_item as usize;
         while self.segments.meta(segment).live_items > 0 {
             let Some(found) = self.item_at(segment, offset) else { break };
@@ -742,6 +749,7 @@ impl Store {
                 }
             }
         }
+        self.reinsert_credit = budget;
         self.release(segment, NO_SEGMENT);
         true
     }

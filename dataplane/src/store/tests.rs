@@ -542,7 +542,8 @@ impl Model {
     fn arith(&mut self, key: u8, incr: bool, delta: u64, now: RelTime) -> ArithResult {
         let cas = self.cas_sequence + 1;
         let Some(item) = self.live(key, now) else { return ArithResult::NotFound };
-        let Some(current) = std::str::from_utf8(&item.value).ok().and_then(|text| text.parse::<u64>().ok()) else {
+        // The parser's memcached rules (whitespace, signs) are tested on their own in `decimal`.
+        let Some(current) = super::decimal::parse_u64(&item.value) else {
             return ArithResult::NonNumeric;
         };
         let value = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
@@ -761,4 +762,134 @@ proptest! {
     ) {
         run_tiny(&ops, evict)?;
     }
+}
+
+// ---- memory behaviour ----
+
+/// The product's headline: memory follows the workload when value sizes shift (no slab calcification).
+/// 32 MiB (one shard's half of `-m 64`): 2x memory of 100-byte values, then 60% of memory of 2000-byte
+/// values under new keys; nearly all of the large values must then be readable.
+#[test]
+fn size_shift_keeps_new_large_values() {
+    let memory = 32 * MIB;
+    let mut store = store_with(memory, true);
+    let small = vec![b's'; 100];
+    let mut written = 0;
+    let mut i = 0u64;
+    while written < 2 * memory {
+        set(&mut store, format!("small:{i}").as_bytes(), &small, 10);
+        written += small.len();
+        i += 1;
+    }
+    let large = vec![b'L'; 2000];
+    let large_keys = memory * 6 / 10 / large.len();
+    for i in 0..large_keys {
+        assert!(matches!(set(&mut store, format!("large:{i}").as_bytes(), &large, 10), StoreResult::Stored { .. }));
+    }
+    let hits = (0..large_keys).filter(|i| get_value(&mut store, format!("large:{i}").as_bytes(), 11).is_some()).count();
+    let rate = hits as f64 / large_keys as f64;
+    println!("size shift: {hits}/{large_keys} large values hit ({:.1}%)", rate * 100.0);
+    assert!(rate >= 0.95, "hit rate {rate}");
+    store.check_invariants();
+}
+
+/// Second chance approximates LRU: a hot tenth of the keys, read continually while new keys stream in,
+/// stays cached; the cold keys written with it are gone.
+#[test]
+fn hot_keys_survive_a_stream_of_new_keys() {
+    let memory = 16 * MIB;
+    let mut store = store_with(memory, true);
+    let value = vec![b'v'; 200];
+    let keys = memory * 9 / 10 / 230; // items are 226 bytes: the cache is about full
+    for i in 0..keys {
+        set(&mut store, format!("old:{i}").as_bytes(), &value, 10);
+    }
+    assert_eq!(store.stats().evictions.get(), 0);
+    let hot = keys / 10;
+    let mut hot_misses = 0;
+    for i in 0..2 * keys {
+        set(&mut store, format!("new:{i}").as_bytes(), &value, 10);
+        let key = format!("old:{}", i % hot);
+        if get_value(&mut store, key.as_bytes(), 10).is_none() {
+            // The first reclaims meet segments made only of hot keys, and re-append at most half a
+            // segment of them; count misses once the stream has gone once around the memory.
+            hot_misses += (i >= keys) as usize;
+            set(&mut store, key.as_bytes(), &value, 10); // a client refills a miss
+        }
+    }
+    let present = |store: &Store, range: std::ops::Range<usize>| {
+        range.clone().filter(|i| store.peek(format!("old:{i}").as_bytes(), 10).is_some()).count() as f64 / range.len() as f64
+    };
+    let (hot_present, cold_present) = (present(&store, 0..hot), present(&store, hot..keys));
+    println!(
+        "second chance: hot keys present {:.1}%, cold {:.1}%, hot misses {hot_misses} of {keys} reads in steady state, reinserted {}",
+        hot_present * 100.0,
+        cold_present * 100.0,
+        store.stats().reinserted.get()
+    );
+    assert!(hot_present >= 0.95, "hot {hot_present}");
+    assert!(cold_present <= 0.05, "cold {cold_present}");
+    assert!((hot_misses as f64) < 0.01 * keys as f64, "{hot_misses} misses");
+    assert!(store.stats().reinserted.get() > 0 && store.stats().evictions.get() > 0);
+    store.check_invariants();
+}
+
+/// `-M`: once memory is full, stores fail with OutOfMemory and nothing stored is lost; memory held by
+/// expired items comes back.
+#[test]
+fn no_evict_refuses_stores_and_keeps_items() {
+    let memory = 8 * MIB;
+    let mut store = store_with(memory, false);
+    let value = vec![b'm'; 1000];
+    let mut stored = 0;
+    loop {
+        let key = format!("k:{stored}");
+        // The first 2000 items expire at t=100.
+        let expiry = if stored < 2000 { Expiry::At(100) } else { Expiry::Never };
+        match store.store(&StoreRequest { expiry, ..request(StoreMode::Set, key.as_bytes(), &value) }, 10) {
+            StoreResult::Stored { .. } => stored += 1,
+            StoreResult::OutOfMemory => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(stored * 1000 > memory / 2, "stored {stored}");
+    for i in 0..100 {
+        let key = format!("more:{i}");
+        assert_eq!(set(&mut store, key.as_bytes(), &value, 10), StoreResult::OutOfMemory);
+    }
+    assert_eq!(store.stats().outofmemory.get(), 101);
+    assert_eq!(store.stats().evictions.get(), 0);
+    for i in 0..stored {
+        assert_eq!(get_value(&mut store, format!("k:{i}").as_bytes(), 10).as_deref(), Some(&value[..]), "k:{i}");
+    }
+    // After the first 2000 expire, their segments are reclaimed and stores succeed again.
+    for i in 0..1000 {
+        let key = format!("later:{i}");
+        assert!(matches!(set(&mut store, key.as_bytes(), &value, 100), StoreResult::Stored { .. }), "later:{i}");
+    }
+    assert!(store.stats().reclaimed.get() > 0);
+    assert!(get_value(&mut store, format!("k:{}", stored - 1).as_bytes(), 100).is_some());
+    store.check_invariants();
+}
+
+/// Header plus index bytes per item, with 10-byte keys and 100-byte values, measured on a full store.
+#[test]
+fn per_item_overhead_is_at_most_32_bytes() {
+    let mut store = store_with(32 * MIB, true);
+    let value = vec![b'x'; 100];
+    let mut i = 0u64;
+    while store.stats().evictions.get() == 0 {
+        let key = format!("k{i:09}");
+        set(&mut store, key.as_bytes(), &value, 1);
+        i += 1;
+    }
+    let stats = store.stats();
+    let items = stats.curr_items.get() as f64;
+    let header = (stats.bytes.get() as f64 - items * 110.0) / items;
+    let index = stats.index_bytes.get() as f64 / items;
+    println!(
+        "per-item overhead: {:.1} bytes ({header:.1} header + {index:.1} index) over {items} items of 10+100 bytes in 32 MiB",
+        header + index
+    );
+    assert!(header + index <= 32.0, "{header} + {index}");
 }
