@@ -21,8 +21,7 @@ use super::decimal;
 use super::index::{self, tag_of, Index};
 use super::item::{self, Header, ValueChunks, ACCESSED, FETCHED, STALE, WIN_SENT};
 use super::segment::{
-    address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE,
-    SMALL_ITEM_MAX,
+    address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE, SMALL_ITEM_MAX,
 };
 use super::*;
 use crate::route::key_hash;
@@ -330,7 +329,9 @@ impl Store {
                 }
                 let len = old.header.value_len as usize + request.value.len();
                 // memcached cannot allocate the combined item and answers NOT_STORED.
-                if len > self.item_size_max || self.item_len(key.len(), len, old.header.client_flags) > self.max_item_len {
+                if len > self.item_size_max
+                    || self.item_len(key.len(), len, old.header.client_flags) > self.max_item_len
+                {
                     return StoreResult::NotStored;
                 }
                 let mut combined = std::mem::take(&mut self.scratch);
@@ -432,7 +433,8 @@ impl Store {
         let Some(current) = self.contiguous_value(old.addr, &old.header).and_then(decimal::parse_u64) else {
             return ArithResult::NonNumeric;
         };
-        let value = if request.incr { current.wrapping_add(request.delta) } else { current.saturating_sub(request.delta) };
+        let value =
+            if request.incr { current.wrapping_add(request.delta) } else { current.saturating_sub(request.delta) };
         let text = decimal::format_u64(value, &mut digits);
         let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
         let exptime = request.new_expiry.map_or(old.header.exptime, Expiry::as_rel);
@@ -444,7 +446,14 @@ impl Store {
             item::set_cas(&mut bytes[old.addr..], cas);
             item::set_exptime(&mut bytes[old.addr..], exptime);
         } else {
-            let new = NewItem { key, value: text, client_flags: old.header.client_flags, exptime, cas, bits: old.header.bits };
+            let new = NewItem {
+                key,
+                value: text,
+                client_flags: old.header.client_flags,
+                exptime,
+                cas,
+                bits: old.header.bits,
+            };
             if self.write_and_link(&new, tag, now).is_err() {
                 self.stats.outofmemory.incr();
                 return ArithResult::OutOfMemory;

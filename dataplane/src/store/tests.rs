@@ -116,7 +116,10 @@ fn store_modes_follow_memcached() {
     store.store(&request(StoreMode::Prepend, b"k", b"-"), now);
     let item = store.peek(b"k", now).unwrap();
     assert_eq!((value_of(&item), item.client_flags(), item.exptime()), (b"-mid+".to_vec(), 5, 100));
-    assert_eq!(store.store(&request(StoreMode::Replace, b"k", b"r"), now), StoreResult::Stored { cas: cas_of(&store, b"k", now) });
+    assert_eq!(
+        store.store(&request(StoreMode::Replace, b"k", b"r"), now),
+        StoreResult::Stored { cas: cas_of(&store, b"k", now) }
+    );
     // Append with vivify creates the item on a miss.
     let vivify = StoreRequest { vivify_on_miss: Some(Expiry::At(50)), ..request(StoreMode::Append, b"new", b"abc") };
     assert!(matches!(store.store(&vivify, now), StoreResult::Stored { .. }));
@@ -169,7 +172,13 @@ fn invalidation_and_stale_wins() {
     assert_eq!(hit_flags(store.get(b"k", GetOptions::default(), now)), Some((false, true, true, true)));
     // md I T30: stale, new CAS, new TTL, the next reader wins again.
     let before = cas_of(&store, b"k", now);
-    let md = DeleteRequest { key: b"k", compare_cas: None, invalidate: true, new_expiry: Some(Expiry::At(40)), new_cas: None };
+    let md = DeleteRequest {
+        key: b"k",
+        compare_cas: None,
+        invalidate: true,
+        new_expiry: Some(Expiry::At(40)),
+        new_cas: None,
+    };
     assert_eq!(store.delete(&md, now), DeleteResult::Deleted);
     let item = store.peek(b"k", now).unwrap();
     assert!(item.cas() > before);
@@ -336,7 +345,8 @@ fn spanning_items_read_back_byte_for_byte() {
         try_hugepages: false,
     })
     .unwrap();
-    let pattern = |len: usize, seed: u8| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
+    let pattern =
+        |len: usize, seed: u8| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
     set(&mut store, b"small", &pattern(1000, 1), 1);
     let values = [pattern(SEGMENT_SIZE + 17, 2), pattern(3 * SEGMENT_SIZE + 1, 3), pattern(200_000, 4)];
     for (i, value) in values.iter().enumerate() {
@@ -615,14 +625,22 @@ fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                     }
                 };
                 let k = key_bytes(key);
-                let request = DeleteRequest { key: &k, compare_cas, invalidate: false, new_expiry: None, new_cas: None };
+                let request =
+                    DeleteRequest { key: &k, compare_cas, invalidate: false, new_expiry: None, new_cas: None };
                 prop_assert_eq!(store.delete(&request, now), expected);
             }
             Op::Arith { key, incr, delta } => {
                 let k = key_bytes(key);
                 let expected = model.arith(key, incr, delta, now);
-                let request =
-                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                let request = ArithRequest {
+                    key: &k,
+                    incr,
+                    delta,
+                    vivify: None,
+                    compare_cas: None,
+                    new_expiry: None,
+                    new_cas: None,
+                };
                 prop_assert_eq!(store.arith(&request, now), expected);
             }
             Op::Get { key } | Op::Touch { key, .. } => {
@@ -707,14 +725,22 @@ fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
             }
             Op::Delete { key, .. } => {
                 let k = key_bytes(key);
-                let request = DeleteRequest { key: &k, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+                let request =
+                    DeleteRequest { key: &k, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
                 store.delete(&request, now);
                 model.remove(&key);
             }
             Op::Arith { key, incr, delta } => {
                 let k = key_bytes(key);
-                let request =
-                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                let request = ArithRequest {
+                    key: &k,
+                    incr,
+                    delta,
+                    vivify: None,
+                    compare_cas: None,
+                    new_expiry: None,
+                    new_cas: None,
+                };
                 if let ArithResult::Value { value, .. } = store.arith(&request, now) {
                     model.insert(key, value.to_string().into_bytes());
                 }
@@ -818,7 +844,8 @@ fn hot_keys_survive_a_stream_of_new_keys() {
         }
     }
     let present = |store: &Store, range: std::ops::Range<usize>| {
-        range.clone().filter(|i| store.peek(format!("old:{i}").as_bytes(), 10).is_some()).count() as f64 / range.len() as f64
+        range.clone().filter(|i| store.peek(format!("old:{i}").as_bytes(), 10).is_some()).count() as f64
+            / range.len() as f64
     };
     let (hot_present, cold_present) = (present(&store, 0..hot), present(&store, hot..keys));
     println!(
