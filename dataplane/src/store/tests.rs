@@ -9,15 +9,31 @@ use std::collections::HashMap;
 const MIB: usize = 1 << 20;
 
 fn store_with(memory_bytes: usize, evict: bool) -> Store {
-    Store::new(StoreConfig {
-        memory_bytes,
+    store_sized(memory_bytes, MIB, evict)
+}
+
+fn store_sized(memory_bytes: usize, item_size_max: usize, evict: bool) -> Store {
+    Store::new(StoreConfig { memory_bytes, item_size_max, evict, shard_index: 0, shard_count: 1, try_hugepages: false })
+        .expect("store")
+}
+
+#[test]
+fn a_store_can_move_to_its_shard_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Store>();
+}
+
+#[test]
+fn tiny_memory_is_refused() {
+    let config = StoreConfig {
+        memory_bytes: 2 * MIB,
         item_size_max: MIB,
-        evict,
+        evict: true,
         shard_index: 0,
         shard_count: 1,
         try_hugepages: false,
-    })
-    .expect("store")
+    };
+    assert!(matches!(Store::new(config), Err(StoreError::TooSmall { .. })));
 }
 
 fn request<'a>(mode: StoreMode, key: &'a [u8], value: &'a [u8]) -> StoreRequest<'a> {
@@ -319,15 +335,7 @@ fn too_large_values_and_failed_sets() {
     assert_eq!(store.store(&request(StoreMode::Append, b"a", b"xy"), 1), StoreResult::NotStored);
     assert_eq!(store.peek(b"a", 1).unwrap().value_len(), MIB - 1);
     // An item the shard could never hold.
-    let mut huge_limit = Store::new(StoreConfig {
-        memory_bytes: 4 * MIB,
-        item_size_max: 64 * MIB,
-        evict: true,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut huge_limit = store_sized(4 * MIB, 64 * MIB, true);
     assert_eq!(set(&mut huge_limit, b"k", &vec![0u8; 4 * MIB], 1), StoreResult::TooLarge);
     assert!(matches!(set(&mut huge_limit, b"k", &vec![3u8; 2 * MIB + 5], 1), StoreResult::Stored { .. }));
     assert_eq!(get_value(&mut huge_limit, b"k", 1).unwrap(), vec![3u8; 2 * MIB + 5]);
@@ -336,15 +344,7 @@ fn too_large_values_and_failed_sets() {
 
 #[test]
 fn spanning_items_read_back_byte_for_byte() {
-    let mut store = Store::new(StoreConfig {
-        memory_bytes: 16 * MIB,
-        item_size_max: 4 * MIB,
-        evict: true,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut store = store_sized(16 * MIB, 4 * MIB, true);
     let pattern =
         |len: usize, seed: u8| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
     set(&mut store, b"small", &pattern(1000, 1), 1);
@@ -580,15 +580,7 @@ fn model_item(item: &impl ItemView) -> ModelItem {
 /// Runs `ops` against a store with plenty of memory and against the model; every result must agree.
 fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
     let item_size_max = SEGMENT_SIZE + SEGMENT_SIZE / 8;
-    let mut store = Store::new(StoreConfig {
-        memory_bytes: 128 * MIB,
-        item_size_max,
-        evict: true,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut store = store_sized(128 * MIB, item_size_max, true);
     let mut model = Model { items: HashMap::new(), cas_sequence: 0, item_size_max };
     let mut now: RelTime = 100;
     for (serial, op) in ops.iter().enumerate() {
@@ -674,15 +666,7 @@ fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
 /// Tiny memory: whatever is evicted, a hit always returns the last value stored for its key.
 fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
     let memory = 4 * MIB;
-    let mut store = Store::new(StoreConfig {
-        memory_bytes: memory,
-        item_size_max: 2 * MIB,
-        evict,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut store = store_sized(memory, 2 * MIB, evict);
     let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
     let mut now: RelTime = 100;
     let keys: Vec<u8> = ops
