@@ -30,7 +30,7 @@ impl Arena {
     /// Maps `len` bytes (which must be nonzero), trying hugepages first when `try_hugepages`.
     pub fn map(len: usize, try_hugepages: bool) -> Result<Arena, StoreError> {
         assert!(len > 0, "an empty arena");
-        if try_hugepages && len % HUGE_PAGE_SIZE == 0 {
+        if try_hugepages && len & (HUGE_PAGE_SIZE - 1) == 0 {
             if let Some(base) = mmap_anonymous(len, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB, false) {
                 tracing::info!(bytes = len, backing = Backing::HugePages.name(), "item memory mapped");
                 return Ok(Arena { base, len, backing: Backing::HugePages });

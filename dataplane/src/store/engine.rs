@@ -5,7 +5,8 @@
 //! reclaimed. When a write needs a segment and none is free, the oldest segment of the log is
 //! reclaimed: each item in it that the index still points at is dropped if expired, given a second
 //! chance (re-appended at the head, `ACCESSED` cleared) if it was read since it was last written and is
-//! small, and evicted otherwise. Re-appends are capped at half a segment per reclaimed segment and one
+//! small, and evicted otherwise. Re-appends are capped at half a segment per reclaimed segment on
+//! average (unused allowance carries over, up to three quarters of a segment for one reclaim), and one
 //! free segment is kept in reserve for them, so every reclaim frees memory and always has room.
 //! Without eviction (`-M`), only segments holding no live unexpired item are reclaimed.
 //!
@@ -20,8 +21,7 @@ use super::decimal;
 use super::index::{self, tag_of, Index};
 use super::item::{self, Header, ValueChunks, ACCESSED, FETCHED, STALE, WIN_SENT};
 use super::segment::{
-    address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE,
-    SMALL_ITEM_MAX,
+    address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE, SMALL_ITEM_MAX,
 };
 use super::*;
 use crate::route::key_hash;
@@ -31,8 +31,11 @@ use std::sync::Arc;
 const PRESIZE_BYTES_PER_ITEM: usize = 256;
 /// Fewest segments a store runs with: the reserve, one to reclaim, one to write.
 const MIN_SEGMENTS: usize = RESERVED_SEGMENTS + 2;
-/// Re-appended bytes allowed per reclaimed segment.
-const REINSERT_BUDGET: usize = SEGMENT_SIZE / 2;
+/// Re-append credit earned per reclaimed segment: on average a reclaim frees at least half a segment.
+const REINSERT_CREDIT: usize = SEGMENT_SIZE / 2;
+/// Most credit one reclaim may spend (unspent credit carries over up to this), so a segment dense with
+/// recently read items keeps more of them; below a segment, so every reclaim still frees memory.
+const REINSERT_CREDIT_MAX: usize = SEGMENT_SIZE * 3 / 4;
 /// Index slots [`Store::tick`] examines per call.
 const TICK_SLOTS: usize = 4096;
 /// The append/prepend scratch buffer is released after use when it grew beyond this.
@@ -53,6 +56,8 @@ pub struct Store {
     shard_count: u64,
     /// Where [`Store::tick`] resumes its scan of the index.
     tick_cursor: usize,
+    /// Bytes the next reclaim may re-append.
+    reinsert_credit: usize,
     /// Reused by append/prepend.
     scratch: Vec<u8>,
 }
@@ -199,6 +204,7 @@ impl Store {
             shard_index: (config.shard_index as u64) % shard_count,
             shard_count,
             tick_cursor: 0,
+            reinsert_credit: 0,
             scratch: Vec::new(),
         })
     }
@@ -323,7 +329,9 @@ impl Store {
                 }
                 let len = old.header.value_len as usize + request.value.len();
                 // memcached cannot allocate the combined item and answers NOT_STORED.
-                if len > self.item_size_max || self.item_len(key.len(), len, old.header.client_flags) > self.max_item_len {
+                if len > self.item_size_max
+                    || self.item_len(key.len(), len, old.header.client_flags) > self.max_item_len
+                {
                     return StoreResult::NotStored;
                 }
                 let mut combined = std::mem::take(&mut self.scratch);
@@ -425,7 +433,8 @@ impl Store {
         let Some(current) = self.contiguous_value(old.addr, &old.header).and_then(decimal::parse_u64) else {
             return ArithResult::NonNumeric;
         };
-        let value = if request.incr { current.wrapping_add(request.delta) } else { current.saturating_sub(request.delta) };
+        let value =
+            if request.incr { current.wrapping_add(request.delta) } else { current.saturating_sub(request.delta) };
         let text = decimal::format_u64(value, &mut digits);
         let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
         let exptime = request.new_expiry.map_or(old.header.exptime, Expiry::as_rel);
@@ -437,7 +446,14 @@ impl Store {
             item::set_cas(&mut bytes[old.addr..], cas);
             item::set_exptime(&mut bytes[old.addr..], exptime);
         } else {
-            let new = NewItem { key, value: text, client_flags: old.header.client_flags, exptime, cas, bits: old.header.bits };
+            let new = NewItem {
+                key,
+                value: text,
+                client_flags: old.header.client_flags,
+                exptime,
+                cas,
+                bits: old.header.bits,
+            };
             if self.write_and_link(&new, tag, now).is_err() {
                 self.stats.outofmemory.incr();
                 return ArithResult::OutOfMemory;
@@ -717,7 +733,7 @@ impl Store {
         if self.segments.open_head() == Some(segment) {
             self.segments.seal_head();
         }
-        let mut budget = REINSERT_BUDGET;
+        let mut budget = (self.reinsert_credit + REINSERT_CREDIT).min(REINSERT_CREDIT_MAX);
         let mut offset = self.segments.meta(segment).first_item as usize;
         while self.segments.meta(segment).live_items > 0 {
             let Some(found) = self.item_at(segment, offset) else { break };
@@ -742,6 +758,7 @@ impl Store {
                 }
             }
         }
+        self.reinsert_credit = budget;
         self.release(segment, NO_SEGMENT);
         true
     }

@@ -57,6 +57,7 @@ impl Index {
         Index { slots: vec![0; capacity], len: 0, grow_at: grow_at(capacity) }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -178,8 +179,7 @@ impl Index {
             }
             let home = self.home(entry_tag(e));
             // The entry may move back into the hole unless its home lies cyclically in (hole, next].
-            let home_after_hole =
-                if hole <= next { hole < home && home <= next } else { hole < home || home <= next };
+            let home_after_hole = if hole <= next { hole < home && home <= next } else { hole < home || home <= next };
             if !home_after_hole {
                 self.slots[hole] = e;
                 hole = next;

@@ -92,6 +92,7 @@ impl Header {
     /// Writes the header at the start of `out`; returns its length.
     pub fn encode(&self, out: &mut [u8]) -> usize {
         let len = self.encoded_len();
+        debug_assert!(len <= MAX_HEADER_LEN);
         let out = &mut out[..len];
         out[KEY_LEN_AT] = self.key_len;
         let layout = if self.client_flags != 0 { HAS_FLAGS } else { 0 };
@@ -311,13 +312,17 @@ mod tests {
             };
             round_trip(header);
         }
-        assert_eq!(Header { key_len: 1, bits: 0, last_access: 0, exptime: 0, cas: 1, client_flags: 0, value_len: u32::MAX }
-            .encoded_len(), FIXED_LEN + 5);
+        assert_eq!(
+            Header { key_len: 1, bits: 0, last_access: 0, exptime: 0, cas: 1, client_flags: 0, value_len: u32::MAX }
+                .encoded_len(),
+            FIXED_LEN + 5
+        );
     }
 
     #[test]
     fn in_place_updates_touch_only_their_field() {
-        let header = Header { key_len: 3, bits: 0, last_access: 1, exptime: 2, cas: 3, client_flags: 7, value_len: 300 };
+        let header =
+            Header { key_len: 3, bits: 0, last_access: 1, exptime: 2, cas: 3, client_flags: 7, value_len: 300 };
         let mut buf = [0u8; 64];
         let len = header.encode(&mut buf);
         buf[len..len + 3].copy_from_slice(b"abc");
@@ -326,16 +331,14 @@ mod tests {
         set_exptime(&mut buf, 99);
         set_cas(&mut buf, 42);
         let updated = Header::decode(&buf);
-        assert_eq!(
-            updated,
-            Header { bits: ACCESSED | WIN_SENT, last_access: 5, exptime: 99, cas: 42, ..header }
-        );
+        assert_eq!(updated, Header { bits: ACCESSED | WIN_SENT, last_access: 5, exptime: 99, cas: 42, ..header });
         assert_eq!(key_of(&buf), b"abc");
     }
 
     #[test]
     fn idle_time_wraps_at_16_bits() {
-        let header = Header { key_len: 1, bits: 0, last_access: 65530, exptime: 0, cas: 1, client_flags: 0, value_len: 0 };
+        let header =
+            Header { key_len: 1, bits: 0, last_access: 65530, exptime: 0, cas: 1, client_flags: 0, value_len: 0 };
         assert_eq!(header.idle_secs(65536 + 4), 10);
         assert_eq!(header.idle_secs(65530), 0);
     }

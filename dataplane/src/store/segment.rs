@@ -41,7 +41,8 @@ pub struct SegmentMeta {
 }
 
 impl SegmentMeta {
-    const EMPTY: SegmentMeta = SegmentMeta { write_offset: 0, first_item: 0, live_bytes: 0, live_items: 0, next: NO_SEGMENT };
+    const EMPTY: SegmentMeta =
+        SegmentMeta { write_offset: 0, first_item: 0, live_bytes: 0, live_items: 0, next: NO_SEGMENT };
 }
 
 /// Where to write next: a segment and an offset in it.
@@ -115,6 +116,7 @@ impl Segments {
         self.in_log = 0;
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> usize {
         self.metas.len()
     }

@@ -9,15 +9,31 @@ use std::collections::HashMap;
 const MIB: usize = 1 << 20;
 
 fn store_with(memory_bytes: usize, evict: bool) -> Store {
-    Store::new(StoreConfig {
-        memory_bytes,
+    store_sized(memory_bytes, MIB, evict)
+}
+
+fn store_sized(memory_bytes: usize, item_size_max: usize, evict: bool) -> Store {
+    Store::new(StoreConfig { memory_bytes, item_size_max, evict, shard_index: 0, shard_count: 1, try_hugepages: false })
+        .expect("store")
+}
+
+#[test]
+fn a_store_can_move_to_its_shard_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Store>();
+}
+
+#[test]
+fn tiny_memory_is_refused() {
+    let config = StoreConfig {
+        memory_bytes: 2 * MIB,
         item_size_max: MIB,
-        evict,
+        evict: true,
         shard_index: 0,
         shard_count: 1,
         try_hugepages: false,
-    })
-    .expect("store")
+    };
+    assert!(matches!(Store::new(config), Err(StoreError::TooSmall { .. })));
 }
 
 fn request<'a>(mode: StoreMode, key: &'a [u8], value: &'a [u8]) -> StoreRequest<'a> {
@@ -116,7 +132,10 @@ fn store_modes_follow_memcached() {
     store.store(&request(StoreMode::Prepend, b"k", b"-"), now);
     let item = store.peek(b"k", now).unwrap();
     assert_eq!((value_of(&item), item.client_flags(), item.exptime()), (b"-mid+".to_vec(), 5, 100));
-    assert_eq!(store.store(&request(StoreMode::Replace, b"k", b"r"), now), StoreResult::Stored { cas: cas_of(&store, b"k", now) });
+    assert_eq!(
+        store.store(&request(StoreMode::Replace, b"k", b"r"), now),
+        StoreResult::Stored { cas: cas_of(&store, b"k", now) }
+    );
     // Append with vivify creates the item on a miss.
     let vivify = StoreRequest { vivify_on_miss: Some(Expiry::At(50)), ..request(StoreMode::Append, b"new", b"abc") };
     assert!(matches!(store.store(&vivify, now), StoreResult::Stored { .. }));
@@ -169,7 +188,13 @@ fn invalidation_and_stale_wins() {
     assert_eq!(hit_flags(store.get(b"k", GetOptions::default(), now)), Some((false, true, true, true)));
     // md I T30: stale, new CAS, new TTL, the next reader wins again.
     let before = cas_of(&store, b"k", now);
-    let md = DeleteRequest { key: b"k", compare_cas: None, invalidate: true, new_expiry: Some(Expiry::At(40)), new_cas: None };
+    let md = DeleteRequest {
+        key: b"k",
+        compare_cas: None,
+        invalidate: true,
+        new_expiry: Some(Expiry::At(40)),
+        new_cas: None,
+    };
     assert_eq!(store.delete(&md, now), DeleteResult::Deleted);
     let item = store.peek(b"k", now).unwrap();
     assert!(item.cas() > before);
@@ -310,15 +335,7 @@ fn too_large_values_and_failed_sets() {
     assert_eq!(store.store(&request(StoreMode::Append, b"a", b"xy"), 1), StoreResult::NotStored);
     assert_eq!(store.peek(b"a", 1).unwrap().value_len(), MIB - 1);
     // An item the shard could never hold.
-    let mut huge_limit = Store::new(StoreConfig {
-        memory_bytes: 4 * MIB,
-        item_size_max: 64 * MIB,
-        evict: true,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut huge_limit = store_sized(4 * MIB, 64 * MIB, true);
     assert_eq!(set(&mut huge_limit, b"k", &vec![0u8; 4 * MIB], 1), StoreResult::TooLarge);
     assert!(matches!(set(&mut huge_limit, b"k", &vec![3u8; 2 * MIB + 5], 1), StoreResult::Stored { .. }));
     assert_eq!(get_value(&mut huge_limit, b"k", 1).unwrap(), vec![3u8; 2 * MIB + 5]);
@@ -327,16 +344,9 @@ fn too_large_values_and_failed_sets() {
 
 #[test]
 fn spanning_items_read_back_byte_for_byte() {
-    let mut store = Store::new(StoreConfig {
-        memory_bytes: 16 * MIB,
-        item_size_max: 4 * MIB,
-        evict: true,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
-    let pattern = |len: usize, seed: u8| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
+    let mut store = store_sized(16 * MIB, 4 * MIB, true);
+    let pattern =
+        |len: usize, seed: u8| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
     set(&mut store, b"small", &pattern(1000, 1), 1);
     let values = [pattern(SEGMENT_SIZE + 17, 2), pattern(3 * SEGMENT_SIZE + 1, 3), pattern(200_000, 4)];
     for (i, value) in values.iter().enumerate() {
@@ -542,7 +552,8 @@ impl Model {
     fn arith(&mut self, key: u8, incr: bool, delta: u64, now: RelTime) -> ArithResult {
         let cas = self.cas_sequence + 1;
         let Some(item) = self.live(key, now) else { return ArithResult::NotFound };
-        let Some(current) = std::str::from_utf8(&item.value).ok().and_then(|text| text.parse::<u64>().ok()) else {
+        // The parser's memcached rules (whitespace, signs) are tested on their own in `decimal`.
+        let Some(current) = super::decimal::parse_u64(&item.value) else {
             return ArithResult::NonNumeric;
         };
         let value = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
@@ -569,15 +580,7 @@ fn model_item(item: &impl ItemView) -> ModelItem {
 /// Runs `ops` against a store with plenty of memory and against the model; every result must agree.
 fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
     let item_size_max = SEGMENT_SIZE + SEGMENT_SIZE / 8;
-    let mut store = Store::new(StoreConfig {
-        memory_bytes: 128 * MIB,
-        item_size_max,
-        evict: true,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut store = store_sized(128 * MIB, item_size_max, true);
     let mut model = Model { items: HashMap::new(), cas_sequence: 0, item_size_max };
     let mut now: RelTime = 100;
     for (serial, op) in ops.iter().enumerate() {
@@ -614,14 +617,22 @@ fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                     }
                 };
                 let k = key_bytes(key);
-                let request = DeleteRequest { key: &k, compare_cas, invalidate: false, new_expiry: None, new_cas: None };
+                let request =
+                    DeleteRequest { key: &k, compare_cas, invalidate: false, new_expiry: None, new_cas: None };
                 prop_assert_eq!(store.delete(&request, now), expected);
             }
             Op::Arith { key, incr, delta } => {
                 let k = key_bytes(key);
                 let expected = model.arith(key, incr, delta, now);
-                let request =
-                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                let request = ArithRequest {
+                    key: &k,
+                    incr,
+                    delta,
+                    vivify: None,
+                    compare_cas: None,
+                    new_expiry: None,
+                    new_cas: None,
+                };
                 prop_assert_eq!(store.arith(&request, now), expected);
             }
             Op::Get { key } | Op::Touch { key, .. } => {
@@ -655,15 +666,7 @@ fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
 /// Tiny memory: whatever is evicted, a hit always returns the last value stored for its key.
 fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
     let memory = 4 * MIB;
-    let mut store = Store::new(StoreConfig {
-        memory_bytes: memory,
-        item_size_max: 2 * MIB,
-        evict,
-        shard_index: 0,
-        shard_count: 1,
-        try_hugepages: false,
-    })
-    .unwrap();
+    let mut store = store_sized(memory, 2 * MIB, evict);
     let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
     let mut now: RelTime = 100;
     let keys: Vec<u8> = ops
@@ -706,14 +709,22 @@ fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
             }
             Op::Delete { key, .. } => {
                 let k = key_bytes(key);
-                let request = DeleteRequest { key: &k, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+                let request =
+                    DeleteRequest { key: &k, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
                 store.delete(&request, now);
                 model.remove(&key);
             }
             Op::Arith { key, incr, delta } => {
                 let k = key_bytes(key);
-                let request =
-                    ArithRequest { key: &k, incr, delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                let request = ArithRequest {
+                    key: &k,
+                    incr,
+                    delta,
+                    vivify: None,
+                    compare_cas: None,
+                    new_expiry: None,
+                    new_cas: None,
+                };
                 if let ArithResult::Value { value, .. } = store.arith(&request, now) {
                     model.insert(key, value.to_string().into_bytes());
                 }
@@ -761,4 +772,135 @@ proptest! {
     ) {
         run_tiny(&ops, evict)?;
     }
+}
+
+// ---- memory behaviour ----
+
+/// The product's headline: memory follows the workload when value sizes shift (no slab calcification).
+/// 32 MiB (one shard's half of `-m 64`): 2x memory of 100-byte values, then 60% of memory of 2000-byte
+/// values under new keys; nearly all of the large values must then be readable.
+#[test]
+fn size_shift_keeps_new_large_values() {
+    let memory = 32 * MIB;
+    let mut store = store_with(memory, true);
+    let small = vec![b's'; 100];
+    let mut written = 0;
+    let mut i = 0u64;
+    while written < 2 * memory {
+        set(&mut store, format!("small:{i}").as_bytes(), &small, 10);
+        written += small.len();
+        i += 1;
+    }
+    let large = vec![b'L'; 2000];
+    let large_keys = memory * 6 / 10 / large.len();
+    for i in 0..large_keys {
+        assert!(matches!(set(&mut store, format!("large:{i}").as_bytes(), &large, 10), StoreResult::Stored { .. }));
+    }
+    let hits = (0..large_keys).filter(|i| get_value(&mut store, format!("large:{i}").as_bytes(), 11).is_some()).count();
+    let rate = hits as f64 / large_keys as f64;
+    println!("size shift: {hits}/{large_keys} large values hit ({:.1}%)", rate * 100.0);
+    assert!(rate >= 0.95, "hit rate {rate}");
+    store.check_invariants();
+}
+
+/// Second chance approximates LRU: a hot tenth of the keys, read continually while new keys stream in,
+/// stays cached; the cold keys written with it are gone.
+#[test]
+fn hot_keys_survive_a_stream_of_new_keys() {
+    let memory = 16 * MIB;
+    let mut store = store_with(memory, true);
+    let value = vec![b'v'; 200];
+    let keys = memory * 9 / 10 / 230; // items are 226 bytes: the cache is about full
+    for i in 0..keys {
+        set(&mut store, format!("old:{i}").as_bytes(), &value, 10);
+    }
+    assert_eq!(store.stats().evictions.get(), 0);
+    let hot = keys / 10;
+    let mut hot_misses = 0;
+    for i in 0..2 * keys {
+        set(&mut store, format!("new:{i}").as_bytes(), &value, 10);
+        let key = format!("old:{}", i % hot);
+        if get_value(&mut store, key.as_bytes(), 10).is_none() {
+            // The first reclaims meet segments made only of hot keys, and re-append at most half a
+            // segment of them; count misses once the stream has gone once around the memory.
+            hot_misses += (i >= keys) as usize;
+            set(&mut store, key.as_bytes(), &value, 10); // a client refills a miss
+        }
+    }
+    let present = |store: &Store, range: std::ops::Range<usize>| {
+        range.clone().filter(|i| store.peek(format!("old:{i}").as_bytes(), 10).is_some()).count() as f64
+            / range.len() as f64
+    };
+    let (hot_present, cold_present) = (present(&store, 0..hot), present(&store, hot..keys));
+    println!(
+        "second chance: hot keys present {:.1}%, cold {:.1}%, hot misses {hot_misses} of {keys} reads in steady state, reinserted {}",
+        hot_present * 100.0,
+        cold_present * 100.0,
+        store.stats().reinserted.get()
+    );
+    assert!(hot_present >= 0.95, "hot {hot_present}");
+    assert!(cold_present <= 0.05, "cold {cold_present}");
+    assert!((hot_misses as f64) < 0.01 * keys as f64, "{hot_misses} misses");
+    assert!(store.stats().reinserted.get() > 0 && store.stats().evictions.get() > 0);
+    store.check_invariants();
+}
+
+/// `-M`: once memory is full, stores fail with OutOfMemory and nothing stored is lost; memory held by
+/// expired items comes back.
+#[test]
+fn no_evict_refuses_stores_and_keeps_items() {
+    let memory = 8 * MIB;
+    let mut store = store_with(memory, false);
+    let value = vec![b'm'; 1000];
+    let mut stored = 0;
+    loop {
+        let key = format!("k:{stored}");
+        // The first 2000 items expire at t=100.
+        let expiry = if stored < 2000 { Expiry::At(100) } else { Expiry::Never };
+        match store.store(&StoreRequest { expiry, ..request(StoreMode::Set, key.as_bytes(), &value) }, 10) {
+            StoreResult::Stored { .. } => stored += 1,
+            StoreResult::OutOfMemory => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(stored * 1000 > memory / 2, "stored {stored}");
+    for i in 0..100 {
+        let key = format!("more:{i}");
+        assert_eq!(set(&mut store, key.as_bytes(), &value, 10), StoreResult::OutOfMemory);
+    }
+    assert_eq!(store.stats().outofmemory.get(), 101);
+    assert_eq!(store.stats().evictions.get(), 0);
+    for i in 0..stored {
+        assert_eq!(get_value(&mut store, format!("k:{i}").as_bytes(), 10).as_deref(), Some(&value[..]), "k:{i}");
+    }
+    // After the first 2000 expire, their segments are reclaimed and stores succeed again.
+    for i in 0..1000 {
+        let key = format!("later:{i}");
+        assert!(matches!(set(&mut store, key.as_bytes(), &value, 100), StoreResult::Stored { .. }), "later:{i}");
+    }
+    assert!(store.stats().reclaimed.get() > 0);
+    assert!(get_value(&mut store, format!("k:{}", stored - 1).as_bytes(), 100).is_some());
+    store.check_invariants();
+}
+
+/// Header plus index bytes per item, with 10-byte keys and 100-byte values, measured on a full store.
+#[test]
+fn per_item_overhead_is_at_most_32_bytes() {
+    let mut store = store_with(32 * MIB, true);
+    let value = vec![b'x'; 100];
+    let mut i = 0u64;
+    while store.stats().evictions.get() == 0 {
+        let key = format!("k{i:09}");
+        set(&mut store, key.as_bytes(), &value, 1);
+        i += 1;
+    }
+    let stats = store.stats();
+    let items = stats.curr_items.get() as f64;
+    let header = (stats.bytes.get() as f64 - items * 110.0) / items;
+    let index = stats.index_bytes.get() as f64 / items;
+    println!(
+        "per-item overhead: {:.1} bytes ({header:.1} header + {index:.1} index) over {items} items of 10+100 bytes in 32 MiB",
+        header + index
+    );
+    assert!(header + index <= 32.0, "{header} + {index}");
 }
