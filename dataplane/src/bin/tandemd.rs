@@ -26,6 +26,7 @@ fn run() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
+    raise_fd_limit(settings.max_connections)?;
     // Workers inherit this mask, so SIGTERM and SIGINT reach only the sigwait below.
     let signals = block_signals(&[libc::SIGTERM, libc::SIGINT]);
     let server = Server::start(settings).context("cannot start")?;
@@ -35,6 +36,39 @@ fn run() -> anyhow::Result<()> {
     server.stop();
     server.join();
     Ok(())
+}
+
+/// File descriptors needed beyond client connections: listeners, pollers, wakers, logs.
+const SPARE_FDS: u64 = 64;
+
+/// Raises RLIMIT_NOFILE so `-c` connections can be open at once (as memcached does at start-up).
+fn raise_fd_limit(max_connections: usize) -> anyhow::Result<()> {
+    let needed = max_connections as u64 + SPARE_FDS;
+    // SAFETY: getrlimit/setrlimit read and write a plain struct for this process.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Ok(());
+        }
+        if limit.rlim_cur >= needed {
+            return Ok(());
+        }
+        let wanted = libc::rlimit { rlim_cur: needed, rlim_max: limit.rlim_max.max(needed) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return Ok(());
+        }
+        if limit.rlim_max >= needed {
+            let soft = libc::rlimit { rlim_cur: needed, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+                return Ok(());
+            }
+        }
+        anyhow::bail!(
+            "-c {max_connections} needs {needed} open files but the limit is {} (hard {}): start as root or ask for fewer connections",
+            limit.rlim_cur,
+            limit.rlim_max
+        )
+    }
 }
 
 fn block_signals(list: &[libc::c_int]) -> libc::sigset_t {

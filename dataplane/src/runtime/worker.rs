@@ -401,7 +401,7 @@ fn process(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, input: &[u8]) 
     if pos == input.len() {
         return (pos, false);
     }
-    let proto = *conn.proto.get_or_insert(if input[pos] == crate::protocol::binary::REQUEST_MAGIC { Proto::Binary } else { Proto::Text });
+    let proto = *conn.proto.get_or_insert(if input[pos] == crate::protocol::binary::wire::REQUEST_MAGIC { Proto::Binary } else { Proto::Text });
     match proto {
         Proto::Text => process_with::<TextCodec>(ctx, conn, conn_ref, input, pos, Proto::Text),
         Proto::Binary => process_with::<BinaryCodec>(ctx, conn, conn_ref, input, pos, Proto::Binary),
