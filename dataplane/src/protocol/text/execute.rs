@@ -10,6 +10,7 @@ use super::reply::{self, push};
 use super::{Request, Retrieval, Storage, StorageCommand};
 use crate::protocol::meta;
 use crate::shard::Shard;
+use crate::stats::CommandCounters;
 use crate::store::{
     ArithRequest, ArithResult, DeleteRequest, DeleteResult, GetOptions, GetResult, ItemView, StoreMode, StoreRequest,
     StoreResult,
@@ -116,29 +117,27 @@ pub fn retrieve(shard: &mut Shard, request: &Retrieval<'_>, index: usize, out: &
     let options = GetOptions { touch, ..GetOptions::default() };
     match shard.store.get(key, options, now) {
         GetResult::Hit(hit) => {
-            if touch.is_some() {
-                counters.cmd_touch.incr();
-                counters.touch_hits.incr();
-            } else {
-                counters.cmd_get.incr();
-                counters.get_hits.incr();
-            }
+            count_read(counters, touch.is_some(), true);
             let item = &hit.item;
             let cas = request.command.returns_cas().then(|| if cas_enabled { item.cas() } else { 0 });
             reply::push_value_header(out, item.key(), item.client_flags(), item.value_len(), cas);
             item.copy_value_into(out);
             out.extend_from_slice(b"\r\n");
         }
-        GetResult::Miss => {
-            if touch.is_some() {
-                counters.cmd_touch.incr();
-                counters.touch_misses.incr();
-            } else {
-                counters.cmd_get.incr();
-                counters.get_misses.incr();
-            }
-        }
+        GetResult::Miss => count_read(counters, touch.is_some(), false),
     }
+}
+
+/// A read counts as memcached counts it: a touch (`touch`, `gat`, `gats`) or a get, a hit or a miss.
+fn count_read(counters: &CommandCounters, touch: bool, hit: bool) {
+    let (commands, outcome) = match (touch, hit) {
+        (true, true) => (&counters.cmd_touch, &counters.touch_hits),
+        (true, false) => (&counters.cmd_touch, &counters.touch_misses),
+        (false, true) => (&counters.cmd_get, &counters.get_hits),
+        (false, false) => (&counters.cmd_get, &counters.get_misses),
+    };
+    commands.incr();
+    outcome.incr();
 }
 
 fn plain_delete(key: &[u8]) -> DeleteRequest<'_> {
@@ -190,17 +189,7 @@ fn arith(shard: &mut Shard, key: &[u8], incr: bool, delta: u64, noreply: bool, o
 fn touch(shard: &mut Shard, key: &[u8], exptime: i32, noreply: bool, out: &mut Vec<u8>) {
     let now = shard.now();
     let options = GetOptions { touch: Some(shard.expiry(exptime.into())), ..GetOptions::default() };
-    let counters = &shard.counters;
-    counters.cmd_touch.incr();
-    let reply = match shard.store.get(key, options, now) {
-        GetResult::Hit(_) => {
-            counters.touch_hits.incr();
-            reply::TOUCHED
-        }
-        GetResult::Miss => {
-            counters.touch_misses.incr();
-            reply::NOT_FOUND
-        }
-    };
-    push(out, reply, noreply);
+    let hit = matches!(shard.store.get(key, options, now), GetResult::Hit(_));
+    count_read(&shard.counters, true, hit);
+    push(out, if hit { reply::TOUCHED } else { reply::NOT_FOUND }, noreply);
 }

@@ -229,20 +229,21 @@ fn delete<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
 
 /// `incr|decr <key> <delta> [noreply]`.
 fn arith<'a>(tokens: &FixedTokens<'a>, incr: bool) -> Result<Request<'a>, Refusal> {
-    if tokens.count() != 3 && tokens.count() != 4 {
-        return Err(Refusal::always(reply::ERROR));
-    }
-    let noreply = tokens.last() == b"noreply";
-    let key = tokens.get(1);
-    if !key_ok(key) {
-        return Err(Refusal::unless(noreply, reply::BAD_FORMAT));
-    }
-    let delta = unsigned64(tokens.get(2)).ok_or(Refusal::unless(noreply, reply::BAD_DELTA))?;
+    let (key, delta, noreply) = key_and_argument(tokens)?;
+    let delta = unsigned64(delta).ok_or(Refusal::unless(noreply, reply::BAD_DELTA))?;
     Ok(Request::Arith { key, incr, delta, noreply })
 }
 
 /// `touch <key> <exptime> [noreply]`.
 fn touch<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
+    let (key, exptime, noreply) = key_and_argument(tokens)?;
+    let exptime = signed32(exptime).ok_or(Refusal::unless(noreply, reply::BAD_EXPTIME))?;
+    Ok(Request::Touch { key, exptime, noreply })
+}
+
+/// The key, the argument and `noreply` of `<command> <key> <argument> [noreply]`. memcached ignores a
+/// fourth token that is not `noreply`.
+fn key_and_argument<'a>(tokens: &FixedTokens<'a>) -> Result<(&'a [u8], &'a [u8], bool), Refusal> {
     if tokens.count() != 3 && tokens.count() != 4 {
         return Err(Refusal::always(reply::ERROR));
     }
@@ -251,8 +252,7 @@ fn touch<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
     if !key_ok(key) {
         return Err(Refusal::unless(noreply, reply::BAD_FORMAT));
     }
-    let exptime = signed32(tokens.get(2)).ok_or(Refusal::unless(noreply, reply::BAD_EXPTIME))?;
-    Ok(Request::Touch { key, exptime, noreply })
+    Ok((key, tokens.get(2), noreply))
 }
 
 /// `flush_all [delay] [noreply]`. memcached reads the delay from the first argument whenever there is

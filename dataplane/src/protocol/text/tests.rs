@@ -900,6 +900,14 @@ mod executor {
         all
     }
 
+    /// Each of `expected` is among the shard's counters (others may be counted too).
+    fn assert_counted(shard: &Shard, expected: &[(&'static str, u64)]) {
+        let counted = counters(shard);
+        for pair in expected {
+            assert!(counted.contains(pair), "{pair:?} in {counted:?}");
+        }
+    }
+
     #[test]
     #[ignore = "needs the store engine"]
     fn set_get_gets() {
@@ -930,10 +938,7 @@ mod executor {
             cas + 1
         );
         assert_eq!(run(&mut shard, wire.as_bytes()), "EXISTS\r\nSTORED\r\nEXISTS\r\nNOT_FOUND\r\n");
-        let counted = counters(&shard);
-        for expected in [("cas_badval", 2), ("cas_hits", 1), ("cas_misses", 1), ("cmd_set", 12)] {
-            assert!(counted.contains(&expected), "{expected:?} in {counted:?}");
-        }
+        assert_counted(&shard, &[("cas_badval", 2), ("cas_hits", 1), ("cas_misses", 1), ("cmd_set", 12)]);
     }
 
     #[test]
@@ -975,10 +980,7 @@ mod executor {
              CLIENT_ERROR cannot increment or decrement non-numeric value\r\nSTORED\r\n\
              CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
         );
-        let counted = counters(&shard);
-        for expected in [("incr_hits", 3), ("incr_misses", 1), ("decr_hits", 1), ("decr_misses", 1)] {
-            assert!(counted.contains(&expected), "{expected:?} in {counted:?}");
-        }
+        assert_counted(&shard, &[("incr_hits", 3), ("incr_misses", 1), ("decr_hits", 1), ("decr_misses", 1)]);
     }
 
     #[test]
@@ -995,17 +997,16 @@ mod executor {
             .unwrap(),
             "STORED\r\nTOUCHED\r\nNOT_FOUND\r\nVALUE a 0 1\r\n1\r\nEND\r\n"
         );
-        let counted = counters(&shard);
         // gat counts as a touch, not as a get.
-        for expected in [("cmd_touch", 6), ("touch_hits", 4), ("touch_misses", 2), ("cmd_get", 1), ("get_misses", 1)] {
-            assert!(counted.contains(&expected), "{expected:?} in {counted:?}");
-        }
+        assert_counted(
+            &shard,
+            &[("cmd_touch", 6), ("touch_hits", 4), ("touch_misses", 2), ("cmd_get", 1), ("get_misses", 1)],
+        );
         assert_eq!(
             run(&mut shard, b"set d 0 0 1\r\n1\r\ndelete d 0\r\ndelete d\r\n"),
             "STORED\r\nDELETED\r\nNOT_FOUND\r\n"
         );
-        assert!(counters(&shard).contains(&("delete_hits", 1)));
-        assert!(counters(&shard).contains(&("delete_misses", 1)));
+        assert_counted(&shard, &[("delete_hits", 1), ("delete_misses", 1)]);
     }
 
     #[test]
