@@ -137,9 +137,8 @@ fn store(shard: &mut Shard, request: &Request<'_>, kind: StoreKind, out: &mut Ve
         _ => (0, 0),
     };
     let now = shard.now();
-    let cas_enabled = shard.cas_enabled();
     // memcached makes any of the three a compare-and-swap when the request carries a CAS.
-    let compare_cas = (cas_enabled && request.cas != 0).then_some(request.cas);
+    let compare_cas = compare_cas(shard, request);
     let mode = match (kind, compare_cas) {
         (_, Some(_)) | (StoreKind::Set, None) => StoreMode::Set,
         (StoreKind::Add, None) => StoreMode::Add,
@@ -172,11 +171,7 @@ fn store(shard: &mut Shard, request: &Request<'_>, kind: StoreKind, out: &mut Ve
     }
     let echo = request.echo();
     match result {
-        StoreResult::Stored { cas } => {
-            if !request.opcode.is_quiet() {
-                write_ok(out, echo, if cas_enabled { cas } else { 0 });
-            }
-        }
+        StoreResult::Stored { cas } => write_success(out, request, shown_cas(shard, cas)),
         StoreResult::Exists => write_status(out, echo, Status::KeyExists),
         StoreResult::NotFound => write_status(out, echo, Status::KeyNotFound),
         StoreResult::NotStored => {
@@ -205,7 +200,6 @@ fn store(shard: &mut Shard, request: &Request<'_>, kind: StoreKind, out: &mut Ve
 /// APPEND, PREPEND and their quiet forms.
 fn concat(shard: &mut Shard, request: &Request<'_>, append: bool, out: &mut Vec<u8>) {
     let now = shard.now();
-    let cas_enabled = shard.cas_enabled();
     let store_request = StoreRequest {
         key: request.key,
         value: request.value,
@@ -216,7 +210,7 @@ fn concat(shard: &mut Shard, request: &Request<'_>, append: bool, out: &mut Vec<
         } else {
             StoreMode::Prepend
         },
-        compare_cas: (cas_enabled && request.cas != 0).then_some(request.cas),
+        compare_cas: compare_cas(shard, request),
         invalidate: false,
         new_cas: None,
         vivify_on_miss: None,
@@ -227,17 +221,35 @@ fn concat(shard: &mut Shard, request: &Request<'_>, append: bool, out: &mut Vec<
     }
     let echo = request.echo();
     match result {
-        StoreResult::Stored { cas } => {
-            if !request.opcode.is_quiet() {
-                write_ok(out, echo, if cas_enabled { cas } else { 0 });
-            }
-        }
+        StoreResult::Stored { cas } => write_success(out, request, shown_cas(shard, cas)),
         StoreResult::Exists => write_status(out, echo, Status::KeyExists),
         // A missing item, with or without a CAS, and a joined value over the limit: "Not stored.".
         StoreResult::NotFound | StoreResult::NotStored | StoreResult::TooLarge => {
             write_status(out, echo, Status::NotStored)
         }
         StoreResult::OutOfMemory => write_text(out, echo, Status::OutOfMemory, OOM_ALLOCATING_ITEM),
+    }
+}
+
+/// The CAS a request asks to compare with: none for 0, none with `-C` (see
+/// [`cas_mismatch_without_cas`] for the commands that compare even then).
+fn compare_cas(shard: &Shard, request: &Request<'_>) -> Option<u64> {
+    (shard.cas_enabled() && request.cas != 0).then_some(request.cas)
+}
+
+/// A CAS as responses show it: 0 with `-C`.
+fn shown_cas(shard: &Shard, cas: u64) -> u64 {
+    if shard.cas_enabled() {
+        cas
+    } else {
+        0
+    }
+}
+
+/// The empty success of a storage command or delete, unless the opcode is quiet.
+fn write_success(out: &mut Vec<u8>, request: &Request<'_>, cas: u64) {
+    if !request.opcode.is_quiet() {
+        write_ok(out, request.echo(), cas);
     }
 }
 
@@ -266,15 +278,13 @@ fn delete(shard: &mut Shard, request: &Request<'_>, out: &mut Vec<u8>) {
     }
     let now = shard.now();
     let delete_request = DeleteRequest {
-        compare_cas: (shard.cas_enabled() && request.cas != 0).then_some(request.cas),
+        compare_cas: compare_cas(shard, request),
         ..plain_delete(request.key)
     };
     match shard.store.delete(&delete_request, now) {
         DeleteResult::Deleted => {
             shard.counters.delete_hits.incr();
-            if !request.opcode.is_quiet() {
-                write_ok(out, echo, 0);
-            }
+            write_success(out, request, 0);
         }
         DeleteResult::NotFound => {
             shard.counters.delete_misses.incr();
@@ -300,14 +310,13 @@ fn arith(shard: &mut Shard, request: &Request<'_>, incr: bool, out: &mut Vec<u8>
         return write_status(out, echo, Status::KeyExists);
     }
     let now = shard.now();
-    let cas_enabled = shard.cas_enabled();
     let arith_request = ArithRequest {
         key: request.key,
         incr,
         delta,
         // A miss is handled below, as memcached does: a plain add of the initial value.
         vivify: None,
-        compare_cas: (cas_enabled && request.cas != 0).then_some(request.cas),
+        compare_cas: compare_cas(shard, request),
         new_expiry: None,
         new_cas: None,
     };
@@ -320,7 +329,7 @@ fn arith(shard: &mut Shard, request: &Request<'_>, incr: bool, out: &mut Vec<u8>
                 counters.decr_hits.incr();
             }
             if !request.opcode.is_quiet() {
-                write_number(out, request, value, if cas_enabled { cas } else { 0 });
+                write_number(out, request, value, shown_cas(shard, cas));
             }
         }
         ArithResult::NonNumeric => write_status(out, echo, Status::NonNumeric),
@@ -351,7 +360,7 @@ fn arith(shard: &mut Shard, request: &Request<'_>, incr: bool, out: &mut Vec<u8>
             match shard.store.store(&create, now) {
                 StoreResult::Stored { cas } => {
                     if !request.opcode.is_quiet() {
-                        write_number(out, request, initial, if cas_enabled { cas } else { 0 });
+                        write_number(out, request, initial, shown_cas(shard, cas));
                     }
                 }
                 StoreResult::TooLarge | StoreResult::OutOfMemory => {
@@ -423,25 +432,23 @@ mod tests {
         shard_with(|_| {})
     }
 
-    fn req<'a>(
+    /// Runs a request; the decoded responses, owned.
+    fn run(
+        shard: &mut Shard,
         opcode: Opcode,
         extras: Extras,
-        key: &'a [u8],
-        value: &'a [u8],
+        key: &[u8],
+        value: &[u8],
         cas: u64,
-    ) -> Request<'a> {
-        Request {
+    ) -> Vec<Owned> {
+        let request = Request {
             opcode,
             opaque: OPAQUE,
             cas,
             extras,
             key,
             value,
-        }
-    }
-
-    /// Runs a request; the decoded responses, owned.
-    fn run(shard: &mut Shard, request: Request<'_>) -> Vec<Owned> {
+        };
         let mut out = Vec::new();
         execute(shard, &request, &mut out);
         decode_all(&out).into_iter().map(Owned::from).collect()
@@ -474,20 +481,18 @@ mod tests {
     fn set(shard: &mut Shard, key: &[u8], value: &[u8], flags: u32) -> u64 {
         let r = run(
             shard,
-            req(
-                Opcode::Set,
-                Extras::Store { flags, exptime: 0 },
-                key,
-                value,
-                0,
-            ),
+            Opcode::Set,
+            Extras::Store { flags, exptime: 0 },
+            key,
+            value,
+            0,
         );
         assert_eq!(r[0].status, 0);
         r[0].cas
     }
 
     fn get(shard: &mut Shard, key: &[u8]) -> Owned {
-        run(shard, req(Opcode::Get, Extras::None, key, b"", 0)).remove(0)
+        run(shard, Opcode::Get, Extras::None, key, b"", 0).remove(0)
     }
 
     fn status_of(responses: &[Owned]) -> (u16, &[u8]) {
@@ -495,14 +500,15 @@ mod tests {
         (responses[0].status, &responses[0].value[..])
     }
 
-    fn counter(shard: &Shard, name: &str) -> u64 {
-        let mut found = None;
-        shard.counters.for_each(|n, v| {
-            if n == name {
-                found = Some(v)
+    /// The named counters of `shard`, in the order asked.
+    fn counters<const N: usize>(shard: &Shard, names: [&str; N]) -> [u64; N] {
+        let mut values = [u64::MAX; N];
+        shard.counters.for_each(|name, value| {
+            if let Some(at) = names.iter().position(|n| *n == name) {
+                values[at] = value;
             }
         });
-        found.expect(name)
+        values
     }
 
     #[test]
@@ -523,24 +529,21 @@ mod tests {
                 value: b"hello".to_vec()
             }
         );
-        let getk = run(&mut shard, req(Opcode::GetK, Extras::None, b"k1", b"", 0));
+        let getk = run(&mut shard, Opcode::GetK, Extras::None, b"k1", b"", 0);
         assert_eq!(
             (getk[0].opcode, &getk[0].key[..], &getk[0].value[..]),
             (0x0c, &b"k1"[..], &b"hello"[..])
         );
-        let getq = run(&mut shard, req(Opcode::GetQ, Extras::None, b"k1", b"", 0));
+        let getq = run(&mut shard, Opcode::GetQ, Extras::None, b"k1", b"", 0);
         assert_eq!((getq[0].opcode, &getq[0].value[..]), (0x09, &b"hello"[..]));
-        let getkq = run(&mut shard, req(Opcode::GetKQ, Extras::None, b"k1", b"", 0));
+        let getkq = run(&mut shard, Opcode::GetKQ, Extras::None, b"k1", b"", 0);
         assert_eq!((getkq[0].opcode, &getkq[0].key[..]), (0x0d, &b"k1"[..]));
 
         assert_eq!(
             status_of(&[get(&mut shard, b"nokey")]),
             (1, &b"Not found"[..])
         );
-        let getk_miss = run(
-            &mut shard,
-            req(Opcode::GetK, Extras::None, b"nokey", b"", 0),
-        );
+        let getk_miss = run(&mut shard, Opcode::GetK, Extras::None, b"nokey", b"", 0);
         assert_eq!(
             getk_miss,
             [Owned {
@@ -552,21 +555,13 @@ mod tests {
                 value: vec![]
             }]
         );
-        assert!(run(
-            &mut shard,
-            req(Opcode::GetQ, Extras::None, b"nokey", b"", 0)
-        )
-        .is_empty());
-        assert!(run(
-            &mut shard,
-            req(Opcode::GetKQ, Extras::None, b"nokey", b"", 0)
-        )
-        .is_empty());
+        assert!(run(&mut shard, Opcode::GetQ, Extras::None, b"nokey", b"", 0).is_empty());
+        assert!(run(&mut shard, Opcode::GetKQ, Extras::None, b"nokey", b"", 0).is_empty());
 
-        assert_eq!(counter(&shard, "cmd_get"), 8);
-        assert_eq!(counter(&shard, "get_hits"), 4);
-        assert_eq!(counter(&shard, "get_misses"), 4);
-        assert_eq!(counter(&shard, "cmd_touch"), 0);
+        assert_eq!(
+            counters(&shard, ["cmd_get", "get_hits", "get_misses", "cmd_touch"]),
+            [8, 4, 4, 0]
+        );
     }
 
     #[test]
@@ -576,7 +571,11 @@ mod tests {
         let cas = set(&mut shard, b"t1", b"tv", 9);
         let touch = run(
             &mut shard,
-            req(Opcode::Touch, Extras::Exptime(100), b"t1", b"", 0),
+            Opcode::Touch,
+            Extras::Exptime(100),
+            b"t1",
+            b"",
+            0,
         );
         assert_eq!(
             touch,
@@ -592,26 +591,35 @@ mod tests {
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::Touch, Extras::Exptime(100), b"tm", b"", 0)
+                Opcode::Touch,
+                Extras::Exptime(100),
+                b"tm",
+                b"",
+                0
             )),
             (1, &b"Not found"[..])
         );
-        let gat = run(
-            &mut shard,
-            req(Opcode::Gat, Extras::Exptime(100), b"t1", b"", 0),
-        );
+        let gat = run(&mut shard, Opcode::Gat, Extras::Exptime(100), b"t1", b"", 0);
         assert_eq!(
             (gat[0].status, &gat[0].extras[..], &gat[0].value[..]),
             (0, &[0, 0, 0, 9][..], &b"tv"[..])
         );
         let gatk = run(
             &mut shard,
-            req(Opcode::GatK, Extras::Exptime(100), b"t1", b"", 0),
+            Opcode::GatK,
+            Extras::Exptime(100),
+            b"t1",
+            b"",
+            0,
         );
         assert_eq!(&gatk[0].key[..], b"t1");
         let gatk_miss = run(
             &mut shard,
-            req(Opcode::GatK, Extras::Exptime(100), b"tm", b"", 0),
+            Opcode::GatK,
+            Extras::Exptime(100),
+            b"tm",
+            b"",
+            0,
         );
         assert_eq!(
             (
@@ -624,26 +632,41 @@ mod tests {
         assert_eq!(
             run(
                 &mut shard,
-                req(Opcode::GatQ, Extras::Exptime(100), b"t1", b"", 0)
+                Opcode::GatQ,
+                Extras::Exptime(100),
+                b"t1",
+                b"",
+                0
             )
             .len(),
             1
         );
         assert!(run(
             &mut shard,
-            req(Opcode::GatQ, Extras::Exptime(100), b"tm", b"", 0)
+            Opcode::GatQ,
+            Extras::Exptime(100),
+            b"tm",
+            b"",
+            0
         )
         .is_empty());
         assert!(run(
             &mut shard,
-            req(Opcode::GatKQ, Extras::Exptime(100), b"tm", b"", 0)
+            Opcode::GatKQ,
+            Extras::Exptime(100),
+            b"tm",
+            b"",
+            0
         )
         .is_empty());
 
-        assert_eq!(counter(&shard, "cmd_touch"), 8);
-        assert_eq!(counter(&shard, "touch_hits"), 4);
-        assert_eq!(counter(&shard, "touch_misses"), 4);
-        assert_eq!(counter(&shard, "cmd_get"), 0);
+        assert_eq!(
+            counters(
+                &shard,
+                ["cmd_touch", "touch_hits", "touch_misses", "cmd_get"]
+            ),
+            [8, 4, 4, 0]
+        );
     }
 
     #[test]
@@ -655,62 +678,35 @@ mod tests {
             exptime: 0,
         };
         set(&mut shard, b"k1", b"v1", 0);
-        assert!(run(&mut shard, req(Opcode::SetQ, store, b"k1", b"v2", 0)).is_empty());
+        assert!(run(&mut shard, Opcode::SetQ, store, b"k1", b"v2", 0).is_empty());
+        // Errors are sent whether the opcode is quiet or not.
+        let refusals = [
+            (Opcode::Add, store, &b"k1"[..], Status::KeyExists),
+            (Opcode::AddQ, store, b"k1", Status::KeyExists),
+            (Opcode::Replace, store, b"nokey", Status::KeyNotFound),
+            (Opcode::ReplaceQ, store, b"nokey", Status::KeyNotFound),
+            (Opcode::Append, Extras::None, b"nokey", Status::NotStored),
+            (Opcode::PrependQ, Extras::None, b"nokey", Status::NotStored),
+        ];
+        for (opcode, extras, key, status) in refusals {
+            let response = run(&mut shard, opcode, extras, key, b"v", 0);
+            assert_eq!(
+                status_of(&response),
+                (status.code(), status.message()),
+                "{opcode:?}"
+            );
+        }
         assert_eq!(
-            status_of(&run(&mut shard, req(Opcode::Add, store, b"k1", b"v", 0))),
-            (2, &b"Data exists for key."[..])
-        );
-        assert_eq!(
-            status_of(&run(&mut shard, req(Opcode::AddQ, store, b"k1", b"v", 0))),
-            (2, &b"Data exists for key."[..])
-        );
-        assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Replace, store, b"nokey", b"v", 0)
-            )),
-            (1, &b"Not found"[..])
-        );
-        assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::ReplaceQ, store, b"nokey", b"v", 0)
-            )),
-            (1, &b"Not found"[..])
-        );
-        assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Append, Extras::None, b"nokey", b"v", 0)
-            )),
-            (5, &b"Not stored."[..])
-        );
-        assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::PrependQ, Extras::None, b"nokey", b"v", 0)
-            )),
-            (5, &b"Not stored."[..])
-        );
-        assert_eq!(
-            run(
-                &mut shard,
-                req(Opcode::Append, Extras::None, b"k1", b"A", 0)
-            )[0]
-            .status,
+            run(&mut shard, Opcode::Append, Extras::None, b"k1", b"A", 0)[0].status,
             0
         );
-        assert!(run(
-            &mut shard,
-            req(Opcode::PrependQ, Extras::None, b"k1", b"P", 0)
-        )
-        .is_empty());
+        assert!(run(&mut shard, Opcode::PrependQ, Extras::None, b"k1", b"P", 0).is_empty());
         let got = get(&mut shard, b"k1");
         assert_eq!(
             (&got.value[..], &got.extras[..]),
             (&b"Pv2A"[..], &[0, 0, 0, 1][..])
         );
-        assert_eq!(counter(&shard, "cmd_set"), 10);
+        assert_eq!(counters(&shard, ["cmd_set"]), [10]);
     }
 
     #[test]
@@ -723,55 +719,51 @@ mod tests {
         };
         let cas = set(&mut shard, b"c1", b"one", 0);
         assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Set, store, b"c1", b"x", cas + 100)
-            ))
-            .0,
+            status_of(&run(&mut shard, Opcode::Set, store, b"c1", b"x", cas + 100)).0,
             2
         );
         assert_eq!(
-            status_of(&run(&mut shard, req(Opcode::Set, store, b"cmiss", b"x", 5))).0,
+            status_of(&run(&mut shard, Opcode::Set, store, b"cmiss", b"x", 5)).0,
             1
         );
-        let stored = run(&mut shard, req(Opcode::Set, store, b"c1", b"two", cas));
+        let stored = run(&mut shard, Opcode::Set, store, b"c1", b"two", cas);
         assert!(stored[0].status == 0 && stored[0].cas != cas);
         // ADD with a matching CAS replaces; ADD and REPLACE with a CAS on a missing key: not found.
         let cas = get(&mut shard, b"c1").cas;
         assert_eq!(
-            run(&mut shard, req(Opcode::Add, store, b"c1", b"three", cas))[0].status,
+            run(&mut shard, Opcode::Add, store, b"c1", b"three", cas)[0].status,
             0
         );
         assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Add, store, b"cmiss", b"x", cas)
-            ))
-            .0,
+            status_of(&run(&mut shard, Opcode::Add, store, b"cmiss", b"x", cas)).0,
             1
         );
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::Replace, store, b"cmiss", b"x", cas)
+                Opcode::Replace,
+                store,
+                b"cmiss",
+                b"x",
+                cas
             ))
             .0,
             1
         );
         assert_eq!(
-            (
-                counter(&shard, "cas_hits"),
-                counter(&shard, "cas_badval"),
-                counter(&shard, "cas_misses")
-            ),
-            (2, 1, 3)
+            counters(&shard, ["cas_hits", "cas_badval", "cas_misses"]),
+            [2, 1, 3]
         );
         // APPEND with a CAS: mismatch exists, missing is not stored, no cas_* counter.
         let cas = get(&mut shard, b"c1").cas;
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::Append, Extras::None, b"c1", b"A", cas + 1)
+                Opcode::Append,
+                Extras::None,
+                b"c1",
+                b"A",
+                cas + 1
             ))
             .0,
             2
@@ -779,26 +771,22 @@ mod tests {
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::Append, Extras::None, b"cmiss", b"A", cas)
+                Opcode::Append,
+                Extras::None,
+                b"cmiss",
+                b"A",
+                cas
             ))
             .0,
             5
         );
         assert_eq!(
-            run(
-                &mut shard,
-                req(Opcode::Append, Extras::None, b"c1", b"A", cas)
-            )[0]
-            .status,
+            run(&mut shard, Opcode::Append, Extras::None, b"c1", b"A", cas)[0].status,
             0
         );
         assert_eq!(
-            (
-                counter(&shard, "cas_hits"),
-                counter(&shard, "cas_badval"),
-                counter(&shard, "cas_misses")
-            ),
-            (2, 1, 3)
+            counters(&shard, ["cas_hits", "cas_badval", "cas_misses"]),
+            [2, 1, 3]
         );
         assert_eq!(get(&mut shard, b"c1").value, b"threeA");
     }
@@ -811,15 +799,16 @@ mod tests {
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::Delete, Extras::None, b"d", b"", cas + 1)
+                Opcode::Delete,
+                Extras::None,
+                b"d",
+                b"",
+                cas + 1
             ))
             .0,
             2
         );
-        let deleted = run(
-            &mut shard,
-            req(Opcode::Delete, Extras::None, b"d", b"", cas),
-        );
+        let deleted = run(&mut shard, Opcode::Delete, Extras::None, b"d", b"", cas);
         assert_eq!(
             deleted,
             [Owned {
@@ -832,29 +821,24 @@ mod tests {
             }]
         );
         assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Delete, Extras::None, b"d", b"", 0)
-            )),
+            status_of(&run(&mut shard, Opcode::Delete, Extras::None, b"d", b"", 0)),
             (1, &b"Not found"[..])
         );
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::DeleteQ, Extras::None, b"d", b"", 0)
+                Opcode::DeleteQ,
+                Extras::None,
+                b"d",
+                b"",
+                0
             ))
             .0,
             1
         );
         set(&mut shard, b"d", b"v", 0);
-        assert!(run(&mut shard, req(Opcode::DeleteQ, Extras::None, b"d", b"", 0)).is_empty());
-        assert_eq!(
-            (
-                counter(&shard, "delete_hits"),
-                counter(&shard, "delete_misses")
-            ),
-            (2, 2)
-        );
+        assert!(run(&mut shard, Opcode::DeleteQ, Extras::None, b"d", b"", 0).is_empty());
+        assert_eq!(counters(&shard, ["delete_hits", "delete_misses"]), [2, 2]);
     }
 
     #[test]
@@ -868,33 +852,26 @@ mod tests {
         };
         let miss = run(
             &mut shard,
-            req(
-                Opcode::Increment,
-                arith(1, 5, ARITH_NO_CREATE),
-                b"n",
-                b"",
-                0,
-            ),
+            Opcode::Increment,
+            arith(1, 5, ARITH_NO_CREATE),
+            b"n",
+            b"",
+            0,
         );
         assert_eq!(status_of(&miss), (1, &b"Not found"[..]));
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(
-                    Opcode::DecrementQ,
-                    arith(1, 5, ARITH_NO_CREATE),
-                    b"n",
-                    b"",
-                    0
-                )
+                Opcode::DecrementQ,
+                arith(1, 5, ARITH_NO_CREATE),
+                b"n",
+                b"",
+                0
             ))
             .0,
             1
         );
-        let created = run(
-            &mut shard,
-            req(Opcode::Increment, arith(1, 5, 0), b"n", b"", 0),
-        );
+        let created = run(&mut shard, Opcode::Increment, arith(1, 5, 0), b"n", b"", 0);
         assert_eq!(
             (created[0].status, &created[0].value[..]),
             (0, &5u64.to_be_bytes()[..])
@@ -906,31 +883,39 @@ mod tests {
             (&b"5"[..], &[0, 0, 0, 0][..])
         );
         assert_eq!(
-            run(
-                &mut shard,
-                req(Opcode::Increment, arith(10, 5, 0), b"n", b"", 0)
-            )[0]
-            .value,
+            run(&mut shard, Opcode::Increment, arith(10, 5, 0), b"n", b"", 0)[0].value,
             15u64.to_be_bytes()
         );
         assert_eq!(
             run(
                 &mut shard,
-                req(Opcode::Decrement, arith(100, 5, 0), b"n", b"", 0)
+                Opcode::Decrement,
+                arith(100, 5, 0),
+                b"n",
+                b"",
+                0
             )[0]
             .value,
             0u64.to_be_bytes()
         );
         assert!(run(
             &mut shard,
-            req(Opcode::IncrementQ, arith(100, 5, 0), b"n", b"", 0)
+            Opcode::IncrementQ,
+            arith(100, 5, 0),
+            b"n",
+            b"",
+            0
         )
         .is_empty());
         let cas = get(&mut shard, b"n").cas;
         assert_eq!(
             status_of(&run(
                 &mut shard,
-                req(Opcode::Increment, arith(1, 5, 0), b"n", b"", cas + 1)
+                Opcode::Increment,
+                arith(1, 5, 0),
+                b"n",
+                b"",
+                cas + 1
             ))
             .0,
             2
@@ -938,7 +923,11 @@ mod tests {
         assert_eq!(
             run(
                 &mut shard,
-                req(Opcode::Increment, arith(1, 5, 0), b"n", b"", cas)
+                Opcode::Increment,
+                arith(1, 5, 0),
+                b"n",
+                b"",
+                cas
             )[0]
             .value,
             101u64.to_be_bytes()
@@ -947,16 +936,17 @@ mod tests {
         assert_eq!(
             run(
                 &mut shard,
-                req(Opcode::Increment, arith(1, 7, 0), b"n3", b"", cas)
+                Opcode::Increment,
+                arith(1, 7, 0),
+                b"n3",
+                b"",
+                cas
             )[0]
             .value,
             7u64.to_be_bytes()
         );
         set(&mut shard, b"nn", b"abc", 0);
-        let non_numeric = run(
-            &mut shard,
-            req(Opcode::Increment, arith(1, 5, 0), b"nn", b"", 0),
-        );
+        let non_numeric = run(&mut shard, Opcode::Increment, arith(1, 5, 0), b"nn", b"", 0);
         assert_eq!(
             status_of(&non_numeric),
             (6, &b"Non-numeric server-side value for incr or decr"[..])
@@ -965,20 +955,18 @@ mod tests {
         assert_eq!(
             run(
                 &mut shard,
-                req(Opcode::Increment, arith(2, 0, 0), b"big", b"", 0)
+                Opcode::Increment,
+                arith(2, 0, 0),
+                b"big",
+                b"",
+                0
             )[0]
             .value,
             1u64.to_be_bytes()
         );
         // Creation counts neither hit nor miss.
-        assert_eq!(
-            (counter(&shard, "incr_hits"), counter(&shard, "incr_misses")),
-            (4, 1)
-        );
-        assert_eq!(
-            (counter(&shard, "decr_hits"), counter(&shard, "decr_misses")),
-            (1, 1)
-        );
+        assert_eq!(counters(&shard, ["incr_hits", "incr_misses"]), [4, 1]);
+        assert_eq!(counters(&shard, ["decr_hits", "decr_misses"]), [1, 1]);
     }
 
     #[test]
@@ -993,19 +981,15 @@ mod tests {
         assert_eq!(get(&mut shard, b"c").cas, 0);
         // The set family ignores the field (ADD stays an add).
         assert_eq!(
-            run(&mut shard, req(Opcode::Set, store, b"c", b"5", 1))[0].status,
+            run(&mut shard, Opcode::Set, store, b"c", b"5", 1)[0].status,
             0
         );
         assert_eq!(
-            status_of(&run(&mut shard, req(Opcode::Add, store, b"c", b"5", 1))).0,
+            status_of(&run(&mut shard, Opcode::Add, store, b"c", b"5", 1)).0,
             2
         );
         assert_eq!(
-            run(
-                &mut shard,
-                req(Opcode::Append, Extras::None, b"c", b"1", 99)
-            )[0]
-            .status,
+            run(&mut shard, Opcode::Append, Extras::None, b"c", b"1", 99)[0].status,
             0
         );
         // DELETE and INCREMENT compare with 0.
@@ -1015,23 +999,15 @@ mod tests {
             exptime: 0,
         };
         assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Increment, arith, b"c", b"", 5)
-            ))
-            .0,
+            status_of(&run(&mut shard, Opcode::Increment, arith, b"c", b"", 5)).0,
             2
         );
         assert_eq!(
-            status_of(&run(
-                &mut shard,
-                req(Opcode::Delete, Extras::None, b"c", b"", 5)
-            ))
-            .0,
+            status_of(&run(&mut shard, Opcode::Delete, Extras::None, b"c", b"", 5)).0,
             2
         );
         assert_eq!(get(&mut shard, b"c").value, b"51");
-        let incr = run(&mut shard, req(Opcode::Increment, arith, b"c", b"", 0));
+        let incr = run(&mut shard, Opcode::Increment, arith, b"c", b"", 0);
         assert_eq!(
             (incr[0].value.clone(), incr[0].cas),
             (52u64.to_be_bytes().to_vec(), 0)
@@ -1048,7 +1024,7 @@ mod tests {
             flags: 0,
             exptime: 0,
         };
-        let response = run(&mut shard, req(Opcode::SetQ, store, b"big", &value, 0));
+        let response = run(&mut shard, Opcode::SetQ, store, b"big", &value, 0);
         // Whether a value of exactly -I fits is the store's call (memcached counts its header too).
         if response.is_empty() {
             return;

@@ -201,6 +201,15 @@ mod tests {
         assert!(every_key_opcode_routes_to_its_key);
     }
 
+    /// A response with status 0, no body, CAS 0 and the tests' opaque, byte for byte.
+    fn empty_ok(opcode: u8) -> [u8; 24] {
+        let mut packet = [0; 24];
+        packet[0] = 0x81;
+        packet[1] = opcode;
+        packet[14..16].copy_from_slice(&[0xab, 0xcd]);
+        packet
+    }
+
     fn answered(request: &Request<'_>) -> (Vec<u8>, After) {
         let mut out = Vec::new();
         let after = BinaryCodec::answer(request, &mut out);
@@ -211,10 +220,7 @@ mod tests {
     fn noop_version_quit() {
         let (out, after) = answered(&request(Opcode::Noop, Extras::None, b""));
         assert_eq!(after, After::Continue);
-        assert_eq!(
-            out,
-            [0x81, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(out, empty_ok(0x0a));
 
         let (out, after) = answered(&request(Opcode::Version, Extras::None, b""));
         assert_eq!(after, After::Continue);
@@ -225,10 +231,7 @@ mod tests {
 
         let (out, after) = answered(&request(Opcode::Quit, Extras::None, b""));
         assert_eq!(after, After::Close);
-        assert_eq!(
-            out,
-            [0x81, 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(out, empty_ok(0x07));
 
         let (out, after) = answered(&request(Opcode::QuitQ, Extras::None, b""));
         assert_eq!((out.len(), after), (0, After::Close));
@@ -276,10 +279,7 @@ mod tests {
             &request(Opcode::Stat, Extras::None, b"reset"),
             AdminReply::Reset,
         );
-        assert_eq!(
-            reset,
-            [0x81, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(reset, empty_ok(0x10));
 
         let bogus = admin(
             &request(Opcode::Stat, Extras::None, b"bogus"),
