@@ -19,6 +19,14 @@ use std::borrow::Cow;
 
 use crate::shard::Shard;
 
+/// Whether a key sent as a text token is acceptable: at most 250 bytes and, as protocol.txt requires,
+/// no control characters (memcached 1.6.18 stores them anyway; Tandem refuses them as bad input).
+/// Binary-protocol keys and base64-decoded meta keys are binary-safe and not checked here.
+#[inline]
+pub fn key_token_ok(token: &[u8]) -> bool {
+    token.len() <= crate::store::MAX_KEY_LEN && token.iter().all(|&b| b > b' ' && b != 0x7f)
+}
+
 /// Limits the parsers enforce.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {

@@ -512,7 +512,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn get_family_hits_and_misses() {
         let mut shard = shard();
         let cas = set(&mut shard, b"k1", b"hello", 0xcafe);
@@ -565,7 +564,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn touch_and_gat_count_as_touches() {
         let mut shard = shard();
         let cas = set(&mut shard, b"t1", b"tv", 9);
@@ -670,7 +668,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn storage_commands() {
         let mut shard = shard();
         let store = Extras::Store {
@@ -710,7 +707,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn cas_on_storage_commands() {
         let mut shard = shard();
         let store = Extras::Store {
@@ -792,7 +788,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn delete_with_and_without_cas() {
         let mut shard = shard();
         let cas = set(&mut shard, b"d", b"v", 0);
@@ -842,7 +837,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn increment_and_decrement() {
         let mut shard = shard();
         let arith = |delta, initial, exptime| Extras::Arith {
@@ -970,7 +964,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn without_cas_responses_carry_zero_and_compares_fail() {
         let mut shard = shard_with(|settings| settings.cas_enabled = false);
         let store = Extras::Store {
@@ -1015,7 +1008,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn set_too_large_for_the_store_drops_the_old_item() {
         let mut shard = shard();
         set(&mut shard, b"big", b"old", 0);

@@ -189,7 +189,7 @@ fn parse_keyed(command: Command, rest: &[u8], line_len: usize) -> Parse<Request<
     let Some((key_token, flag_tokens)) = next_token(rest) else {
         return refuse(ERROR, line_len);
     };
-    if key_token.len() > MAX_KEY_LEN {
+    if !crate::protocol::key_token_ok(key_token) {
         return refuse(BAD_FORMAT, line_len);
     }
     if too_many_tokens(2, flag_tokens) {
@@ -226,7 +226,7 @@ fn parse_set<'a>(buf: &'a [u8], rest: &'a [u8], line_len: usize, limits: &Limits
     };
     // Errors before the datalen is known cannot swallow the data block: memcached then reads the
     // data as commands.
-    if key_token.len() > MAX_KEY_LEN {
+    if !crate::protocol::key_token_ok(key_token) {
         return refuse(BAD_FORMAT, line_len);
     }
     let Some((datalen_token, flag_tokens)) = next_token(rest) else {
@@ -279,7 +279,7 @@ fn parse_debug(rest: &[u8], line_len: usize) -> Parse<Request<'_>> {
     let Some((key_token, rest)) = next_token(rest) else {
         return refuse(BAD_FORMAT, line_len);
     };
-    if key_token.len() > MAX_KEY_LEN {
+    if !crate::protocol::key_token_ok(key_token) {
         return refuse(BAD_FORMAT, line_len);
     }
     let key = match next_token(rest) {

@@ -32,7 +32,7 @@ pub struct KeyList<'a> {
     spans: Spans,
 }
 
-/// A key longer than [`MAX_KEY_LEN`]: memcached refuses the whole line.
+/// A key longer than [`MAX_KEY_LEN`] or holding control characters: the whole line is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub struct KeyTooLong;
 
@@ -47,7 +47,7 @@ impl<'a> KeyList<'a> {
         let mut inline = [KeySpan::default(); INLINE_KEYS];
         let mut heap: Vec<KeySpan> = Vec::new();
         while let Some(span) = tokens.next_span() {
-            if span.len() > MAX_KEY_LEN {
+            if !crate::protocol::key_token_ok(&line[span.clone()]) {
                 return Err(KeyTooLong);
             }
             let key = KeySpan { start: span.start as u32, len: span.len() as u8 };

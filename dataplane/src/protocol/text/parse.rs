@@ -11,7 +11,6 @@ use super::number::{signed32, unsigned32, unsigned64};
 use super::reply;
 use super::{Request, Retrieval, RetrievalCommand, Storage, StorageCommand};
 use crate::protocol::{meta, Invalid, Limits, Parse};
-use crate::store::MAX_KEY_LEN;
 
 /// Bytes memcached buffers without seeing a newline before it closes the connection, unless they
 /// start a `get` or `gets` (whose key lists may be long).
@@ -118,7 +117,7 @@ fn delegate_to_meta<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
 }
 
 fn key_ok(key: &[u8]) -> bool {
-    key.len() <= MAX_KEY_LEN
+    crate::protocol::key_token_ok(key)
 }
 
 /// `get|gets|bget <key>*`, `gat|gats <exptime> <key>*`.

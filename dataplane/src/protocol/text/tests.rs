@@ -274,8 +274,9 @@ fn storage_commands() {
         &[b"set ".to_vec(), key(MAX_KEY_LEN), b" 0 0 1\r\nq\r\n".to_vec()].concat(),
         storage(Set, &key(MAX_KEY_LEN), 0, 0, b"q", false),
     );
-    // Only spaces separate tokens.
-    assert_request(b"set t\tk 0 0 1\r\nq\r\n", storage(Set, b"t\tk", 0, 0, b"q", false));
+    // Only spaces separate tokens, so a tab lands in the key; memcached stores such keys, Tandem refuses
+    // control characters in keys (the line is refused like one with a key too long).
+    assert_refused(b"set t\tk 0 0 1\r\n", b"CLIENT_ERROR bad command line format\r\n");
 }
 
 #[test]
@@ -390,10 +391,11 @@ fn retrieval_commands() {
     assert_request(b"gat 10\r\n", retrieval(Gat { exptime: 10 }, &[]));
     // Retrievals have no noreply.
     assert_request(b"get a noreply\r\n", retrieval(Get, &[b"a", b"noreply"]));
-    assert_request(b"get t\tk\r\n", retrieval(Get, &[b"t\tk"]));
+    assert_refused(b"get t\tk\r\n", b"CLIENT_ERROR bad command line format\r\n");
     // A NUL ends the line for memcached.
     assert_request(b"get t\0zz\r\n", retrieval(Get, &[b"t"]));
-    assert_request(b"get a\r\r\n", retrieval(Get, &[b"a\r"]));
+    // Only one CR is stripped; the other would be part of the key, a control character Tandem refuses.
+    assert_refused(b"get a\r\r\n", b"CLIENT_ERROR bad command line format\r\n");
     assert_request(
         &[b"get ".to_vec(), key(MAX_KEY_LEN)].concat().into_iter().chain(*b"\r\n").collect::<Vec<_>>(),
         retrieval(Get, &[&key(MAX_KEY_LEN)]),
@@ -700,12 +702,12 @@ fn admin_answers() {
 // ---- properties
 
 fn key_strategy() -> impl Strategy<Value = Vec<u8>> {
-    // Anything but a space, a newline or a NUL; `\r` and tabs are ordinary key bytes.
-    proptest::collection::vec(any::<u8>().prop_filter("separator", |b| !matches!(b, b' ' | b'\n' | 0)), 1..=MAX_KEY_LEN)
+    // Any byte but whitespace and control characters (Tandem refuses those, see `key_token_ok`).
+    proptest::collection::vec(prop_oneof![0x21u8..=0x7e, 0x80u8..=0xff], 1..=MAX_KEY_LEN)
 }
 
 fn short_key() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(prop_oneof![b'a'..=b'z', Just(b'\t'), Just(b'\r'), 0x80u8..=0xff], 1..12)
+    proptest::collection::vec(prop_oneof![b'a'..=b'z', 0x80u8..=0xff], 1..12)
 }
 
 fn storage_command() -> impl Strategy<Value = StorageCommand> {
@@ -909,18 +911,16 @@ mod executor {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn set_get_gets() {
         let mut shard = shard();
         assert_eq!(run(&mut shard, b"set a 5 0 1\r\nx\r\nget a b\r\n"), "STORED\r\nVALUE a 5 1\r\nx\r\nEND\r\n");
         let gets = run(&mut shard, b"gets a\r\n");
         assert!(gets.starts_with("VALUE a 5 1 ") && gets.ends_with("\r\nx\r\nEND\r\n"), "{gets}");
         assert_eq!(run(&mut shard, b"get a a\r\n"), "VALUE a 5 1\r\nx\r\nVALUE a 5 1\r\nx\r\nEND\r\n");
-        assert_eq!(counters(&shard), [("cmd_get", 4), ("cmd_set", 1), ("get_hits", 3), ("get_misses", 1)]);
+        assert_eq!(counters(&shard), [("cmd_get", 5), ("cmd_set", 1), ("get_hits", 4), ("get_misses", 1)]);
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn storage_modes_and_cas() {
         let mut shard = shard();
         assert_eq!(
@@ -938,11 +938,10 @@ mod executor {
             cas + 1
         );
         assert_eq!(run(&mut shard, wire.as_bytes()), "EXISTS\r\nSTORED\r\nEXISTS\r\nNOT_FOUND\r\n");
-        assert_counted(&shard, &[("cas_badval", 2), ("cas_hits", 1), ("cas_misses", 1), ("cmd_set", 12)]);
+        assert_counted(&shard, &[("cas_badval", 2), ("cas_hits", 1), ("cas_misses", 1), ("cmd_set", 11)]);
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn cas_disabled() {
         let mut shard = shard_with(Settings { cas_enabled: false, ..Settings::default() });
         assert_eq!(
@@ -952,7 +951,6 @@ mod executor {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn noreply_silences_everything() {
         let mut shard = shard();
         assert_eq!(
@@ -967,7 +965,6 @@ mod executor {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn incr_decr() {
         let mut shard = shard();
         assert_eq!(
@@ -984,7 +981,6 @@ mod executor {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn touch_gat_and_delete() {
         let mut shard = shard();
         assert_eq!(
@@ -1010,7 +1006,6 @@ mod executor {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn bad_chunks_count_as_sets_and_too_large_values_do_not() {
         let mut shard = shard();
         let mut wire = b"set a 0 0 1\r\nxyz\r\nset q 0 0 2000000\r\n".to_vec();
@@ -1024,7 +1019,6 @@ mod executor {
     }
 
     #[test]
-    #[ignore = "needs the store engine"]
     fn flush_all_and_expiry() {
         let mut shard = shard();
         assert_eq!(
