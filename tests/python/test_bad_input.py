@@ -239,3 +239,28 @@ def test_client_pipelining_gets_without_reading_does_not_block_others(server):
     finally:
         greedy.close()
     assert_served(server)
+
+
+@requires_tandem("memcached 1.6.18 buffers a get line without end for as long as it grows")
+def test_endless_get_line_is_cut_off_and_others_are_served(start):
+    # A multi-get line that never ends may not hold the server's memory: past -I plus 1 MiB the
+    # connection gets an error and is closed; everyone else is served throughout.
+    server = start("-I", "1m")
+    conn = server.raw(timeout=10)
+    conn.send(b"get ")
+    chunk = b"k" * 100 + b" "
+    sent = 0
+    closed = False
+    for _ in range(40_000):  # bounded: at most ~4 MB
+        try:
+            conn.send(chunk * 100)
+        except OSError:
+            closed = True
+            break
+        sent += len(chunk) * 100
+        if sent > 3 * 1024 * 1024:
+            break
+    assert_served(server)
+    if not closed:
+        assert conn.recv_until(b"\r\n") == b"SERVER_ERROR request too large\r\n"
+    assert server.is_alive()

@@ -39,6 +39,15 @@ const LISTENER_BASE: usize = usize::MAX - 2;
 const READ_BUDGET: usize = 1 << 20;
 /// Read granularity.
 const READ_CHUNK: usize = 64 * 1024;
+/// Sent before closing a connection whose unfinished request outgrew [`input_limit`].
+const REQUEST_TOO_LARGE: &[u8] = b"SERVER_ERROR request too large\r\n";
+
+/// Most bytes a connection may buffer for one unfinished request: the largest value plus room for its
+/// command line, or a multi-get line of up to 1 MiB of keys.
+fn input_limit(limits: &Limits) -> usize {
+    limits.item_size_max + (1 << 20)
+}
+
 /// memcached's reply to a connection over `-c`.
 const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
 
@@ -348,6 +357,13 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
             stopped
         };
         yielded = stopped;
+    }
+    // A request that never completes (a multi-get line without end, say) may not hold memory forever.
+    if conn.input.len() > input_limit(&ctx.limits) {
+        tracing::info!(peer = ?conn.peer, bytes = conn.input.len(), "closing a connection whose request never ends");
+        conn.input = Vec::new();
+        emit(conn, ctx.postbox, |out| out.extend_from_slice(REQUEST_TOO_LARGE));
+        conn.closing = true;
     }
     if write_out(ctx, conn).is_err() {
         return Next::Close;
