@@ -73,13 +73,18 @@ impl Server {
         for host in settings.listen.split(',').map(str::trim).filter(|h| !h.is_empty()) {
             addrs.extend(crate::net::kernel::resolve(host, settings.port).with_context(|| format!("bad -l address {host:?}"))?);
         }
-        // With -p 0 the first bind picks a port; every other listener must use the same one.
-        let first = crate::net::kernel::reuseport_listener(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
-        let port = first.local_addr()?.port();
+        // A plain bind (no SO_REUSEPORT) fails if anything, another tandemd included, already listens
+        // there; without this probe a second server would silently share the port. With -p 0 the probe
+        // also picks the port every listener then uses.
+        let probe = std::net::TcpListener::bind(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
+        let port = probe.local_addr()?.port();
         for addr in &mut addrs {
             addr.set_port(port);
         }
-        drop(first);
+        for addr in &addrs[1..] {
+            drop(std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?);
+        }
+        drop(probe);
 
         let shared = Arc::new(Shared {
             settings: settings.clone(),
