@@ -196,8 +196,7 @@ impl Settings {
             None => FileConfig::default(),
         };
         let server = file.server;
-        let mut s = Settings::default();
-        s.threads = available_cpus();
+        let mut s = Settings { threads: available_cpus(), ..Settings::default() };
 
         if let Some(port) = flags.udp_port {
             if port != 0 {

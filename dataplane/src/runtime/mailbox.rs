@@ -286,7 +286,7 @@ mod tests {
             a.flush();
         }
         let mut got = vec![];
-        let mut collect = |b: &mut Postbox, got: &mut Vec<u64>| {
+        let collect = |b: &mut Postbox, got: &mut Vec<u64>| {
             b.drain(|_, _, msg| {
                 if let Msg::Reply { slot, .. } = msg {
                     got.push(slot)
