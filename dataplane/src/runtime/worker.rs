@@ -141,6 +141,7 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let clock = Clock::global();
         let mut last_now = 0;
+        let mut mail_held = false;
         while !self.shared.shutdown.load(Ordering::Relaxed) {
             let now = clock.now();
             self.shard.set_now(now);
@@ -148,7 +149,7 @@ impl Worker {
                 last_now = now;
                 self.shard.tick();
             }
-            let busy = !self.pending.is_empty() || self.postbox.has_inbound();
+            let busy = mail_held || !self.pending.is_empty() || self.postbox.has_inbound();
             let timeout = if busy || !self.postbox.prepare_sleep() { Duration::ZERO } else { Duration::from_secs(1) };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -170,7 +171,8 @@ impl Worker {
                 }
             }
             self.handle_mail();
-            self.postbox.flush();
+            // A full ring keeps this round's batch here: retry next round without sleeping.
+            mail_held = self.postbox.flush();
         }
         tracing::debug!(worker = self.id, "worker stopped");
     }
