@@ -879,7 +879,7 @@ impl Store {
         let Some(oldest) = self.segments.oldest() else {
             return false;
         };
-        if !self.holds_unexpired(oldest, now) {
+        if !self.holds_live_items(oldest, now) {
             let mut offset = self.segments.meta(oldest).first_item as usize;
             while self.segments.meta(oldest).live_items > 0 {
                 let Some(found) = self.item_at(oldest, offset) else { break };
@@ -903,7 +903,7 @@ impl Store {
     }
 
     /// Whether `segment` starts a live item that has neither expired nor been flushed.
-    fn holds_unexpired(&self, segment: SegmentId, now: RelTime) -> bool {
+    fn holds_live_items(&self, segment: SegmentId, now: RelTime) -> bool {
         let mut offset = self.segments.meta(segment).first_item as usize;
         while let Some(found) = self.item_at(segment, offset) {
             if found.slot.is_some() && !self.is_dead(&found.header, now) {
