@@ -61,7 +61,7 @@ impl Shard {
         if let Some(at) = self.pending_flush {
             if now >= at {
                 self.pending_flush = None;
-                self.store.flush();
+                self.store.flush(self.now);
             }
         }
     }
@@ -76,7 +76,7 @@ impl Shard {
     pub fn flush(&mut self, delay: i64) {
         if delay <= 0 {
             self.pending_flush = None;
-            self.store.flush();
+            self.store.flush(self.now);
         } else {
             let at = match self.expiry(delay) {
                 Expiry::At(t) => t,
@@ -84,7 +84,7 @@ impl Shard {
             };
             if at <= self.now {
                 self.pending_flush = None;
-                self.store.flush();
+                self.store.flush(self.now);
             } else {
                 self.pending_flush = Some(at);
             }

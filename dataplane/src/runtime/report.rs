@@ -50,6 +50,7 @@ fn general(shared: &Shared) -> Pairs {
     let mut sum_conn = std::collections::BTreeMap::<&'static str, u64>::new();
     let (mut curr_items, mut total_items, mut bytes, mut evictions, mut reclaimed) = (0, 0, 0, 0, 0);
     let (mut expired_unfetched, mut evicted_unfetched, mut get_expired, mut reinserted, mut oom) = (0, 0, 0, 0, 0);
+    let mut get_flushed = 0;
     let (mut segments_used, mut segments_total, mut index_bytes) = (0, 0, 0);
     let mut backing = "none";
     for info in shared.worker_infos() {
@@ -64,6 +65,7 @@ fn general(shared: &Shared) -> Pairs {
         expired_unfetched += s.expired_unfetched.get();
         evicted_unfetched += s.evicted_unfetched.get();
         get_expired += s.get_expired.get();
+        get_flushed += s.get_flushed.get();
         reinserted += s.reinserted.get();
         oom += s.outofmemory.get();
         segments_used += s.segments_used.get();
@@ -95,7 +97,7 @@ fn general(shared: &Shared) -> Pairs {
     push(&mut p, "get_hits", cmd("get_hits"));
     push(&mut p, "get_misses", cmd("get_misses"));
     push(&mut p, "get_expired", cmd("get_expired") + get_expired);
-    push(&mut p, "get_flushed", cmd("get_flushed"));
+    push(&mut p, "get_flushed", cmd("get_flushed") + get_flushed);
     for name in [
         "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
         "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
@@ -227,7 +229,7 @@ pub fn reset_local(shard: &mut Shard, conns: &ConnCounters) {
         c.set(0);
     }
     let s = shard.store.stats();
-    for c in [&s.total_items, &s.evictions, &s.reclaimed, &s.expired_unfetched, &s.evicted_unfetched, &s.reinserted, &s.outofmemory, &s.get_expired] {
+    for c in [&s.total_items, &s.evictions, &s.reclaimed, &s.expired_unfetched, &s.evicted_unfetched, &s.reinserted, &s.outofmemory, &s.get_expired, &s.get_flushed] {
         c.set(0);
     }
 }

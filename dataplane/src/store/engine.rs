@@ -12,6 +12,16 @@
 //!
 //! Expired items are removed lazily when a lookup finds them and in bounded batches by [`Store::tick`].
 //!
+//! `flush_all` is lazy too, as in memcached: [`Store::flush`] records the next CAS to be issued as a
+//! watermark, and every item below it is dead. CAS values only grow within a store (the meta `E` flag,
+//! which could choose lower ones, is not offered; an explicit lower CAS would count as flushed, as in
+//! memcached's `oldest_cas` rule). A lookup that meets a flushed item removes it and counts
+//! `get_flushed`; [`Store::tick`] reclaims the rest like expired items once reads had a grace period to
+//! find them, and reclaiming a segment drops them without counting evictions. `curr_items` and `bytes`
+//! fall as flushed items are actually removed, as memcached's do. When nothing was written since the
+//! flush, the first tick after the grace resets the whole store instead of scanning it, and a flush of
+//! a store that holds no live item resets it at once.
+//!
 //! Hot paths allocate nothing: reads return [`ItemRef`]s borrowed from the arena, writes copy into it.
 //! The exceptions are amortized: the index grows by half when full, and append/prepend assemble the new
 //! value in a scratch buffer the store keeps (a reclaim during the write may move the old value).
@@ -19,7 +29,7 @@
 use super::arena::Arena;
 use super::decimal;
 use super::index::{self, tag_of, Index};
-use super::item::{self, Header, ValueChunks, ACCESSED, FETCHED, STALE, WIN_SENT};
+use super::item::{self, Header, ValueChunks, ACCESSED, FETCHED, KEY_BINARY, STALE, WIN_SENT};
 use super::segment::{
     address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE, SMALL_ITEM_MAX,
 };
@@ -40,6 +50,10 @@ const REINSERT_CREDIT_MAX: usize = SEGMENT_SIZE * 3 / 4;
 const TICK_SLOTS: usize = 4096;
 /// The append/prepend scratch buffer is released after use when it grew beyond this.
 const SCRATCH_KEEP: usize = 2 * SEGMENT_SIZE;
+/// Seconds after a flush during which [`Store::tick`] leaves flushed items for reads to find and count
+/// as `get_flushed` (reads and segment reclaim remove them at any time). Two, so that at least one full
+/// second passes whatever the phase of the once-per-second tick.
+const FLUSH_GRACE_SECS: RelTime = 2;
 
 /// One shard's item store.
 pub struct Store {
@@ -60,6 +74,19 @@ pub struct Store {
     reinsert_credit: usize,
     /// Reused by append/prepend.
     scratch: Vec<u8>,
+    /// The last `flush_all`.
+    flush_mark: FlushMark,
+}
+
+/// What the store remembers of the last `flush_all` (see the module docs).
+#[derive(Clone, Copy, Default)]
+struct FlushMark {
+    /// Items whose CAS is below this were flushed; 0 when no flush happened.
+    below_cas: u64,
+    /// When the flush happened.
+    at: RelTime,
+    /// Every item in the store is flushed (nothing was written since), so tick may reset the store.
+    only_flushed_items: bool,
 }
 
 /// A borrowed view of one stored item.
@@ -101,6 +128,9 @@ impl ItemView for ItemRef<'_> {
     }
     fn value_len(&self) -> usize {
         self.header.value_len as usize
+    }
+    fn key_binary(&self) -> bool {
+        self.header.bits & KEY_BINARY != 0
     }
     fn value_chunks(&self) -> ValueChunks<'_> {
         ValueChunks::in_arena(self.arena, self.segments, self.value_addr(), self.value_len())
@@ -206,6 +236,7 @@ impl Store {
             tick_cursor: 0,
             reinsert_credit: 0,
             scratch: Vec::new(),
+            flush_mark: FlushMark::default(),
         })
     }
 
@@ -263,11 +294,12 @@ impl Store {
         })
     }
 
-    /// A read with no side effects at all (meta `me`, and tests). Expired items are not returned.
+    /// A read with no side effects at all (meta `me`, and tests). Expired and flushed items are not
+    /// returned (nor removed, nor counted).
     pub fn peek(&self, key: &[u8], now: RelTime) -> Option<ItemRef<'_>> {
         let (_, addr) = self.find(key, tag_of(key_hash(key)))?;
         let item = ItemRef::new(self, addr, now);
-        (!item.header.is_expired(now)).then_some(item)
+        (!self.is_dead(&item.header, now)).then_some(item)
     }
 
     /// A storage command. A SET (without CAS) that fails for size or memory also removes the old item,
@@ -287,6 +319,8 @@ impl Store {
         }
         // CAS given with set/replace makes the command memcached's NREAD_CAS.
         let cas_command = request.compare_cas.is_some() && matches!(request.mode, StoreMode::Set | StoreMode::Replace);
+        // Items written from the request's own value remember a base64 key; combined ones do not.
+        let key_bit = if request.key_binary { KEY_BINARY } else { 0 };
         let Some(old) = self.lookup_live(key, tag, now) else {
             if cas_command {
                 return StoreResult::NotFound;
@@ -296,7 +330,7 @@ impl Store {
                 (StoreMode::Append | StoreMode::Prepend, Some(expiry)) => expiry.as_rel(),
                 (StoreMode::Replace | StoreMode::Append | StoreMode::Prepend, _) => return StoreResult::NotStored,
             };
-            return self.store_value(request, tag, request.value, request.client_flags, exptime, 0, now);
+            return self.store_value(request, tag, request.value, request.client_flags, exptime, key_bit, now);
         };
         let check = match request.compare_cas {
             None | Some(0) => CasCheck::Absent,
@@ -310,19 +344,31 @@ impl Store {
                 StoreResult::NotStored
             }
             StoreMode::Set | StoreMode::Replace if cas_command => match check {
-                CasCheck::Match => {
-                    self.store_value(request, tag, request.value, request.client_flags, request.expiry.as_rel(), 0, now)
-                }
+                CasCheck::Match => self.store_value(
+                    request,
+                    tag,
+                    request.value,
+                    request.client_flags,
+                    request.expiry.as_rel(),
+                    key_bit,
+                    now,
+                ),
                 // memcached keeps the old TTL and win token and marks the new value stale.
                 CasCheck::Stale => {
-                    let bits = STALE | (old.header.bits & WIN_SENT);
+                    let bits = STALE | (old.header.bits & WIN_SENT) | key_bit;
                     self.store_value(request, tag, request.value, request.client_flags, old.header.exptime, bits, now)
                 }
                 CasCheck::Absent | CasCheck::Mismatch => StoreResult::Exists,
             },
-            StoreMode::Set | StoreMode::Replace => {
-                self.store_value(request, tag, request.value, request.client_flags, request.expiry.as_rel(), 0, now)
-            }
+            StoreMode::Set | StoreMode::Replace => self.store_value(
+                request,
+                tag,
+                request.value,
+                request.client_flags,
+                request.expiry.as_rel(),
+                key_bit,
+                now,
+            ),
             StoreMode::Append | StoreMode::Prepend => {
                 if matches!(check, CasCheck::Stale | CasCheck::Mismatch) {
                     return StoreResult::Exists;
@@ -404,8 +450,10 @@ impl Store {
         DeleteResult::Deleted
     }
 
-    /// incr/decr. The result is stored as plain decimal text (memcached may leave a shorter result
-    /// space-padded in place; its protocol document allows either).
+    /// incr/decr, stored as memcached 1.6 does: a result no longer than the stored value is written in
+    /// place and padded with spaces to the old length (`100` decremented reads `99 `); a longer one
+    /// becomes a new item of its own length, which like memcached's fresh allocation keeps the flags
+    /// and expiry but none of the state bits (fetched, stale, win, base64 key).
     pub fn arith(&mut self, request: &ArithRequest<'_>, now: RelTime) -> ArithResult {
         let key = request.key;
         let tag = tag_of(key_hash(key));
@@ -438,22 +486,17 @@ impl Store {
         let text = decimal::format_u64(value, &mut digits);
         let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
         let exptime = request.new_expiry.map_or(old.header.exptime, Expiry::as_rel);
-        if text.len() == old.header.value_len as usize {
-            // Same length: rewrite the digits in place.
+        let old_len = old.header.value_len as usize;
+        if text.len() <= old_len {
+            // The value is contiguous (it was parsed above): rewrite it in place, space-padded.
             let value_at = old.addr + old.header.encoded_len() + old.header.key_len as usize;
             let bytes = self.arena.bytes_mut();
             bytes[value_at..value_at + text.len()].copy_from_slice(text);
+            bytes[value_at + text.len()..value_at + old_len].fill(b' ');
             item::set_cas(&mut bytes[old.addr..], cas);
             item::set_exptime(&mut bytes[old.addr..], exptime);
         } else {
-            let new = NewItem {
-                key,
-                value: text,
-                client_flags: old.header.client_flags,
-                exptime,
-                cas,
-                bits: old.header.bits,
-            };
+            let new = NewItem { key, value: text, client_flags: old.header.client_flags, exptime, cas, bits: 0 };
             if self.write_and_link(&new, tag, now).is_err() {
                 self.stats.outofmemory.incr();
                 return ArithResult::OutOfMemory;
@@ -462,19 +505,40 @@ impl Store {
         ArithResult::Value { value, cas, exptime }
     }
 
-    /// Removes every item (flush_all once its time has come).
-    pub fn flush(&mut self) {
+    /// Invalidates every item present (flush_all once its time has come): records the watermark, so
+    /// that later lookups treat these items as gone (see the module docs). Items written afterwards
+    /// are unaffected. A store without live items is reset at once.
+    pub fn flush(&mut self, now: RelTime) {
+        let only_flushed_items = self.stats.curr_items.get() > 0;
+        self.flush_mark = FlushMark { below_cas: self.peek_next_cas(), at: now, only_flushed_items };
+        if !only_flushed_items {
+            self.reset();
+        }
+    }
+
+    /// Drops every item and returns all memory to the free list.
+    fn reset(&mut self) {
         self.index.clear();
         self.segments.reset();
         self.tick_cursor = 0;
+        self.flush_mark.only_flushed_items = false;
         self.stats.curr_items.set(0);
         self.stats.bytes.set(0);
         self.stats.segments_used.set(0);
     }
 
-    /// Background reclaim: examines a window of index slots and removes the expired items there;
-    /// returns how many were removed (also counted in `reclaimed`).
+    /// Background reclaim: examines a window of index slots and removes the expired items there, and
+    /// flushed ones once the flush is [`FLUSH_GRACE_SECS`] old (resetting the store instead when it
+    /// holds nothing else); returns how many were removed (also counted in `reclaimed`).
     pub fn tick(&mut self, now: RelTime) -> usize {
+        let reclaim_flushed = now >= self.flush_mark.at.saturating_add(FLUSH_GRACE_SECS);
+        if reclaim_flushed && self.flush_mark.only_flushed_items {
+            // Which of them were fetched is not known without the scan this avoids: no expired_unfetched.
+            let removed = self.stats.curr_items.get();
+            self.stats.reclaimed.add(removed);
+            self.reset();
+            return removed as usize;
+        }
         let capacity = self.index.capacity();
         let mut slot = if self.tick_cursor < capacity { self.tick_cursor } else { 0 };
         let mut removed = 0;
@@ -482,11 +546,11 @@ impl Store {
             // A removal shifts the next entry of the run into this slot: look at it again.
             while let Some(addr) = self.index.address_at(slot) {
                 let header = self.header_at(addr);
-                if !header.is_expired(now) {
+                if !(header.is_expired(now) || (reclaim_flushed && self.is_flushed(&header))) {
                     break;
                 }
                 self.unlink(slot, addr, &header);
-                self.count_expired_reclaim(&header);
+                self.count_dead_reclaim(&header);
                 removed += 1;
             }
             slot = if slot + 1 == capacity { 0 } else { slot + 1 };
@@ -504,16 +568,35 @@ impl Store {
         self.index.find(tag, |addr| item::key_of(&arena[addr..]) == key)
     }
 
-    /// `key`'s item if it is live; an expired one is removed on the way (lazy expiry, `get_expired`).
+    /// `key`'s item if it is live; a flushed or expired one is removed on the way and counted in
+    /// `get_flushed` or `get_expired` (memcached's `do_item_get`: flushed is checked first, and every
+    /// command's lookup counts, not only reads').
     fn lookup_live(&mut self, key: &[u8], tag: u32, now: RelTime) -> Option<Found> {
         let (slot, addr) = self.find(key, tag)?;
         let header = self.header_at(addr);
+        if self.is_flushed(&header) {
+            self.unlink(slot, addr, &header);
+            self.stats.get_flushed.incr();
+            return None;
+        }
         if header.is_expired(now) {
             self.unlink(slot, addr, &header);
             self.stats.get_expired.incr();
             return None;
         }
         Some(Found { slot, addr, header })
+    }
+
+    /// Whether `flush_all` invalidated the item.
+    #[inline]
+    fn is_flushed(&self, header: &Header) -> bool {
+        header.cas < self.flush_mark.below_cas
+    }
+
+    /// Whether the item is gone for every purpose but its bytes: expired or flushed.
+    #[inline]
+    fn is_dead(&self, header: &Header, now: RelTime) -> bool {
+        header.is_expired(now) || self.is_flushed(header)
     }
 
     #[inline]
@@ -538,8 +621,13 @@ impl Store {
             + value_len
     }
 
+    /// The CAS the next write gets: unique across shards, growing within this one.
+    fn peek_next_cas(&self) -> u64 {
+        self.cas_sequence.wrapping_mul(self.shard_count).wrapping_add(self.shard_index + 1)
+    }
+
     fn next_cas(&mut self) -> u64 {
-        let cas = self.cas_sequence.wrapping_mul(self.shard_count).wrapping_add(self.shard_index + 1);
+        let cas = self.peek_next_cas();
         self.cas_sequence += 1;
         cas
     }
@@ -642,6 +730,7 @@ impl Store {
             }
         }
         self.account(addr, total, true);
+        self.flush_mark.only_flushed_items = false;
         self.stats.curr_items.add(1);
         self.stats.total_items.incr();
         self.stats.bytes.add(total as u64);
@@ -724,8 +813,8 @@ impl Store {
         Some(SegmentItem { addr, header, tag, slot: self.index.find_entry(tag, addr) })
     }
 
-    /// Reclaims the oldest segment, evicting what it holds except expired items (dropped) and
-    /// recently read small ones (re-appended). `false` when the log is empty.
+    /// Reclaims the oldest segment, evicting what it holds except expired and flushed items (dropped,
+    /// counted as reclaimed) and recently read small ones (re-appended). `false` when the log is empty.
     fn evict_oldest(&mut self, now: RelTime) -> bool {
         let Some(segment) = self.segments.oldest() else {
             return false;
@@ -740,9 +829,9 @@ impl Store {
             let total = found.header.total_len();
             offset += total;
             let Some(slot) = found.slot else { continue };
-            if found.header.is_expired(now) {
+            if self.is_dead(&found.header, now) {
                 self.unlink(slot, found.addr, &found.header);
-                self.count_expired_reclaim(&found.header);
+                self.count_dead_reclaim(&found.header);
             } else if found.header.bits & ACCESSED != 0
                 && total <= SMALL_ITEM_MAX
                 && total <= budget
@@ -784,20 +873,20 @@ impl Store {
         true
     }
 
-    /// Without eviction: reclaims the oldest segment if every live item in it has expired, else any
-    /// segment with no live bytes. `false` if there is none.
+    /// Without eviction: reclaims the oldest segment if every live item in it has expired or was
+    /// flushed, else any segment with no live bytes. `false` if there is none.
     fn reclaim_unused(&mut self, now: RelTime) -> bool {
         let Some(oldest) = self.segments.oldest() else {
             return false;
         };
-        if !self.holds_unexpired(oldest, now) {
+        if !self.holds_live_items(oldest, now) {
             let mut offset = self.segments.meta(oldest).first_item as usize;
             while self.segments.meta(oldest).live_items > 0 {
                 let Some(found) = self.item_at(oldest, offset) else { break };
                 offset += found.header.total_len();
                 if let Some(slot) = found.slot {
                     self.unlink(slot, found.addr, &found.header);
-                    self.count_expired_reclaim(&found.header);
+                    self.count_dead_reclaim(&found.header);
                 }
             }
             self.release(oldest, NO_SEGMENT);
@@ -813,11 +902,11 @@ impl Store {
         }
     }
 
-    /// Whether `segment` starts a live item that has not expired.
-    fn holds_unexpired(&self, segment: SegmentId, now: RelTime) -> bool {
+    /// Whether `segment` starts a live item that has neither expired nor been flushed.
+    fn holds_live_items(&self, segment: SegmentId, now: RelTime) -> bool {
         let mut offset = self.segments.meta(segment).first_item as usize;
         while let Some(found) = self.item_at(segment, offset) {
-            if found.slot.is_some() && !found.header.is_expired(now) {
+            if found.slot.is_some() && !self.is_dead(&found.header, now) {
                 return true;
             }
             offset += found.header.total_len();
@@ -831,7 +920,9 @@ impl Store {
         self.stats.segments_used.set(self.segments.in_use() as u64);
     }
 
-    fn count_expired_reclaim(&self, header: &Header) {
+    /// Counts a dead (expired or flushed) item whose memory was recovered; memcached 1.6.18 counts
+    /// `reclaimed` and `expired_unfetched` for both.
+    fn count_dead_reclaim(&self, header: &Header) {
         self.stats.reclaimed.incr();
         if header.bits & FETCHED == 0 {
             self.stats.expired_unfetched.incr();

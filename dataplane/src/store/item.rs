@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //! 0       1     key_len
-//! 1       1     bits: FETCHED, ACCESSED, STALE, WIN_SENT (state) and HAS_FLAGS (layout)
+//! 1       1     bits: FETCHED, ACCESSED, STALE, WIN_SENT, KEY_BINARY (state) and HAS_FLAGS (layout)
 //! 2       2     last_access: RelTime mod 2^16
 //! 4       4     exptime: RelTime, 0 = never
 //! 8       8     cas
@@ -33,10 +33,12 @@ pub const ACCESSED: u8 = 0x02;
 pub const STALE: u8 = 0x04;
 /// A reader was already given the win (mg `W`); later readers see `Z`.
 pub const WIN_SENT: u8 = 0x08;
+/// The key arrived base64-encoded (meta `b`); meta `mg k` and `me` show it encoded again.
+pub const KEY_BINARY: u8 = 0x10;
 /// Layout bit: the header carries 4 bytes of client flags.
 const HAS_FLAGS: u8 = 0x80;
 /// The state bits callers may set; [`HAS_FLAGS`] is managed by the codec.
-pub const STATE_BITS: u8 = FETCHED | ACCESSED | STALE | WIN_SENT;
+pub const STATE_BITS: u8 = FETCHED | ACCESSED | STALE | WIN_SENT | KEY_BINARY;
 
 const KEY_LEN_AT: usize = 0;
 const BITS_AT: usize = 1;

@@ -12,6 +12,8 @@
 //! - `item`: the packed item header (lengths, client flags, expiry, CAS, access bits).
 //! - eviction: the oldest segment is reclaimed first; items read since they were written get a second
 //!   chance (re-appended), which approximates LRU; expired items are reclaimed lazily and by [`Store::tick`].
+//! - flush: [`Store::flush`] only records a CAS watermark; items below it are dead to every lookup and
+//!   are reclaimed like expired ones (see `engine`).
 //!
 //! Time is always passed in (`now`), never read here.
 
@@ -100,6 +102,11 @@ pub struct StoreRequest<'a> {
     pub new_cas: Option<u64>,
     /// Meta `N` with append/prepend modes: on a miss, create the item with this expiry.
     pub vivify_on_miss: Option<Expiry>,
+    /// Meta `b`: the key arrived base64-encoded. The stored item remembers it ([`ItemView::key_binary`])
+    /// when this request writes a new item from its own value (set/add/replace/cas, and append/prepend
+    /// vivifying); an append/prepend that combines with an existing item does not carry it, as in
+    /// memcached, whose combined item is a fresh allocation.
+    pub key_binary: bool,
 }
 
 /// The result of a storage operation.
@@ -137,6 +144,8 @@ pub trait ItemView {
     /// Stored expiry: 0 never, else the RelTime at which it expires.
     fn exptime(&self) -> RelTime;
     fn value_len(&self) -> usize;
+    /// Was the key stored base64-encoded (meta `b`)? memcached echoes it encoded to `mg k` and `me`.
+    fn key_binary(&self) -> bool;
     /// The value, in one or more contiguous pieces (several only for items spanning segments).
     fn value_chunks(&self) -> ValueChunks<'_>;
     /// Appends the whole value to `out`.
@@ -168,7 +177,7 @@ pub struct Hit<'s> {
 /// The result of a read.
 pub enum GetResult<'s> {
     Hit(Hit<'s>),
-    /// Not present (or expired, or flushed: counted in the store's stats as such).
+    /// Not present (or expired, or flushed: counted in the store's `get_expired` / `get_flushed`).
     Miss,
 }
 
@@ -243,6 +252,9 @@ pub struct StoreStats {
     pub index_bytes: Counter,
     /// Reads that found an expired item.
     pub get_expired: Counter,
+    /// Reads that found an item invalidated by `flush_all` (each such item is counted once: the read
+    /// removes it).
+    pub get_flushed: Counter,
 }
 
 /// Metadata a debug dump (`me`) shows beyond [`ItemView`].

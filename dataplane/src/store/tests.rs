@@ -47,6 +47,7 @@ fn request<'a>(mode: StoreMode, key: &'a [u8], value: &'a [u8]) -> StoreRequest<
         invalidate: false,
         new_cas: None,
         vivify_on_miss: None,
+        key_binary: false,
     }
 }
 
@@ -294,14 +295,25 @@ fn arith_follows_memcached() {
     };
     assert_eq!(store.arith(&arith(&b"n"[..], true, 1), now), ArithResult::NotFound);
     store.store(&StoreRequest { client_flags: 9, expiry: Expiry::At(50), ..request(StoreMode::Set, b"n", b"99") }, now);
+    // Longer: a new item of the new length, keeping flags and expiry.
     let ArithResult::Value { value, cas, exptime } = store.arith(&arith(b"n", true, 1), now) else { panic!() };
     assert_eq!((value, exptime), (100, 50));
     let item = store.peek(b"n", now).unwrap();
     assert_eq!((value_of(&item), item.cas(), item.client_flags()), (b"100".to_vec(), cas, 9));
+    // Not longer: rewritten in place, space-padded to the stored length (memcached 1.6.18: set "100",
+    // decr 1 answers 99 and `get` returns "99 ").
+    assert!(matches!(store.arith(&arith(b"n", false, 1), now), ArithResult::Value { value: 99, .. }));
+    assert_eq!(get_value(&mut store, b"n", now).unwrap(), b"99 ");
     assert!(matches!(store.arith(&arith(b"n", false, 1000), now), ArithResult::Value { value: 0, .. }));
-    assert_eq!(get_value(&mut store, b"n", now).unwrap(), b"0", "no space padding");
+    assert_eq!(get_value(&mut store, b"n", now).unwrap(), b"0  ");
+    // The padded text parses again, and grows back only when the digits need more room.
+    assert!(matches!(store.arith(&arith(b"n", true, 12), now), ArithResult::Value { value: 12, .. }));
+    assert_eq!(get_value(&mut store, b"n", now).unwrap(), b"12 ");
+    assert!(matches!(store.arith(&arith(b"n", true, 988), now), ArithResult::Value { value: 1000, .. }));
+    assert_eq!(get_value(&mut store, b"n", now).unwrap(), b"1000");
     set(&mut store, b"max", b"18446744073709551615", now);
-    assert!(matches!(store.arith(&arith(b"max", true, 2), now), ArithResult::Value { value: 1, .. }));
+    assert!(matches!(store.arith(&arith(b"max", true, 1), now), ArithResult::Value { value: 0, .. }));
+    assert_eq!(get_value(&mut store, b"max", now).unwrap(), format!("{:<20}", 0).into_bytes());
     set(&mut store, b"same", b"10", now);
     assert!(matches!(store.arith(&arith(b"same", true, 5), now), ArithResult::Value { value: 15, .. }));
     assert_eq!(get_value(&mut store, b"same", now).unwrap(), b"15");
@@ -370,18 +382,150 @@ fn spanning_items_read_back_byte_for_byte() {
     store.check_invariants();
 }
 
+/// Ticks until `curr_items` stops falling (a full pass over the index at most).
+fn tick_until_settled(store: &mut Store, now: RelTime) {
+    let passes = store.index_bytes() / 8 / 4096 + 2;
+    for _ in 0..passes {
+        store.tick(now);
+    }
+}
+
+/// memcached 1.6.18: after `flush_all`, a get of an old key is a miss counting `get_flushed`, a second
+/// get of it a plain miss; add succeeds, replace does not; flushed items leave as they are reclaimed.
 #[test]
-fn flush_removes_everything() {
+fn flush_is_lazy_and_counts_flushed_reads_once() {
     let mut store = store_with(8 * MIB, true);
     for i in 0..1000 {
         set(&mut store, format!("k{i}").as_bytes(), b"value", 1);
     }
-    store.flush();
+    store.flush(1);
+    assert!(store.peek(b"k0", 1).is_none(), "peek hides flushed items");
     assert!(get_value(&mut store, b"k1", 1).is_none());
-    assert_eq!(store.stats().curr_items.get(), 0);
+    assert_eq!(store.stats().get_flushed.get(), 1);
+    assert!(get_value(&mut store, b"k1", 1).is_none());
+    assert_eq!(store.stats().get_flushed.get(), 1, "the first read removed it");
+    assert_eq!(store.stats().curr_items.get(), 999, "only reclaimed items leave curr_items");
+    assert!(matches!(store.store(&request(StoreMode::Add, b"k2", b"new"), 1), StoreResult::Stored { .. }));
+    assert_eq!(store.store(&request(StoreMode::Replace, b"k3", b"new"), 1), StoreResult::NotStored);
+    let delete = DeleteRequest { key: b"k4", compare_cas: None, invalidate: false, new_expiry: None, new_cas: None };
+    assert_eq!(store.delete(&delete, 1), DeleteResult::NotFound);
+    set(&mut store, b"k5", b"again", 1);
+    assert_eq!(get_value(&mut store, b"k2", 1).unwrap(), b"new");
+    assert_eq!(get_value(&mut store, b"k5", 1).unwrap(), b"again");
+    assert_eq!(store.stats().get_flushed.get(), 5, "every command's lookup counts, as in memcached");
+    assert_eq!(store.stats().evictions.get(), 0);
+    // Within the grace period tick leaves flushed items for reads to find.
+    tick_until_settled(&mut store, 2);
+    assert_eq!(store.stats().curr_items.get(), 997);
+    assert!(get_value(&mut store, b"k6", 2).is_none());
+    assert_eq!(store.stats().get_flushed.get(), 6);
+    // Then it reclaims them like expired items; items written since stay.
+    tick_until_settled(&mut store, 3);
+    assert_eq!(store.stats().curr_items.get(), 2);
+    assert_eq!(store.stats().reclaimed.get(), 994);
+    let live_bytes = [&b"k2"[..], b"k5"].map(|key| store.peek(key, 3).unwrap().total_size() as u64);
+    assert_eq!(store.stats().bytes.get(), live_bytes.iter().sum::<u64>());
+    assert_eq!(get_value(&mut store, b"k5", 3).unwrap(), b"again");
+    store.check_invariants();
+}
+
+#[test]
+fn flush_with_nothing_written_after_resets_the_store() {
+    let mut store = store_with(8 * MIB, true);
+    for i in 0..1000 {
+        set(&mut store, format!("k{i}").as_bytes(), b"value", 1);
+    }
+    store.flush(1);
+    assert_eq!(store.tick(2), 0, "grace period");
+    assert_eq!(store.tick(3), 1000, "one reset, no scan");
+    let stats = store.stats();
+    assert_eq!((stats.curr_items.get(), stats.bytes.get(), stats.segments_used.get()), (0, 0, 0));
+    assert_eq!(stats.reclaimed.get(), 1000);
+    assert!(get_value(&mut store, b"k1", 3).is_none());
+    assert_eq!(store.stats().get_flushed.get(), 0, "reclaimed items are plain misses");
+    set(&mut store, b"k1", b"again", 3);
+    assert_eq!(get_value(&mut store, b"k1", 3).unwrap(), b"again");
+    store.check_invariants();
+    // An empty store is reset at once; the watermark still holds for what follows.
+    store.delete(
+        &DeleteRequest { key: b"k1", compare_cas: None, invalidate: false, new_expiry: None, new_cas: None },
+        3,
+    );
+    store.flush(3);
     assert_eq!(store.stats().segments_used.get(), 0);
-    set(&mut store, b"k1", b"again", 1);
-    assert_eq!(get_value(&mut store, b"k1", 1).unwrap(), b"again");
+    set(&mut store, b"k1", b"third", 3);
+    assert_eq!(get_value(&mut store, b"k1", 3).unwrap(), b"third");
+    store.check_invariants();
+}
+
+/// Flushed items cost nothing to reclaim: a full store, flushed, takes as much again without any tick,
+/// evicting nothing, with or without eviction (`-M`).
+#[test]
+fn flushed_memory_is_reusable() {
+    for evict in [true, false] {
+        let mut store = store_with(8 * MIB, evict);
+        let value = vec![b'x'; 1000];
+        let mut stored = 0;
+        while let StoreResult::Stored { .. } = set(&mut store, format!("old:{stored}").as_bytes(), &value, 1) {
+            stored += 1;
+            if evict && store.stats().segments_used.get() == store.stats().segments_total.get() - 1 {
+                break;
+            }
+        }
+        store.flush(1);
+        for i in 0..stored {
+            let result = set(&mut store, format!("new:{i}").as_bytes(), &value, 1);
+            assert!(matches!(result, StoreResult::Stored { .. }), "evict={evict} new:{i}: {result:?}");
+        }
+        assert_eq!(store.stats().evictions.get(), 0, "evict={evict}");
+        assert!(store.stats().reclaimed.get() > 0, "evict={evict}");
+        assert!(get_value(&mut store, b"old:0", 1).is_none());
+        assert_eq!(get_value(&mut store, format!("new:{}", stored - 1).as_bytes(), 1).unwrap(), value);
+        store.check_invariants();
+    }
+}
+
+/// memcached 1.6.18 remembers a base64 key (`ms <b64> S b`) for the item written from that request;
+/// a combined append/prepend item and an incr/decr that grows the value are fresh items without it.
+#[test]
+fn base64_keys_are_remembered_per_item() {
+    let mut store = store_with(8 * MIB, true);
+    let binary = |mode, value| StoreRequest { key_binary: true, ..request(mode, b"k", value) };
+    let key_binary = |store: &Store| store.peek(b"k", 1).unwrap().key_binary();
+    store.store(&binary(StoreMode::Set, b"10"), 1);
+    assert!(key_binary(&store));
+    match store.get(b"k", GetOptions::default(), 1) {
+        GetResult::Hit(hit) => assert!(hit.item.key_binary()),
+        GetResult::Miss => panic!(),
+    }
+    let arith = |delta| ArithRequest {
+        key: b"k",
+        incr: true,
+        delta,
+        vivify: None,
+        compare_cas: None,
+        new_expiry: None,
+        new_cas: None,
+    };
+    store.arith(&arith(1), 1);
+    assert!(key_binary(&store), "in place");
+    let invalidate = DeleteRequest { key: b"k", compare_cas: None, invalidate: true, new_expiry: None, new_cas: None };
+    store.delete(&invalidate, 1);
+    assert!(key_binary(&store), "invalidated");
+    store.arith(&arith(100), 1);
+    assert!(!key_binary(&store), "grown: a new item");
+    store.store(&binary(StoreMode::Set, b"v"), 1);
+    store.store(&binary(StoreMode::Append, b"w"), 1);
+    assert!(!key_binary(&store), "combined: a new item");
+    store.store(&binary(StoreMode::Set, b"v"), 1);
+    store.store(&request(StoreMode::Set, b"k", b"v"), 1);
+    assert!(!key_binary(&store), "the last write decides");
+    // Vivified items never have it (`mg <b64> b N30 k` answers with the plain key).
+    let options = GetOptions { vivify: Some(Expiry::Never), ..GetOptions::default() };
+    match store.get(b"fresh", options, 1) {
+        GetResult::Hit(hit) => assert!(!hit.item.key_binary()),
+        GetResult::Miss => panic!(),
+    }
     store.check_invariants();
 }
 
@@ -422,6 +566,7 @@ enum Op {
     Get { key: u8 },
     Touch { key: u8, ttl: Ttl },
     Advance { secs: u32 },
+    Flush,
 }
 
 fn ttl_strategy() -> impl Strategy<Value = Ttl> {
@@ -464,6 +609,7 @@ fn op_strategy(keys: u8) -> impl Strategy<Value = Op> {
         6 => (0..keys).prop_map(|key| Op::Get { key }),
         2 => (0..keys, ttl_strategy()).prop_map(|(key, ttl)| Op::Touch { key, ttl }),
         2 => (0u32..3).prop_map(|secs| Op::Advance { secs }),
+        1 => Just(Op::Flush),
     ]
 }
 
@@ -557,12 +703,19 @@ impl Model {
             return ArithResult::NonNumeric;
         };
         let value = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
-        item.value = value.to_string().into_bytes();
+        item.value = arith_text(&item.value, value);
         item.cas = cas;
         let exptime = item.exptime;
         self.cas_sequence += 1;
         ArithResult::Value { value, cas, exptime }
     }
+}
+
+/// What memcached stores for an incr/decr result over `old`: the digits, space-padded to the old length
+/// when they fit in it.
+fn arith_text(old: &[u8], value: u64) -> Vec<u8> {
+    let digits = value.to_string();
+    format!("{digits:<width$}", width = old.len().max(digits.len())).into_bytes()
 }
 
 fn cas_for(choice: CasChoice, current: Option<u64>) -> Option<u64> {
@@ -651,7 +804,14 @@ fn run_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                 };
                 prop_assert_eq!(got, expected, "{:?}", op);
             }
-            Op::Advance { secs } => now += secs,
+            Op::Advance { secs } => {
+                now += secs;
+                store.tick(now);
+            }
+            Op::Flush => {
+                store.flush(now);
+                model.items.clear();
+            }
         }
     }
     prop_assert_eq!(store.stats().evictions.get(), 0, "the model test must not evict");
@@ -674,7 +834,7 @@ fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
         .filter_map(|op| match *op {
             Op::Store { key, .. } | Op::SetNumber { key, .. } | Op::Delete { key, .. } => Some(key),
             Op::Arith { key, .. } | Op::Get { key } | Op::Touch { key, .. } => Some(key),
-            Op::Advance { .. } => None,
+            Op::Advance { .. } | Op::Flush => None,
         })
         .collect();
     for (serial, op) in ops.iter().enumerate() {
@@ -726,7 +886,8 @@ fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
                     new_cas: None,
                 };
                 if let ArithResult::Value { value, .. } = store.arith(&request, now) {
-                    model.insert(key, value.to_string().into_bytes());
+                    let text = arith_text(&model.remove(&key).unwrap_or_default(), value);
+                    model.insert(key, text);
                 }
             }
             Op::Get { key } => {
@@ -738,7 +899,14 @@ fn run_tiny(ops: &[Op], evict: bool) -> Result<(), TestCaseError> {
                 let options = GetOptions { touch: Some(ttl.expiry(now)), ..GetOptions::default() };
                 store.get(&key_bytes(key), options, now);
             }
-            Op::Advance { secs } => now += secs,
+            Op::Advance { secs } => {
+                now += secs;
+                store.tick(now);
+            }
+            Op::Flush => {
+                store.flush(now);
+                model.clear();
+            }
         }
         // Items may vanish (evicted, expired); those present hold exactly the last value stored.
         for &key in &keys {

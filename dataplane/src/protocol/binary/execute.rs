@@ -154,6 +154,7 @@ fn store(shard: &mut Shard, request: &Request<'_>, kind: StoreKind, out: &mut Ve
         invalidate: false,
         new_cas: None,
         vivify_on_miss: None,
+        key_binary: false,
     };
     let result = shard.store.store(&store_request, now);
     let counters = &shard.counters;
@@ -214,6 +215,7 @@ fn concat(shard: &mut Shard, request: &Request<'_>, append: bool, out: &mut Vec<
         invalidate: false,
         new_cas: None,
         vivify_on_miss: None,
+        key_binary: false,
     };
     let result = shard.store.store(&store_request, now);
     if result != StoreResult::OutOfMemory {
@@ -356,6 +358,7 @@ fn arith(shard: &mut Shard, request: &Request<'_>, incr: bool, out: &mut Vec<u8>
                 invalidate: false,
                 new_cas: None,
                 vivify_on_miss: None,
+                key_binary: false,
             };
             match shard.store.store(&create, now) {
                 StoreResult::Stored { cas } => {

@@ -81,26 +81,49 @@ fn push_ttl(out: &mut Vec<u8>, exptime: RelTime, now: RelTime) {
     }
 }
 
-/// The key as shown to the client: base64 again when it came in base64.
-fn push_key_text(out: &mut Vec<u8>, key: &Key<'_>) {
-    if key.is_binary() {
-        base64::encode_into(key.bytes(), out);
+/// A key as a reply shows it (`k`, `me`): its bytes, base64-encoded again when `binary`.
+///
+/// memcached 1.6.18 takes `binary` from the request (`b`) everywhere except in an `mg` hit and in
+/// `me`, which show the key as the item remembers it: encoded if it was stored with `b`, whether or
+/// not this request used `b`.
+#[derive(Clone, Copy)]
+struct ShownKey<'a> {
+    bytes: &'a [u8],
+    binary: bool,
+}
+
+impl<'a> ShownKey<'a> {
+    /// As the request sent it.
+    fn sent(key: &'a Key<'_>) -> ShownKey<'a> {
+        ShownKey { bytes: key.bytes(), binary: key.is_binary() }
+    }
+
+    /// As the item was stored.
+    fn stored(item: &'a impl ItemView) -> ShownKey<'a> {
+        ShownKey { bytes: item.key(), binary: item.key_binary() }
+    }
+}
+
+/// The key as shown to the client.
+fn push_key_text(out: &mut Vec<u8>, key: ShownKey<'_>) {
+    if key.binary {
+        base64::encode_into(key.bytes, out);
     } else {
-        out.extend_from_slice(key.bytes());
+        out.extend_from_slice(key.bytes);
     }
 }
 
 /// ` k<key>`, followed by ` b` for a base64 key.
-fn push_key_flag(out: &mut Vec<u8>, key: &Key<'_>) {
+fn push_key_flag(out: &mut Vec<u8>, key: ShownKey<'_>) {
     out.extend_from_slice(b" k");
     push_key_text(out, key);
-    if key.is_binary() {
+    if key.binary {
         out.extend_from_slice(b" b");
     }
 }
 
 /// Returns the flags every reply carries (`O` opaque, `k` key), in request order; `others` writes the rest.
-fn push_flags(out: &mut Vec<u8>, flags: &Flags<'_>, key: &Key<'_>, mut others: impl FnMut(&mut Vec<u8>, u8)) {
+fn push_flags(out: &mut Vec<u8>, flags: &Flags<'_>, key: ShownKey<'_>, mut others: impl FnMut(&mut Vec<u8>, u8)) {
     for token in tokens(flags.tokens) {
         match token[0] {
             b'O' => {
@@ -116,7 +139,7 @@ fn push_flags(out: &mut Vec<u8>, flags: &Flags<'_>, key: &Key<'_>, mut others: i
 /// A status code with only `O` and `k` returned (misses, `NF`, `EX`, `NS`...).
 fn push_status(out: &mut Vec<u8>, code: &[u8], flags: &Flags<'_>, key: &Key<'_>) {
     out.extend_from_slice(code);
-    push_flags(out, flags, key, |_, _| {});
+    push_flags(out, flags, ShownKey::sent(key), |_, _| {});
     out.extend_from_slice(b"\r\n");
 }
 
@@ -163,7 +186,7 @@ fn get(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, out: &mut Vec<u8>) {
             } else {
                 out.extend_from_slice(b"HD");
             }
-            push_flags(out, flags, key, |out, flag| match flag {
+            push_flags(out, flags, ShownKey::stored(item), |out, flag| match flag {
                 b's' => push_flag(out, b's', value_len),
                 b't' => push_ttl(out, shown_exptime.unwrap_or_else(|| item.exptime()), now),
                 b'c' => push_flag(out, b'c', if cas_enabled { item.cas() } else { 0 }),
@@ -214,6 +237,7 @@ fn set(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, mode: StoreMode, val
         invalidate: flags.invalidate && cas_command,
         new_cas: None,
         vivify_on_miss: None,
+        key_binary: key.is_binary(),
     };
     let result = shard.store.store(&request, now);
     let counters = &shard.counters;
@@ -254,7 +278,7 @@ fn set(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, mode: StoreMode, val
     };
     out.extend_from_slice(code);
     // `c` shows 0 unless stored (memcached: "will return 0 on error").
-    push_flags(out, flags, key, |out, flag| {
+    push_flags(out, flags, ShownKey::sent(key), |out, flag| {
         if flag == b'c' {
             push_flag(out, b'c', cas);
         }
@@ -334,7 +358,7 @@ fn arith(shard: &mut Shard, key: &Key<'_>, flags: &Flags<'_>, incr: bool, out: &
             } else {
                 out.extend_from_slice(b"HD");
             }
-            push_flags(out, flags, key, |out, flag| match flag {
+            push_flags(out, flags, ShownKey::sent(key), |out, flag| match flag {
                 b'c' => push_flag(out, b'c', if cas_enabled { cas } else { 0 }),
                 b't' => push_ttl(out, shown_exptime.unwrap_or(exptime), now),
                 _ => {}
@@ -372,7 +396,7 @@ fn debug(shard: &mut Shard, key: &Key<'_>, out: &mut Vec<u8>) {
         return;
     };
     out.extend_from_slice(b"ME ");
-    push_key_text(out, key);
+    push_key_text(out, ShownKey::stored(&item));
     // memcached prints `current_time - exptime` as a signed int: minus the remaining TTL.
     out.extend_from_slice(b" exp=");
     let exptime = item.exptime();

@@ -744,6 +744,12 @@ mod sessions {
         let reply = session(&mut shard, b"ms AAFiaW4ga2V5/w== 2 b k\r\nhi\r\nmg AAFiaW4ga2V5/w== k b v\r\n");
         assert_eq!(reply, "HD kAAFiaW4ga2V5/w== b\r\nVA 2 kAAFiaW4ga2V5/w== b\r\nhi\r\n");
         assert_eq!(session(&mut shard, b"mg Zh== b k\r\n"), "EN kZg== b\r\n");
+        // memcached 1.6.18: a hit shows the key as it was stored, other replies as this request sent it.
+        assert_eq!(session(&mut shard, b"ms Zm9v 1 b\r\nx\r\nmg foo k v\r\n"), "HD\r\nVA 1 kZm9v b\r\nx\r\n");
+        assert_eq!(
+            session(&mut shard, b"ms bar 1\r\n7\r\nmg YmFy b k\r\nma YmFy b k\r\n"),
+            "HD\r\nHD kbar\r\nHD kYmFy b\r\n"
+        );
         assert_eq!(
             session(&mut shard, b"md AAFiaW4ga2V5/w== b k q\r\nmd AAFiaW4ga2V5/w== b k q\r\n"),
             "NF kAAFiaW4ga2V5/w== b\r\n"
@@ -754,7 +760,7 @@ mod sessions {
     fn ms_modes_cas_and_quiet() {
         let mut shard = shard_with(Settings::default());
         assert_eq!(session(&mut shard, b"ms q1 2 q\r\nhi\r\n"), "");
-        assert_eq!(session(&mut shard, b"ms q1 2 q MR C999999\r\nhi\r\n"), "EX\r\n");
+        assert_eq!(session(&mut shard, b"ms q1 2 q MR C999\r\nhi\r\n"), "EX\r\n");
         assert_eq!(session(&mut shard, b"ms q2 2 q ME\r\nhi\r\nms q2 2 q ME\r\nhi\r\n"), "NS\r\n");
         assert_eq!(session(&mut shard, b"ms none 2 MA\r\nhi\r\nms none 2 MA C1\r\nhi\r\n"), "NS\r\nNS\r\n");
         assert_eq!(
@@ -802,7 +808,7 @@ mod sessions {
             "HD\r\nCLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
         );
         assert_eq!(session(&mut shard, b"ma m2 C1\r\n"), "EX\r\n");
-        // C0 means "no CAS" to incr/decr (m2 was 45 after the two plain `ma` above).
+        // C0 means "no CAS" to incr/decr (42, then four increments: memcached 1.6.18 answers 46).
         assert_eq!(session(&mut shard, b"ma m2 C0 v\r\n"), "VA 2\r\n46\r\n");
     }
 

@@ -65,6 +65,7 @@ fn store(shard: &mut Shard, request: &Storage<'_>, out: &mut Vec<u8>) {
         invalidate: false,
         new_cas: None,
         vivify_on_miss: None,
+        key_binary: false,
     };
     let result = shard.store.store(&store_request, now);
     let is_cas = compare_cas.is_some();
