@@ -543,3 +543,25 @@ def test_out_of_memory_with_dash_m_refuses_stores_and_keeps_items(start):
     assert stored > 1000
     for index in (0, stored // 2, stored - 1):
         conn.expect(b"get oom%d\r\n" % index, b"VALUE oom%d 0 1000\r\n" % index + value + b"\r\nEND\r\n")
+
+
+@requires_tandem("memcached counts its item header against -I, so a value of exactly -I bytes is refused there")
+def test_values_larger_than_a_segment_round_trip_and_evict(start):
+    # tandemd's arena is cut into 1 MiB segments; bigger values continue across segments.
+    server = start("-m", "64", "-I", "8m")
+    client = server.client(timeout=30)
+    sizes = [1024 * 1024 + 1, 2 * 1024 * 1024 + 17, 5 * 1000 * 1000, 8 * 1024 * 1024]
+    for size in sizes:
+        value = bytes((i * 7 + size) % 251 for i in range(size))
+        assert client.set(b"big:%d" % size, value)
+        assert client.get(b"big:%d" % size) == value
+    conn = server.raw(timeout=30)
+    too_big = 8 * 1024 * 1024 + 1
+    conn.expect(b"set over 0 0 %d\r\n" % too_big + b"o" * too_big + b"\r\n",
+                b"SERVER_ERROR object too large for cache\r\n")
+    # Twenty 5 MB values through 64 MB: the oldest go, the newest stay whole.
+    for i in range(20):
+        assert client.set(b"churn:%d" % i, bytes([i]) * (5 * 1000 * 1000))
+    assert client.get(b"churn:19") == bytes([19]) * (5 * 1000 * 1000)
+    assert client.get(b"churn:0") is None
+    assert int(stats(server)["evictions"]) > 0
