@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 fuzz_seconds=${FUZZ_SECONDS:-60}
+target_dir=${CARGO_TARGET_DIR:-$root/target}
 
 step() { printf '\n=== %s\n' "$*"; }
 
@@ -17,17 +18,26 @@ step "unit, property and Rust integration tests"
 cargo test --release --workspace -- --include-ignored 2>&1 | tee /tmp/tandem-cargo-test.log
 grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4; f+=$6} END {print "cargo tests: " p " passed, " f " failed"}'
 
-step "python integration suite against target/release/tandemd"
+step "python integration suite against $target_dir/release/tandemd"
 venv=${TANDEM_VENV:-$root/.venv}
 if [[ ! -x $venv/bin/pytest ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/requirements.txt
 fi
-TANDEM_SERVER=$root/target/release/tandemd "$venv/bin/pytest" -q -rs tests/python
+TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs tests/python
 
 step "fuzz targets, ${fuzz_seconds}s each"
 for target in $(cd dataplane/fuzz && cargo +nightly fuzz list); do
-  (cd dataplane/fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 2>&1 | tail -n 3)
+  # Fuzz builds use other compiler flags, so they get a build directory of their own.
+  log=$(mktemp)
+  if ! (cd dataplane/fuzz && CARGO_TARGET_DIR=$target_dir/fuzz cargo +nightly fuzz run "$target" -- \
+      -max_total_time="$fuzz_seconds" -rss_limit_mb=2048) >"$log" 2>&1; then
+    tail -n 60 "$log"
+    echo "fuzz target $target FAILED"
+    exit 1
+  fi
+  grep -E '^Done|stat::number_of_executed_units' "$log" | tail -n 2 | sed "s/^/$target: /"
 done
 
 step "all tests passed"
+echo "$(grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4} END {print p}') cargo tests, the python suite and $(cd dataplane/fuzz && cargo +nightly fuzz list | wc -l) fuzz targets: 0 failed"
