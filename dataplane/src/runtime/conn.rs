@@ -38,8 +38,6 @@ pub struct Conn {
     first_slot: u64,
     /// Stop reading; close once the output is flushed.
     pub closing: bool,
-    /// The socket may hold unread bytes (we stopped reading before EAGAIN).
-    pub more_to_read: bool,
 }
 
 /// Output beyond which a connection stops reading requests until the client reads its replies.
@@ -59,7 +57,6 @@ impl Conn {
             slots: VecDeque::new(),
             first_slot: 0,
             closing: false,
-            more_to_read: false,
         }
     }
 

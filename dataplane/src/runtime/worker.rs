@@ -7,7 +7,7 @@
 //! their client is not reading) are revisited next round without waiting.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -210,6 +210,7 @@ impl Worker {
             if let Some(info) = self.shared.workers[self.id].get() {
                 info.conn_list.lock().unwrap().push((stream.as_raw_fd(), Some(peer)));
             }
+            tracing::debug!(worker = self.id, %peer, "new connection");
             self.conns[index] = Some(Conn::new(stream, Some(peer), self.next_generation));
             self.counters.curr_connections.incr();
             self.counters.total_connections.incr();
@@ -219,6 +220,7 @@ impl Worker {
     fn close(&mut self, index: usize) {
         if let Some(mut conn) = self.conns[index].take() {
             let fd = conn.stream.as_raw_fd();
+            tracing::debug!(worker = self.id, peer = ?conn.peer, "connection closed");
             let _ = self.poll.registry().deregister(&mut conn.stream);
             if let Some(info) = self.shared.workers[self.id].get() {
                 info.conn_list.lock().unwrap().retain(|(f, _)| *f != fd);
@@ -329,13 +331,10 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
         }
         let use_scratch = conn.input.is_empty();
         let buf: &mut Vec<u8> = if use_scratch { &mut *scratch } else { &mut conn.input };
-        let start = buf.len();
-        if buf.capacity() - start < READ_CHUNK / 4 {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        buf.resize(buf.capacity(), 0);
-        let got = conn.stream.read(&mut buf[start..]);
-        buf.truncate(start + *got.as_ref().unwrap_or(&0));
+        let got = read_into_spare(&conn.stream, buf);
         match got {
             Ok(0) => conn.closing = true,
             Ok(n) => {
@@ -383,6 +382,21 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
     } else {
         Next::Idle
     }
+}
+
+/// Reads from the socket into `buf`'s spare capacity (no zero-filling first: a read is usually a few
+/// dozen bytes into a 64 KiB buffer) and extends `buf` by what arrived.
+fn read_into_spare(stream: &mio::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: read(2) writes at most `spare.len()` bytes into memory we own and does not read it.
+    let n = unsafe { libc::read(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Writes queued output; Err when the connection is broken.
