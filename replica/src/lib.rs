@@ -1,4 +1,16 @@
-//! Tandem replication (not built yet): the per-shard log record format, the shipper that runs on the
-//! replication core, the TCP and RDMA transports, the standby's receiver and apply, roles and epochs.
-//! See README.md in this folder and the Replication section of DESIGN.md; this crate depends on nothing
-//! in `dataplane`.
+//! Tandem replication: the pieces that carry one appliance's mutations to its standby.
+//!
+//! Built so far, each a pure library with its own tests (not yet wired into `dataplane`):
+//! - [`ids`]: [`ShardId`], [`LogSeq`], [`Epoch`], [`ReplicationId`].
+//! - [`record`]: the logical, self-contained log [`Record`] and its checksummed wire encoding.
+//!
+//! Still to come: the shipper on the replication core, the TCP and RDMA transports, the standby's
+//! receiver/apply (a trait that `dataplane` implements), full sync, roles, epochs and takeover.
+//! See README.md in this folder and the Replication section of DESIGN.md. This crate depends on nothing
+//! in `dataplane`; `dataplane` depends on it.
+
+pub mod ids;
+pub mod record;
+
+pub use ids::{Epoch, LogSeq, ReplicationId, ShardId};
+pub use record::{LoggedRecord, Record};
