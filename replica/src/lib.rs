@@ -3,12 +3,14 @@
 //! Built so far, each a pure library with its own tests (not yet wired into `dataplane`):
 //! - [`ids`]: [`ShardId`], [`LogSeq`], [`Epoch`], [`ReplicationId`].
 //! - [`record`]: the logical, self-contained log [`Record`] and its checksummed wire encoding.
+//! - [`frame`]: batch framing for the wire and a decoder for a byte stream fed in any pieces.
 //!
 //! Still to come: the shipper on the replication core, the TCP and RDMA transports, the standby's
 //! receiver/apply (a trait that `dataplane` implements), full sync, roles, epochs and takeover.
 //! See README.md in this folder and the Replication section of DESIGN.md. This crate depends on nothing
 //! in `dataplane`; `dataplane` depends on it.
 
+pub mod frame;
 pub mod ids;
 pub mod record;
 
