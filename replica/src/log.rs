@@ -762,8 +762,10 @@ mod tests {
         }
         let stats = shard.join().unwrap();
         assert!(delivered.windows(2).all(|pair| pair[0].0 < pair[1].0), "in order");
-        assert!(resyncs >= 1 || stats.records_lost == 0);
-        assert!(stats.resyncs_marked >= resyncs);
+        // One loss episode may be reported more than once (as its end moves on); every report is one
+        // the consumer saw, and there is a report exactly when something was lost.
+        assert_eq!(resyncs > 0, stats.records_lost > 0);
+        assert_eq!(stats.resyncs_marked > 0, stats.records_lost > 0);
         assert!(delivered.len() as u64 + stats.records_lost <= u64::from(RECORDS));
         if stats.records_lost > 0 {
             assert!(last_lost > 0);
