@@ -4,6 +4,7 @@
 //! - [`ids`]: [`ShardId`], [`LogSeq`], [`Epoch`], [`ReplicationId`].
 //! - [`record`]: the logical, self-contained log [`Record`] and its checksummed wire encoding.
 //! - [`frame`]: batch framing for the wire and a decoder for a byte stream fed in any pieces.
+//! - [`handshake`]: mutual challenge-response authentication and the resume-or-full-sync decision.
 //! - [`log`]: each shard's bounded log ring (producer: the shard; consumer: the shipper) and its backlog.
 //!
 //! Still to come: the shipper on the replication core, the TCP and RDMA transports, the standby's
@@ -12,6 +13,7 @@
 //! in `dataplane`; `dataplane` depends on it.
 
 pub mod frame;
+pub mod handshake;
 pub mod ids;
 pub mod log;
 pub mod record;
