@@ -472,7 +472,10 @@ impl ActiveHandshake {
         Ok(shards
             .map(|shard| {
                 let after = standby.seqs[shard.index()];
-                let shared = shared_until.map_or(true, |until| until.get(shard.index()).is_some_and(|&u| after <= u));
+                let shared = match shared_until {
+                    None => true,
+                    Some(until) => until.get(shard.index()).is_some_and(|&until| after <= until),
+                };
                 if shared && can_resume(shard, after) {
                     ShardStart::Resume { after }
                 } else {
