@@ -25,7 +25,8 @@
 //! The same framing serves every transport: TCP writes frames into the socket, and RDMA will write the
 //! same frames into the standby's per-shard receive rings.
 //!
-//! - [`encode_frame`] writes one batch; [`FrameHeader`] is its parsed header.
+//! - [`encode_frame`] writes one batch; [`begin_frame`] and [`finish_frame`] build one in place around
+//!   records drained straight into the output buffer; [`FrameHeader`] is its parsed header.
 //! - [`FrameDecoder`] takes bytes with [`FrameDecoder::feed`] and yields [`Frame`]s from
 //!   [`FrameDecoder::next_frame`]; [`Frame::records`] walks the records, borrowing keys and values.
 
@@ -125,12 +126,33 @@ pub fn encode_frame(
     records: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    let payload_len = u32::try_from(records.len()).map_err(|_| FrameError::PayloadTooLong(records.len()))?;
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    FrameHeader { shard, first_seq, count, payload_len }.write(&mut header);
-    out.reserve(FRAME_HEADER_LEN + records.len());
-    out.extend_from_slice(&header);
+    let start = begin_frame(out);
     out.extend_from_slice(records);
+    finish_frame(out, start, shard, first_seq, count)
+}
+
+/// Starts a frame in place: reserves its header at the end of `out` and returns where the frame begins.
+/// Append the records to `out` (e.g. with `log::LogConsumer::drain_batch`, saving a copy), then call
+/// [`finish_frame`].
+pub fn begin_frame(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    start
+}
+
+/// Completes the frame [`begin_frame`] started at `start`: everything after its header is the payload.
+pub fn finish_frame(
+    out: &mut [u8],
+    start: usize,
+    shard: ShardId,
+    first_seq: LogSeq,
+    count: u32,
+) -> Result<(), FrameError> {
+    let payload = out.len() - start - FRAME_HEADER_LEN;
+    let payload_len = u32::try_from(payload).map_err(|_| FrameError::PayloadTooLong(payload))?;
+    let header: &mut [u8; FRAME_HEADER_LEN] =
+        (&mut out[start..start + FRAME_HEADER_LEN]).try_into().expect("begin_frame reserved the header");
+    FrameHeader { shard, first_seq, count, payload_len }.write(header);
     Ok(())
 }
 
@@ -316,11 +338,24 @@ mod tests {
         let mut decoder = FrameDecoder::default();
         decoder.feed(&bytes);
         let frame = decoder.next_frame().unwrap().unwrap();
-        assert_eq!(frame.header, FrameHeader { shard: ShardId(2), first_seq: LogSeq(10), count: 2, payload_len: (bytes.len() - FRAME_HEADER_LEN) as u32 });
+        let payload_len = (bytes.len() - FRAME_HEADER_LEN) as u32;
+        assert_eq!(frame.header, FrameHeader { shard: ShardId(2), first_seq: LogSeq(10), count: 2, payload_len });
         assert_eq!(frame.header.last_seq(), LogSeq(11));
         let decoded: Vec<_> = frame.records().map(|r| (r.seq, r.record)).collect();
         assert_eq!(decoded, vec![(LogSeq(10), records[0]), (LogSeq(11), records[1])]);
         assert_eq!(decoder.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn a_frame_built_in_place_equals_one_encoded_whole() {
+        let records = [Record::Touch { key: b"k", expiry: 3 }, Record::Delete { key: b"k" }];
+        let whole = frame_of(1, 5, &records);
+        let mut out = b"previous frame".to_vec();
+        let start = begin_frame(&mut out);
+        records[0].encode(ShardId(1), LogSeq(5), &mut out).unwrap();
+        records[1].encode(ShardId(1), LogSeq(6), &mut out).unwrap();
+        finish_frame(&mut out, start, ShardId(1), LogSeq(5), 2).unwrap();
+        assert_eq!(&out[start..], &whole[..]);
     }
 
     #[test]

@@ -427,10 +427,11 @@ impl ActiveHandshake {
                 let send = vec![Message::Proof(prove(secret, Role::Active, &standby, &active))];
                 match self.decide(&standby, &mut can_resume) {
                     Ok(plan) => {
-                        tracing::info!(history = %self.config.history, epoch = self.config.epoch.0, ?plan, "replication handshake: standby accepted");
+                        let (history, epoch) = (self.config.history, self.config.epoch);
+                        tracing::info!(%history, %epoch, ?plan, "replication handshake: standby accepted");
                         let mut send = send;
                         send.push(Message::Accept(plan.clone()));
-                        let outcome = Outcome::Accepted { history: self.config.history, epoch: self.config.epoch, plan };
+                        let outcome = Outcome::Accepted { history, epoch, plan };
                         Step { send, outcome: Some(outcome) }
                     }
                     Err(reason) => Step::refuse(send, reason, Role::Active),
@@ -567,11 +568,13 @@ impl StandbyHandshake {
                     ShardStart::FullSync => true,
                 });
                 if !consistent {
-                    return Step::refuse(Vec::new(), RefuseReason::Protocol("resume from a point we never applied"), Role::Standby);
+                    let reason = RefuseReason::Protocol("resume from a point we never applied");
+                    return Step::refuse(Vec::new(), reason, Role::Standby);
                 }
                 let history = active.history.expect("checked at Hello");
-                tracing::info!(%history, epoch = active.epoch.0, ?plan, "replication handshake: accepted by the active");
-                Step { send: Vec::new(), outcome: Some(Outcome::Accepted { history, epoch: active.epoch, plan }) }
+                let epoch = active.epoch;
+                tracing::info!(%history, %epoch, ?plan, "replication handshake: accepted by the active");
+                Step { send: Vec::new(), outcome: Some(Outcome::Accepted { history, epoch, plan }) }
             }
             _ => Step::refuse(Vec::new(), RefuseReason::Protocol("message out of turn"), Role::Standby),
         }

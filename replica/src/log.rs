@@ -398,7 +398,8 @@ impl LogConsumer {
         self.reported_lost = lost;
         self.floor = self.floor.max(LogSeq(lost));
         self.drop_backlog();
-        tracing::warn!(shard = self.shared.shard.0, through = lost, "replication log lost records: standby needs a full sync");
+        let shard = self.shared.shard.0;
+        tracing::warn!(shard, through = lost, "replication log lost records: standby needs a full sync");
         Some(Drained::ResyncRequired { through: LogSeq(lost) })
     }
 

@@ -403,6 +403,26 @@ pub(crate) mod tests {
         assert!(out.is_empty());
     }
 
+    #[test]
+    fn every_single_bit_flip_of_every_kind_is_caught() {
+        let kinds = [
+            Record::Set { key: b"key", flags: 1, expiry: 2, cas: 3, value: b"value" },
+            Record::Delete { key: b"key" },
+            Record::Touch { key: b"key", expiry: 9 },
+            Record::Flush { at: 1_700_000_000 },
+        ];
+        for record in kinds {
+            let bytes = encoded(record, 5, 77);
+            for at in 0..bytes.len() {
+                for bit in 0..8 {
+                    let mut flipped = bytes.clone();
+                    flipped[at] ^= 1 << bit;
+                    assert!(decode(&flipped).is_err(), "{record:?}: bit {bit} of byte {at} went unnoticed");
+                }
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn any_record_round_trips(record in any_record(), shard: u16, seq: u64) {

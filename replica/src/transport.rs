@@ -209,20 +209,19 @@ pub mod memory {
 mod tests {
     use super::memory::{pair, Closed, MemoryConfig};
     use super::*;
-    use crate::frame::{encode_frame, FrameError};
+    use crate::frame::{begin_frame, finish_frame, FrameError};
     use crate::log::{channel, Drained, LogConfig};
     use crate::record::{DecodeError, Record};
 
-    /// Ships every record in `shard`'s log as frames over `link`.
+    /// Ships every record in the log as frames over `link`, draining straight into the frame buffer.
     fn ship(consumer: &mut crate::log::LogConsumer, link: &mut impl ActiveLink) {
-        let mut records = Vec::new();
         let mut frame = Vec::new();
         loop {
-            records.clear();
-            match consumer.drain_batch(256, &mut records) {
+            frame.clear();
+            let start = begin_frame(&mut frame);
+            match consumer.drain_batch(256, &mut frame) {
                 Drained::Batch { first_seq, count, .. } => {
-                    frame.clear();
-                    encode_frame(consumer.shard(), first_seq, count, &records, &mut frame).unwrap();
+                    finish_frame(&mut frame, start, consumer.shard(), first_seq, count).unwrap();
                     link.send_batch(&frame).unwrap();
                 }
                 Drained::Empty => return,
