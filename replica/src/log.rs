@@ -232,6 +232,10 @@ impl LogProducer {
             }
         }
         self.losing = false;
+        if !self.current.is_empty() && self.current.len() + len > self.current.capacity() {
+            // Hand over a chunk rather than grow it (if the queue is full, it grows after all).
+            self.flush();
+        }
         if self.current.capacity() == 0 {
             self.current = self.shared.free.pop().unwrap_or_default();
             self.current.reserve(self.shared.config.chunk_bytes.max(len));
@@ -408,7 +412,8 @@ impl LogConsumer {
     /// a full sync. Resuming at the newest record (nothing to re-send) is fine.
     pub fn resume_from(&mut self, after: LogSeq) -> Result<(), FullSyncNeeded> {
         self.receive_chunks();
-        let mut newest = self.max_drained;
+        // Everything up to the floor is accounted for: drained, lost, or before this log began.
+        let mut newest = self.max_drained.max(self.floor);
         let mut oldest_after = None;
         let mut target = None;
         for (index, chunk) in self.chunks.iter().enumerate() {
@@ -610,6 +615,20 @@ mod tests {
         assert_eq!(consumer.resume_from(LogSeq(4)), Ok(()));
         assert_eq!(drain_all(&mut consumer, 1000), vec![(5, 5)], "re-sent from the backlog");
         assert_eq!(producer.stats().resyncs_marked, 1);
+    }
+
+    #[test]
+    fn a_snapshot_taken_right_after_a_loss_can_be_followed_by_the_stream() {
+        let (mut producer, mut consumer) = channel(ShardId(0), LogSeq::ZERO, config(53, 1 << 10, 1 << 20));
+        assert_eq!(append_set(&mut producer, 1), Appended::Logged(LogSeq(1)));
+        assert_eq!(append_set(&mut producer, 2), Appended::Lost(LogSeq(2)));
+        assert_eq!(consumer.drain_batch(1000, &mut Vec::new()), Drained::ResyncRequired { through: LogSeq(2) });
+        // A full sync's snapshot includes record 2; the stream goes on after it.
+        assert_eq!(consumer.resume_from(LogSeq(2)), Ok(()));
+        assert!(consumer.resume_from(LogSeq(1)).is_err());
+        assert_eq!(append_set(&mut producer, 3), Appended::Logged(LogSeq(3)));
+        producer.flush();
+        assert_eq!(drain_all(&mut consumer, 1000), vec![(3, 3)]);
     }
 
     #[test]
