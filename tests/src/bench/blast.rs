@@ -60,6 +60,8 @@ pub struct BlastResult {
     pub hits: [u64; 4],
     pub errors: u64,
     pub error_samples: Vec<String>,
+    /// CPU this client process spent during the run (user + system), to show what the load cost.
+    pub client_cpu_us: f64,
 }
 
 impl BlastResult {
@@ -71,6 +73,7 @@ impl BlastResult {
             hits: [0; 4],
             errors: 0,
             error_samples: Vec::new(),
+            client_cpu_us: 0.0,
         }
     }
 
@@ -114,6 +117,7 @@ pub fn run(config: &BlastConfig) -> Result<BlastResult> {
         Limit::Requests(count) => count.min(i64::MAX as u64) as i64,
         Limit::Duration(_) => i64::MAX,
     });
+    let cpu_before = process_cpu_us();
     let started = Instant::now();
     let deadline = match config.limit {
         Limit::Duration(duration) => Some(started + duration),
@@ -135,7 +139,20 @@ pub fn run(config: &BlastConfig) -> Result<BlastResult> {
         total.merge(result?);
     }
     total.elapsed = started.elapsed();
+    total.client_cpu_us = process_cpu_us() - cpu_before;
     Ok(total)
+}
+
+/// User + system CPU of this process so far, in microseconds.
+fn process_cpu_us() -> f64 {
+    // SAFETY: getrusage writes only into the struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(usage.ru_utime) + us(usage.ru_stime)
 }
 
 /// A request sent and not yet answered.

@@ -84,6 +84,7 @@ pub struct Round {
     pub ops_per_sec: f64,
     pub p99_us: f64,
     pub cpu_us_per_request: f64,
+    pub client_cpu_us_per_request: f64,
     pub errors: u64,
     pub report: BlastReport,
 }
@@ -174,6 +175,7 @@ pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<C
                 ops_per_sec: report.ops_per_sec,
                 p99_us: report.latency.p99_us,
                 cpu_us_per_request: usage.cpu_us_per_request,
+                client_cpu_us_per_request: report.client_cpu_us_per_request,
                 errors: report.errors,
                 report,
             };

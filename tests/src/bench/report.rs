@@ -44,6 +44,8 @@ pub struct BlastReport {
     pub error_samples: Vec<String>,
     pub latency: Latency,
     pub commands: Vec<CommandCount>,
+    /// CPU the client itself used per reply (it shares the machine with the server).
+    pub client_cpu_us_per_request: f64,
     /// From the server's `stats` before and after, when it answered them.
     pub server_usage: Option<ServerUsage>,
 }
@@ -84,6 +86,7 @@ impl BlastReport {
                 .filter(|(i, _)| result.replies[*i] > 0)
                 .map(|(i, kind)| CommandCount { command: kind.name(), replies: result.replies[i], hits: result.hits[i] })
                 .collect(),
+            client_cpu_us_per_request: result.client_cpu_us / result.total_replies().max(1) as f64,
             server_usage,
         }
     }
@@ -118,6 +121,7 @@ impl fmt::Display for BlastReport {
         if let Some(usage) = &self.server_usage {
             writeln!(f, "  server: {:.2} us CPU per request ({} requests by its stats)", usage.cpu_us_per_request, usage.requests)?;
         }
+        writeln!(f, "  client: {:.2} us CPU per request", self.client_cpu_us_per_request)?;
         for sample in &self.error_samples {
             writeln!(f, "  error: {sample}")?;
         }

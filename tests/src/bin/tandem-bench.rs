@@ -267,8 +267,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = compare::run(&config, |round| {
                 if !json {
                     println!(
-                        "round {} {:<9} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request  {} errors",
-                        round.round, round.server, round.ops_per_sec, round.p99_us, round.cpu_us_per_request, round.errors
+                        "round {} {:<9} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request (client {:.2})  {} errors",
+                        round.round,
+                        round.server,
+                        round.ops_per_sec,
+                        round.p99_us,
+                        round.cpu_us_per_request,
+                        round.client_cpu_us_per_request,
+                        round.errors
                     );
                 }
             })?;
