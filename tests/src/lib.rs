@@ -1,6 +1,8 @@
 //! Helpers for Tandem's integration tests: start a real `tandemd` (or memcached) on a free loopback
 //! port, talk to it over real sockets, and stop it.
 
+pub mod bench;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -1,0 +1,222 @@
+//! Side by side: start memcached and tandemd with the same threads and memory, prefill both with the
+//! key space, run the same blast against each in turn (A B A B ...), and summarise by medians and the
+//! ratios tandemd/memcached.
+//!
+//! Both servers are children of this process; [`ServerChild`] kills its server on drop (so on every
+//! error path too), and each child is also asked to die with its parent (`PR_SET_PDEATHSIG`).
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::blast::{self, BlastConfig};
+use super::protocol::Protocol;
+use super::report::BlastReport;
+use super::stats::{self, ServerUsage};
+use super::verify::{set_all, BatchClient};
+
+/// One server under test, killed when dropped.
+pub struct ServerChild {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ServerChild {
+    /// Starts `program` with `args` and waits (up to 10 s) until it accepts on `addr`.
+    pub fn start(name: &'static str, program: &PathBuf, args: &[String], addr: SocketAddr) -> Result<ServerChild> {
+        let mut command = Command::new(program);
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().with_context(|| format!("start {name} ({})", program.display()))?;
+        let mut server = ServerChild { name, addr, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect(addr).is_ok() {
+                return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("{name} exited at start-up with {status} (arguments {args:?})");
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not accept on {addr} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What `compare` runs.
+#[derive(Clone, Debug)]
+pub struct CompareConfig {
+    pub memcached: PathBuf,
+    pub tandemd: PathBuf,
+    pub server_threads: usize,
+    pub memory_mb: usize,
+    pub item_size: Option<String>,
+    pub rounds: usize,
+    /// The blast to run; its address is replaced by each server's.
+    pub blast: BlastConfig,
+}
+
+/// One blast against one server.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Round {
+    pub round: usize,
+    pub server: &'static str,
+    pub ops_per_sec: f64,
+    pub p99_us: f64,
+    pub cpu_us_per_request: f64,
+    pub client_cpu_us_per_request: f64,
+    pub errors: u64,
+    pub report: BlastReport,
+}
+
+/// Medians of one server's rounds.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Medians {
+    pub ops_per_sec: f64,
+    pub p99_us: f64,
+    pub cpu_us_per_request: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CompareReport {
+    pub server_threads: usize,
+    pub memory_mb: usize,
+    pub memcached_args: Vec<String>,
+    pub tandemd_args: Vec<String>,
+    pub rounds: Vec<Round>,
+    pub memcached: Medians,
+    pub tandemd: Medians,
+    /// tandemd / memcached, for each median.
+    pub ratio: Medians,
+    pub errors: u64,
+}
+
+fn server_args(config: &CompareConfig, port: u16, memcached: bool) -> Vec<String> {
+    let mut args: Vec<String> = ["-p", &port.to_string(), "-l", "127.0.0.1", "-c", "4096"].map(String::from).to_vec();
+    args.extend(["-t".into(), config.server_threads.to_string(), "-m".into(), config.memory_mb.to_string()]);
+    if let Some(item_size) = &config.item_size {
+        args.extend(["-I".into(), item_size.clone()]);
+    }
+    if memcached {
+        args.extend(["-U".into(), "0".into()]);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            args.extend(["-u".into(), "root".into()]);
+        }
+    }
+    args
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the comparison; `on_round` sees each round as it finishes (for progress output).
+pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<CompareReport> {
+    if config.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let memcached_port = crate::free_port();
+    let mut tandemd_port = crate::free_port();
+    while tandemd_port == memcached_port {
+        tandemd_port = crate::free_port();
+    }
+    let memcached_args = server_args(config, memcached_port, true);
+    let tandemd_args = server_args(config, tandemd_port, false);
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let servers = [
+        ServerChild::start("memcached", &config.memcached, &memcached_args, loopback(memcached_port))?,
+        ServerChild::start("tandemd", &config.tandemd, &tandemd_args, loopback(tandemd_port))?,
+    ];
+    for server in &servers {
+        let mut client = BatchClient::connect(server.addr, Protocol::Text)?;
+        let (_, failures) = set_all(&mut client, config.blast.keys, config.blast.value_size, config.blast.seed, 100)?;
+        if !failures.is_empty() {
+            bail!("prefill of {} failed for {} keys, first: {}", server.name, failures.len(), failures[0]);
+        }
+    }
+    let mut rounds = Vec::new();
+    for round in 1..=config.rounds {
+        for server in &servers {
+            let blast_config = BlastConfig { addr: server.addr, ..config.blast.clone() };
+            let before = stats::fetch(server.addr, "")?;
+            let result = blast::run(&blast_config)?;
+            let after = stats::fetch(server.addr, "")?;
+            let usage = ServerUsage::between(&before, &after)?;
+            let report = BlastReport::new(&blast_config, &result, Some(usage));
+            let entry = Round {
+                round,
+                server: server.name,
+                ops_per_sec: report.ops_per_sec,
+                p99_us: report.latency.p99_us,
+                cpu_us_per_request: usage.cpu_us_per_request,
+                client_cpu_us_per_request: report.client_cpu_us_per_request,
+                errors: report.errors,
+                report,
+            };
+            on_round(&entry);
+            rounds.push(entry);
+        }
+    }
+    let medians = |name: &str| {
+        let of = |pick: fn(&Round) -> f64| median(rounds.iter().filter(|r| r.server == name).map(pick).collect());
+        Medians {
+            ops_per_sec: of(|r| r.ops_per_sec),
+            p99_us: of(|r| r.p99_us),
+            cpu_us_per_request: of(|r| r.cpu_us_per_request),
+        }
+    };
+    let (memcached, tandemd) = (medians("memcached"), medians("tandemd"));
+    let ratio = Medians {
+        ops_per_sec: tandemd.ops_per_sec / memcached.ops_per_sec,
+        p99_us: tandemd.p99_us / memcached.p99_us,
+        cpu_us_per_request: tandemd.cpu_us_per_request / memcached.cpu_us_per_request,
+    };
+    let errors = rounds.iter().map(|r| r.errors).sum();
+    drop(servers);
+    Ok(CompareReport {
+        server_threads: config.server_threads,
+        memory_mb: config.memory_mb,
+        memcached_args,
+        tandemd_args,
+        rounds,
+        memcached,
+        tandemd,
+        ratio,
+        errors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn medians() {
+        assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

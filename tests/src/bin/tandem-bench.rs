@@ -1,0 +1,309 @@
+//! `tandem-bench`: load and correctness runs against any memcached-compatible server.
+//!
+//! - `blast`: a timed or counted mix of set/get/touch/delete, with latency percentiles.
+//! - `setget`: set a key space, read every byte back; exits nonzero on any mismatch.
+//! - `sizes`: values from 1 byte up to the server's item limit; reports the first failing size.
+//! - `compare`: memcached and tandemd side by side (A B A B ...), medians and ratios.
+//!
+//! Every subcommand takes `--json` for a machine-readable report on stdout.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use tandem_tests::bench::blast::{self, BlastConfig, Limit};
+use tandem_tests::bench::compare::{self, CompareConfig};
+use tandem_tests::bench::protocol::Protocol;
+use tandem_tests::bench::report::BlastReport;
+use tandem_tests::bench::stats::{self, ServerUsage};
+use tandem_tests::bench::verify::{self, check_all, set_all, BatchClient};
+use tandem_tests::bench::workload::{KeySpace, Ratio, ValueSize};
+
+#[derive(Parser)]
+#[command(name = "tandem-bench", about = "Load tester for memcached-compatible servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive a mix of set/get/touch/delete and report throughput and latency.
+    Blast {
+        #[arg(long, default_value = "127.0.0.1:11211")]
+        server: String,
+        #[command(flatten)]
+        workload: Workload,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set every key, then get every key and compare each byte.
+    Setget {
+        #[arg(long, default_value = "127.0.0.1:11211")]
+        server: String,
+        #[arg(long, value_enum, default_value = "text")]
+        protocol: Protocol,
+        #[arg(long, default_value_t = 1000)]
+        keys: u64,
+        #[arg(long, default_value_t = 16)]
+        key_length: usize,
+        /// `N` bytes, or `uniform:MIN-MAX`.
+        #[arg(long, default_value = "uniform:1-4096")]
+        value_size: ValueSize,
+        /// Requests per write.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set and get growing values up to the server's item_size_max; report the first failing size.
+    Sizes {
+        #[arg(long, default_value = "127.0.0.1:11211")]
+        server: String,
+        #[arg(long, value_enum, default_value = "text")]
+        protocol: Protocol,
+        /// Stop at this size instead of item_size_max.
+        #[arg(long)]
+        max: Option<usize>,
+        /// A failure this many bytes or more below item_size_max is an error (item headers and the key
+        /// take some of the limit).
+        #[arg(long, default_value_t = 1024)]
+        overhead: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start memcached and tandemd, prefill both, blast each in turn for several rounds.
+    Compare {
+        #[arg(long, default_value = "/usr/bin/memcached")]
+        memcached: PathBuf,
+        #[arg(long, default_value = "target/release/tandemd")]
+        tandemd: PathBuf,
+        /// Server worker threads (-t), the same for both.
+        #[arg(long, default_value_t = 2)]
+        server_threads: usize,
+        /// Server memory in MB (-m), the same for both.
+        #[arg(long, default_value_t = 1024)]
+        memory: usize,
+        /// Item size limit (-I), the same for both; the servers' default if absent.
+        #[arg(long)]
+        item_size: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[command(flatten)]
+        workload: Workload,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The load shared by `blast` and `compare`.
+#[derive(Args, Clone)]
+struct Workload {
+    #[arg(long, value_enum, default_value = "text")]
+    protocol: Protocol,
+    /// Command weights, e.g. `set=1,get=10,touch=1,delete=1`.
+    #[arg(long, default_value = "set=1,get=10")]
+    ratio: Ratio,
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Client threads; connections are dealt out among them.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 16)]
+    key_length: usize,
+    /// `N` bytes, or `uniform:MIN-MAX`.
+    #[arg(long, default_value = "32")]
+    value_size: ValueSize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    /// Stop after this many requests in all.
+    #[arg(long, conflicts_with = "duration")]
+    requests: Option<u64>,
+    /// Stop issuing after this long (`10`, `10s`, `500ms`); the default when --requests is absent is 10 s.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl Workload {
+    fn config(&self, addr: SocketAddr) -> Result<BlastConfig> {
+        let keys = KeySpace::new(self.keys, self.key_length).map_err(anyhow::Error::msg)?;
+        let limit = match (self.requests, self.duration) {
+            (Some(count), _) => Limit::Requests(count),
+            (None, Some(duration)) => Limit::Duration(duration),
+            (None, None) => Limit::Duration(Duration::from_secs(10)),
+        };
+        Ok(BlastConfig {
+            addr,
+            protocol: self.protocol,
+            ratio: self.ratio.clone(),
+            keys,
+            value_size: self.value_size,
+            connections: self.connections,
+            threads: self.threads,
+            pipeline: self.pipeline,
+            limit,
+            seed: self.seed,
+        })
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        (text, 1.0)
+    };
+    let seconds: f64 = number.parse().map_err(|_| format!("{text:?}: expected seconds, `10s` or `500ms`"))?;
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(format!("{text:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds * scale))
+}
+
+fn resolve(server: &str) -> Result<SocketAddr> {
+    server.to_socket_addrs()?.next().with_context(|| format!("{server}: no address"))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Exit status: success only when the run found nothing wrong.
+fn status(clean: bool) -> ExitCode {
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Blast { server, workload, json } => {
+            let config = workload.config(resolve(&server)?)?;
+            let before = stats::fetch(config.addr, "").ok();
+            let result = blast::run(&config)?;
+            let after = stats::fetch(config.addr, "").ok();
+            let usage = match (before, after) {
+                (Some(before), Some(after)) => ServerUsage::between(&before, &after).ok(),
+                _ => None,
+            };
+            let report = BlastReport::new(&config, &result, usage);
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{report}");
+            }
+            Ok(status(report.errors == 0 && report.ops > 0))
+        }
+        Command::Setget { server, protocol, keys, key_length, value_size, batch, seed, json } => {
+            let addr = resolve(&server)?;
+            let keys = KeySpace::new(keys, key_length).map_err(anyhow::Error::msg)?;
+            let mut client = BatchClient::connect(addr, protocol)?;
+            let (sizes, mut failures) = set_all(&mut client, keys, value_size, seed, batch)?;
+            failures.extend(check_all(&mut client, keys, &sizes, batch)?);
+            let report = serde_json::json!({
+                "server": addr.to_string(),
+                "protocol": protocol,
+                "keys": keys.count,
+                "value_size": value_size.to_string(),
+                "bytes": sizes.iter().sum::<usize>(),
+                "errors": failures.len(),
+                "failures": failures.iter().take(20).collect::<Vec<_>>(),
+            });
+            if json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "setget {addr} over {protocol:?}: {} keys, values {value_size} B, {} bytes: {} errors",
+                    keys.count,
+                    sizes.iter().sum::<usize>(),
+                    failures.len()
+                );
+                for failure in failures.iter().take(20) {
+                    println!("  error: {failure}");
+                }
+            }
+            Ok(status(failures.is_empty()))
+        }
+        Command::Sizes { server, protocol, max, overhead, json } => {
+            let report = verify::sizes(resolve(&server)?, protocol, max)?;
+            let limit = max.unwrap_or(report.item_size_max).min(report.item_size_max);
+            let early = report.first_failing.is_some_and(|size| size + overhead <= limit);
+            if json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "sizes {} over {:?}: item_size_max {}, {} sizes tried, largest stored and read back intact: {}",
+                    report.server, report.protocol, report.item_size_max, report.sizes_tried, report.largest_ok
+                );
+                match (&report.first_failing, &report.failure) {
+                    (Some(size), Some(failure)) => println!("  first failing size: {size}: {failure}"),
+                    _ => println!("  no size up to {limit} failed"),
+                }
+            }
+            Ok(status(!report.corrupt && !early))
+        }
+        Command::Compare { memcached, tandemd, server_threads, memory, item_size, rounds, workload, json } => {
+            if !tandemd.exists() {
+                bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
+            }
+            let blast = workload.config(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let config = CompareConfig { memcached, tandemd, server_threads, memory_mb: memory, item_size, rounds, blast };
+            let report = compare::run(&config, |round| {
+                if !json {
+                    println!(
+                        "round {} {:<9} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request (client {:.2})  {} errors",
+                        round.round,
+                        round.server,
+                        round.ops_per_sec,
+                        round.p99_us,
+                        round.cpu_us_per_request,
+                        round.client_cpu_us_per_request,
+                        round.errors
+                    );
+                }
+            })?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for (name, m) in [("memcached", report.memcached), ("tandemd", report.tandemd)] {
+                    println!(
+                        "median {name:<9} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request",
+                        m.ops_per_sec, m.p99_us, m.cpu_us_per_request
+                    );
+                }
+                let r = report.ratio;
+                println!(
+                    "tandemd/memcached: ops/s {:.2}x  p99 {:.2}x  CPU/request {:.2}x",
+                    r.ops_per_sec, r.p99_us, r.cpu_us_per_request
+                );
+            }
+            Ok(status(report.errors == 0))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tandem-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
