@@ -36,6 +36,8 @@ pub struct Conn {
     slots: VecDeque<Slot>,
     /// Sequence number of `slots.front()`.
     first_slot: u64,
+    /// Bytes held in ready slots (kept as a count: [`Conn::backlog`] runs before every request).
+    parked: usize,
     /// Stop reading; close once the output is flushed.
     pub closing: bool,
 }
@@ -56,6 +58,7 @@ impl Conn {
             written: 0,
             slots: VecDeque::new(),
             first_slot: 0,
+            parked: 0,
             closing: false,
         }
     }
@@ -74,6 +77,7 @@ impl Conn {
 
     /// Queues bytes answered locally behind waiting slots.
     pub fn push_ready(&mut self, bytes: Vec<u8>) {
+        self.parked += bytes.len();
         self.slots.push_back(Slot::Ready(bytes));
     }
 
@@ -82,11 +86,15 @@ impl Conn {
     pub fn fill_slot(&mut self, seq: u64, bytes: Vec<u8>, mut release: impl FnMut(Vec<u8>)) {
         let Some(pos) = seq.checked_sub(self.first_slot) else { return release(bytes) };
         match self.slots.get_mut(pos as usize) {
-            Some(slot @ Slot::Waiting) => *slot = Slot::Ready(bytes),
+            Some(slot @ Slot::Waiting) => {
+                self.parked += bytes.len();
+                *slot = Slot::Ready(bytes);
+            }
             _ => return release(bytes),
         }
         while let Some(Slot::Ready(_)) = self.slots.front() {
             if let Some(Slot::Ready(buf)) = self.slots.pop_front() {
+                self.parked -= buf.len();
                 self.output.extend_from_slice(&buf);
                 release(buf);
             }
@@ -96,8 +104,7 @@ impl Conn {
 
     /// Bytes queued but not yet written, including replies parked in slots.
     pub fn backlog(&self) -> usize {
-        self.output.len() - self.written
-            + self.slots.iter().map(|s| if let Slot::Ready(b) = s { b.len() } else { 0 }).sum::<usize>()
+        self.output.len() - self.written + self.parked
     }
 
     /// Whether replies are still expected from other cores.
@@ -127,9 +134,11 @@ mod tests {
         let mut released = 0;
         c.fill_slot(s3, b"D".to_vec(), |_| released += 1);
         assert_eq!(c.output, b"A");
+        assert_eq!(c.backlog(), 4, "A written, C D E parked");
         c.fill_slot(s1, b"B".to_vec(), |_| released += 1);
         assert_eq!(c.output, b"ABCDE");
         assert!(c.in_order());
+        assert_eq!(c.backlog(), 5);
         assert_eq!(released, 4);
         // A stale reply (slot already filled) is dropped.
         c.fill_slot(s1, b"X".to_vec(), |_| released += 1);

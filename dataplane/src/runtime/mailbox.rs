@@ -192,11 +192,12 @@ impl Postbox {
     /// Takes every batch waiting for this worker, calling `handle` on each message in order per sender.
     pub fn drain(&mut self, mut handle: impl FnMut(&mut Postbox, ShardId, Msg)) -> usize {
         let mut handled = 0;
-        for from in 0..self.boxes.workers() {
+        // One handle for the whole drain: `handle` needs `self` mutably while a lane is borrowed.
+        let boxes = Arc::clone(&self.boxes);
+        for from in 0..boxes.workers() {
             if from == self.me {
                 continue;
             }
-            let boxes = Arc::clone(&self.boxes);
             let lane = boxes.lane(from, self.me);
             while let Some(mut batch) = lane.batches.pop() {
                 handled += batch.len();
