@@ -9,10 +9,12 @@
 //! - [`store`]: the per-shard item store: an arena of segments, an index, expiry and eviction.
 //! - [`runtime`]: pinned worker threads, their poll loops and the rings between them.
 //! - [`config`], [`stats`], [`clock`]: operator settings, counters, and the server's notion of time.
+//! - [`notify`]: readiness and the watchdog for systemd (`Type=notify`, `WatchdogSec=`).
 
 pub mod clock;
 pub mod config;
 pub mod net;
+pub mod notify;
 pub mod protocol;
 pub mod route;
 pub mod runtime;

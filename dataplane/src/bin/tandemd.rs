@@ -1,10 +1,15 @@
 //! tandemd: the Tandem cache server. Flags follow memcached's; see `tandemd --help`.
+//!
+//! Under systemd (`Type=notify`) it reports readiness once it serves, a one-line status, and feeds
+//! the watchdog only while every worker's poll loop makes progress (see `dataplane::notify`).
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use dataplane::config::{Flags, Settings};
+use dataplane::notify::{Notifier, Verdict, Watchdog};
 use dataplane::runtime::Server;
 
 fn main() {
@@ -27,15 +32,51 @@ fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     raise_fd_limit(settings.max_connections)?;
-    // Workers inherit this mask, so SIGTERM and SIGINT reach only the sigwait below.
+    // Workers inherit this mask, so SIGTERM and SIGINT reach only the wait below.
     let signals = block_signals(&[libc::SIGTERM, libc::SIGINT]);
+    let notifier = Notifier::from_env();
     let server = Server::start(settings).context("cannot start")?;
     tracing::info!(addrs = ?server.addrs, threads = server.shared.settings.threads, "tandemd serving");
-    let signal = wait_for(&signals);
+    let serving = format!("serving memcached on {}, {} shards", list_addrs(&server.addrs), server.shared.settings.threads);
+    // Every listener is bound and every worker polls: systemd may now call the service started.
+    notifier.send(&format!("READY=1\nSTATUS={serving}"));
+    let signal = supervise(&server, &signals, &notifier, &serving);
     tracing::info!(signal, "shutting down");
+    notifier.send("STOPPING=1\nSTATUS=shutting down");
     server.stop();
     server.join();
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT. Meanwhile, under a systemd watchdog, pings it while every worker's poll
+/// loop makes rounds, and stops pinging (saying which worker is stuck) when one does not.
+fn supervise(server: &Server, signals: &libc::sigset_t, notifier: &Notifier, serving: &str) -> libc::c_int {
+    let mut watchdog = if notifier.active() { Watchdog::from_env() } else { None };
+    let interval = watchdog.as_ref().map_or(Duration::from_secs(3600), Watchdog::check_interval);
+    let mut stuck_before = None;
+    loop {
+        if let Some(signal) = wait_for(signals, interval) {
+            return signal;
+        }
+        let Some(dog) = watchdog.as_mut() else { continue };
+        let rounds: Vec<u64> = server.shared.worker_infos().map(|w| w.rounds.load(Ordering::Relaxed)).collect();
+        match dog.check(&rounds, Instant::now()) {
+            Verdict::Ping => {
+                let status = if stuck_before.take().is_some() { format!("\nSTATUS={serving}") } else { String::new() };
+                notifier.send(&format!("WATCHDOG=1{status}"));
+            }
+            Verdict::Stalled(worker) if stuck_before != Some(worker) => {
+                stuck_before = Some(worker);
+                tracing::warn!(worker, "worker poll loop made no progress; not feeding the watchdog");
+                notifier.send(&format!("STATUS=worker {worker} poll loop stalled; watchdog not fed"));
+            }
+            Verdict::Stalled(_) | Verdict::Wait => {}
+        }
+    }
+}
+
+fn list_addrs(addrs: &[std::net::SocketAddr]) -> String {
+    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// File descriptors needed beyond client connections: listeners, pollers, wakers, logs.
@@ -84,11 +125,10 @@ fn block_signals(list: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
-fn wait_for(set: &libc::sigset_t) -> libc::c_int {
-    let mut signal: libc::c_int = 0;
-    // SAFETY: the set was initialised by block_signals; sigwait writes the signal number.
-    unsafe {
-        libc::sigwait(set, &mut signal);
-    }
-    signal
+/// Waits up to `timeout` for one of the blocked signals in `set`; None when the time ran out.
+fn wait_for(set: &libc::sigset_t, timeout: Duration) -> Option<libc::c_int> {
+    let spec = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: the set was initialised by block_signals; a null siginfo pointer is allowed.
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &spec) };
+    (signal > 0).then_some(signal)
 }

@@ -14,7 +14,7 @@ pub mod report;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -33,6 +33,9 @@ pub struct WorkerInfo {
     /// Open connections: fd and peer (for `stats conns`). Touched on accept and close only.
     pub conn_list: Mutex<Vec<(i32, Option<SocketAddr>)>>,
     pub listeners: Vec<(i32, SocketAddr)>,
+    /// Poll rounds finished; only this worker writes it. The systemd watchdog is fed only while every
+    /// worker's count moves (an idle worker still finishes a round per second: its poll timeout).
+    pub rounds: AtomicU64,
 }
 
 /// State shared by all workers. Nothing here is touched per request except through atomics that are

@@ -116,6 +116,7 @@ impl Worker {
             backing,
             conn_list: Default::default(),
             listeners: listener_info,
+            rounds: Default::default(),
         };
         let _ = shared.workers[id].set(info);
         Ok(Worker {
@@ -173,6 +174,9 @@ impl Worker {
             self.handle_mail();
             // A full ring keeps this round's batch here: retry next round without sleeping.
             mail_held = self.postbox.flush();
+            if let Some(info) = self.shared.workers[self.id].get() {
+                info.rounds.fetch_add(1, Ordering::Relaxed);
+            }
         }
         tracing::debug!(worker = self.id, "worker stopped");
     }
