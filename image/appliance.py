@@ -9,7 +9,7 @@ Used by `image/run` (demos) and `image/tests` (CI). What it offers:
   disk image (so one image serves every member), booted either through UEFI from the GPT disk
   (systemd-boot) or directly from the kernel and initrd with an extra command line (identity as
   `tandem.*=`). An identity can also come on a config drive (a small vfat disk labelled TANDEMCFG).
-  `exec()` runs a command in the guest through qemu-guest-agent (guest-exec over virtio-serial).
+  `exec()` runs a command in the guest through qemu-guest-agent (`Agent`: guest-exec over virtio-serial).
 - `Pair`: two appliances on one network, each given its identity (role, address, peer).
 
 qemu runs with TCG (`-accel tcg -cpu max`) unless TANDEM_QEMU_ACCEL says otherwise: this machine's
@@ -157,6 +157,52 @@ class Identity:
         return self.address.split("/")[0]
 
 
+class Agent:
+    """qemu-guest-agent on a guest's virtio-serial socket: guest-exec, one connection per command."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._sync = itertools.count(int(time.time()) % 100000)
+
+    def call(self, command: str, arguments: dict | None = None, timeout: float = 30) -> object:
+        """One guest-agent command on a fresh connection, after a guest-sync-delimited handshake."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.path))
+            sync_id = next(self._sync)
+            s.sendall(json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}).encode() + b"\n")
+            reader = s.makefile("rb")
+            while True:
+                line = reader.readline()
+                if not line:
+                    raise GuestError("guest agent closed the connection")
+                line = line.lstrip(b"\xff").strip()
+                if line and json.loads(line).get("return") == sync_id:
+                    break
+            message = {"execute": command}
+            if arguments is not None:
+                message["arguments"] = arguments
+            s.sendall(json.dumps(message).encode() + b"\n")
+            reply = json.loads(reader.readline())
+        if "error" in reply:
+            raise GuestError(f"{command}: {reply['error']}")
+        return reply["return"]
+
+    def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
+        """Runs argv in the guest (as root) and waits for it."""
+        pid = self.call("guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.call("guest-exec-status", {"pid": pid})
+            if status["exited"]:
+                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+                return ExecResult(status.get("exitcode", -status.get("signal", 0)), out, err)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{argv} still running in the guest after {timeout} s")
+            time.sleep(0.2)
+
+
 class Appliance:
     """One booted appliance. `boot` is "uefi" (GPT disk, systemd-boot) or "direct" (kernel + initrd)."""
 
@@ -174,7 +220,7 @@ class Appliance:
         self.dir.mkdir()
         self.console = self.dir / "console.log"
         self.agent_path = self.dir / "qga.sock"
-        self._sync = itertools.count(int(time.time()) % 100000)
+        self.agent = Agent(self.agent_path)
         self.qemu: subprocess.Popen | None = None
         try:
             self._start(boot, identity, identity_via, nics, memory_mb, cpus)
@@ -191,6 +237,9 @@ class Appliance:
                "-drive", f"file={overlay},if=virtio,format=qcow2",
                "-chardev", f"socket,path={self.agent_path},server=on,wait=off,id=qga0",
                "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+        if nics > 1:
+            # A virtual IOMMU, so the spare NICs can be handed to vfio-pci (the DPDK driver) as on metal.
+            cmd += ["-device", "intel-iommu,intremap=off"]
         self.macs = []
         for i in range(nics):
             tap = self.net.add_tap()
@@ -198,7 +247,7 @@ class Appliance:
             self.macs.append(mac)
             cmd += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no",
                     "-device", f"virtio-net-pci,netdev=n{i},mac={mac}"]
-        cmdline = "root=LABEL=tandem-root rw console=ttyS0,115200"
+        cmdline = "root=LABEL=tandem-root rw intel_iommu=on iommu=pt console=ttyS0,115200"
         if identity is not None and identity_via == "cmdline":
             if boot != "direct":
                 raise ValueError("an identity on the kernel command line needs boot='direct'")
@@ -225,32 +274,6 @@ class Appliance:
         run(["mcopy", "-i", str(drive), str(conf), "::/identity.conf"], env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
         return drive
 
-    # ---- qemu-guest-agent ----
-
-    def _agent_call(self, command: str, arguments: dict | None = None, timeout: float = 30) -> object:
-        """One guest-agent command on a fresh connection, after a guest-sync-delimited handshake."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.agent_path))
-            sync_id = next(self._sync)
-            s.sendall(json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}).encode() + b"\n")
-            reader = s.makefile("rb")
-            while True:
-                line = reader.readline()
-                if not line:
-                    raise GuestError("guest agent closed the connection")
-                line = line.lstrip(b"\xff").strip()
-                if line and json.loads(line).get("return") == sync_id:
-                    break
-            message = {"execute": command}
-            if arguments is not None:
-                message["arguments"] = arguments
-            s.sendall(json.dumps(message).encode() + b"\n")
-            reply = json.loads(reader.readline())
-        if "error" in reply:
-            raise GuestError(f"{command}: {reply['error']}")
-        return reply["return"]
-
     def wait_agent(self, timeout: float = BOOT_TIMEOUT) -> float:
         """Waits until the guest agent answers; returns the seconds it took."""
         start = time.monotonic()
@@ -258,25 +281,15 @@ class Appliance:
             if self.qemu.poll() is not None:
                 raise GuestError(f"{self.name}: qemu exited ({self.qemu.returncode}): {self.tail('qemu.log')}")
             try:
-                self._agent_call("guest-ping", timeout=5)
+                self.agent.call("guest-ping", timeout=5)
                 return time.monotonic() - start
             except (OSError, GuestError, ValueError):
                 time.sleep(2)
         raise TimeoutError(f"{self.name}: guest agent silent after {timeout:.0f} s; console:\n{self.tail('console.log')}")
 
     def exec(self, argv: list[str], timeout: float = 60) -> ExecResult:
-        """Runs argv in the guest (as root, through the agent) and waits for it."""
-        pid = self._agent_call("guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True})["pid"]
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self._agent_call("guest-exec-status", {"pid": pid})
-            if status["exited"]:
-                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
-                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
-                return ExecResult(status.get("exitcode", -status.get("signal", 0)), out, err)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: {argv} still running after {timeout} s")
-            time.sleep(0.2)
+        """Runs argv in the guest (as root, through the guest agent) and waits for it."""
+        return self.agent.exec(argv, timeout)
 
     def sh(self, script: str, timeout: float = 60) -> ExecResult:
         return self.exec(["/bin/sh", "-c", script], timeout=timeout)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of Tandem: unit and property tests, integration tests against real tandemd
-# processes (pymemcache, memccapable, bad input, size shift, memory, 10k connections), and each fuzz
-# target for a bounded time. Needs: cargo, python3 with venv, memcached and libmemcached-tools
-# (.ci/run installs them). FUZZ_SECONDS (default 60) bounds each fuzz target.
+# processes (pymemcache, memccapable, bad input, size shift, memory, 10k connections), the appliance
+# (image/build, then VMs booted under qemu: one standalone, then a pair), and each fuzz target for a
+# bounded time. Needs: cargo, python3 with venv, memcached and libmemcached-tools, and for the appliance
+# root, debootstrap, qemu-system-x86, OVMF, mtools, dosfstools, dnsmasq (.ci/run installs them all).
+# FUZZ_SECONDS (default 60) bounds each fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -26,6 +28,16 @@ if [[ ! -x $venv/bin/pytest ]]; then
 fi
 TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs tests/python
 
+step "appliance: build the image, boot one appliance, then a pair (qemu, TCG)"
+if ((EUID != 0)); then
+  echo "appliance tests skipped: they need root (debootstrap, chroot, network namespaces, tap devices)"
+else
+  image_start=$SECONDS
+  image/build --tandemd "$target_dir/release/tandemd"
+  "$venv/bin/pytest" -p no:cacheprovider -q -rs -s image/tests
+  echo "appliance: image and boot tests took $((SECONDS - image_start)) s"
+fi
+
 step "fuzz targets, ${fuzz_seconds}s each"
 for target in $(cd dataplane/fuzz && cargo +nightly fuzz list); do
   # Fuzz builds use other compiler flags, so they get a build directory of their own.
@@ -40,4 +52,4 @@ for target in $(cd dataplane/fuzz && cargo +nightly fuzz list); do
 done
 
 step "all tests passed"
-echo "$(grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4} END {print p}') cargo tests, the python suite and $(cd dataplane/fuzz && cargo +nightly fuzz list | wc -l) fuzz targets: 0 failed"
+echo "$(grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4} END {print p}') cargo tests, the python suite, the appliance tests and $(cd dataplane/fuzz && cargo +nightly fuzz list | wc -l) fuzz targets: 0 failed"

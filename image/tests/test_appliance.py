@@ -121,7 +121,7 @@ def test_appliance_conf_binds_a_nic_for_dpdk_adds_soft_roce_and_pins_cpus(single
     nics = [line.split() for line in nics if line.strip()]
     serving = next(n for n in nics if n[2] == single.macs[0])
     spare = next(n for n in nics if n[2] == single.macs[1])
-    conf = (f"HUGEPAGES=auto\\nCPUS=0\\nDPDK_NICS={spare[0]}\\nVFIO_NOIOMMU=yes\\nRDMA_NETDEVS={serving[1]}\\n")
+    conf = (f"HUGEPAGES=auto\\nCPUS=0\\nDPDK_NICS={spare[0]}\\nDPDK_DRIVER=vfio-pci\\nRDMA_NETDEVS={serving[1]}\\n")
     single.sh(f"cp /etc/tandem/appliance.conf /run/appliance.conf.orig && printf '{conf}' >/etc/tandem/appliance.conf "
               "&& systemctl daemon-reload && systemctl start tandem.target", timeout=120).check()
     try:
@@ -140,3 +140,15 @@ def test_appliance_conf_binds_a_nic_for_dpdk_adds_soft_roce_and_pins_cpus(single
         assert "rxe0" not in single.sh("rdma link show").out
     finally:
         single.sh("cp /run/appliance.conf.orig /etc/tandem/appliance.conf && systemctl daemon-reload")
+
+
+def test_a_bad_setting_is_named_by_systemctl_status(single):
+    single.sh("cp /etc/tandem/tandem.toml /run/tandem.toml.orig && echo 'max_conections = 10' >>/etc/tandem/tandem.toml").check()
+    try:
+        assert single.sh("systemctl restart tandemd", timeout=120).code != 0
+        status = single.sh("systemctl status tandemd --no-pager -n 5").out
+        assert "max_conections" in status, status
+    finally:
+        single.sh("cp /run/tandem.toml.orig /etc/tandem/tandem.toml && systemctl reset-failed tandemd; systemctl restart tandemd",
+                  timeout=120)
+    wait_serving(single)
