@@ -146,7 +146,8 @@ def test_a_bad_setting_is_named_by_systemctl_status(single):
     single.sh("cp /etc/tandem/tandem.toml /run/tandem.toml.orig && echo 'max_conections = 10' >>/etc/tandem/tandem.toml").check()
     try:
         assert single.sh("systemctl restart tandemd", timeout=120).code != 0
-        status = single.sh("systemctl status tandemd --no-pager -n 5").out
+        status = single.wait_until("the bad key in systemctl status",
+                                   "systemctl status tandemd --no-pager -n 5 | grep -F 'Status: \"cannot start: '", timeout=30)
         assert "max_conections" in status, status
     finally:
         single.sh("cp /run/tandem.toml.orig /etc/tandem/tandem.toml && systemctl reset-failed tandemd; systemctl restart tandemd",

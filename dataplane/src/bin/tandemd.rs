@@ -15,6 +15,8 @@ use dataplane::runtime::Server;
 fn main() {
     if let Err(e) = run() {
         eprintln!("tandemd: {e:#}");
+        // `systemctl status` shows this as the service's one-line status.
+        Notifier::from_env().send(&format!("STATUS=cannot start: {}", one_line(&format!("{e:#}"))));
         std::process::exit(1);
     }
 }
@@ -72,6 +74,16 @@ fn supervise(server: &Server, signals: &libc::sigset_t, notifier: &Notifier, ser
             }
             Verdict::Stalled(_) | Verdict::Wait => {}
         }
+    }
+}
+
+/// A multi-line error (TOML's quote the offending line) as one line: its first line and its last.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [only] => only.to_string(),
+        [first, .., last] => format!("{first}: {last}"),
     }
 }
 
