@@ -15,12 +15,17 @@
 //! See README.md in this folder and the Replication section of DESIGN.md. This crate depends on nothing
 //! in `dataplane`; `dataplane` depends on it.
 
+pub mod backlog;
 pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod log;
+pub mod port;
+pub mod receiver;
 pub mod record;
+pub mod shipper;
 pub mod transport;
+pub mod wire;
 
 pub use ids::{Epoch, LogSeq, ReplicationId, ShardId};
 pub use record::{LoggedRecord, Record};

@@ -159,4 +159,15 @@ pub trait Codec {
 
     /// Encodes the server's reply to a [`Route::Admin`] request (nothing for a quiet binary flush).
     fn answer_admin(request: &Self::Request<'_>, reply: AdminReply<'_>, out: &mut Vec<u8>);
+
+    /// Whether the request changes the cache: stores, deletes, incr/decr, touch and get-and-touch,
+    /// vivifying reads, flush_all. A read-only standby refuses these with [`Codec::refuse_read_only`].
+    fn mutates(request: &Self::Request<'_>) -> bool;
+
+    /// The refusal of a request that [`Codec::mutates`] on a read-only standby (sent even when the
+    /// request asked for no reply, as memcached sends errors).
+    fn refuse_read_only(request: &Self::Request<'_>, out: &mut Vec<u8>);
 }
+
+/// What a read-only standby answers a write with, in the text and meta protocols.
+pub const READ_ONLY_STANDBY: &[u8] = b"SERVER_ERROR read-only standby\r\n";

@@ -196,6 +196,25 @@ impl Codec for TextCodec {
         execute::execute(shard, request, out)
     }
 
+    fn mutates(request: &Request<'_>) -> bool {
+        match request {
+            Request::Storage(_)
+            | Request::Delete { .. }
+            | Request::Arith { .. }
+            | Request::Touch { .. }
+            | Request::FlushAll { .. } => true,
+            Request::Retrieval(retrieval) => {
+                matches!(retrieval.command, RetrievalCommand::Gat { .. } | RetrievalCommand::Gats { .. })
+            }
+            Request::Meta(request) => meta::mutates(request),
+            _ => false,
+        }
+    }
+
+    fn refuse_read_only(_request: &Request<'_>, out: &mut Vec<u8>) {
+        out.extend_from_slice(crate::protocol::READ_ONLY_STANDBY);
+    }
+
     fn key_at<'r>(request: &'r Request<'_>, index: usize) -> &'r [u8] {
         match request {
             Request::Retrieval(retrieval) => retrieval.keys.get(index),
