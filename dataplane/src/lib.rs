@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod net;
 pub mod protocol;
+pub mod replication;
 pub mod route;
 pub mod runtime;
 pub mod shard;

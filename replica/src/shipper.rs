@@ -108,6 +108,10 @@ pub struct ShipperReport {
     pub sync_degraded: u64,
     pub bytes_shipped: u64,
     pub snapshot_bytes: u64,
+    /// Shard logs that found their ring full (back-pressure), records lost to it, resyncs it forced.
+    pub ring_full_events: u64,
+    pub ring_records_lost: u64,
+    pub ring_resyncs: u64,
 }
 
 /// Handles the server keeps to a running shipper.
@@ -695,6 +699,9 @@ impl Shipper {
             sync_degraded: self.counters.sync_degraded,
             bytes_shipped: self.counters.bytes_shipped,
             snapshot_bytes: self.counters.snapshot_bytes,
+            ring_full_events: self.logs.iter().map(|l| l.stats().full_events).sum(),
+            ring_records_lost: self.logs.iter().map(|l| l.stats().records_lost).sum(),
+            ring_resyncs: self.logs.iter().map(|l| l.stats().resyncs_marked).sum(),
             peers: Vec::new(),
         };
         let now = Instant::now();

@@ -80,6 +80,9 @@ pub enum Route<'r> {
     /// A retrieval of this many keys, each run on its own shard with [`Codec::execute_key`], in order,
     /// then closed with [`Codec::finish_keys`].
     Keys(usize),
+    /// Run on every shard in turn with [`Codec::execute`], replies in shard order, then closed with
+    /// [`Codec::finish_keys`] (`lru_crawler metadump`).
+    AllShards,
     /// Answered by the connection alone with [`Codec::answer`] (version, mn, noop, quit, errors...).
     Connection,
     /// Needs the server as a whole; answered with [`Codec::answer_admin`].

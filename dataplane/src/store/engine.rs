@@ -78,6 +78,8 @@ pub struct Store {
     flush_mark: FlushMark,
     /// Where client changes are reported (the replication log), if anywhere.
     changes: Option<Box<dyn ChangeSink>>,
+    /// A standby's store: reads change nothing (no bump, no fetched mark, no touch, no vivify, no win).
+    read_only: bool,
 }
 
 /// What the store remembers of the last `flush_all` (see the module docs).
@@ -243,6 +245,7 @@ impl Store {
             scratch: Vec::new(),
             flush_mark: FlushMark::default(),
             changes: None,
+            read_only: false,
         })
     }
 
@@ -263,6 +266,7 @@ impl Store {
 
     /// A read; may touch, vivify, mark fetched, bump.
     pub fn get(&mut self, key: &[u8], options: GetOptions, now: RelTime) -> GetResult<'_> {
+        let options = if self.read_only { GetOptions { no_bump: true, ..GetOptions::default() } } else { options };
         let tag = tag_of(key_hash(key));
         let Some(Found { addr, header, .. }) = self.lookup_live(key, tag, now) else {
             return match options.vivify {
@@ -1013,6 +1017,10 @@ pub trait ChangeSink: Send {
     fn touch(&mut self, key: &[u8], exptime: RelTime);
     /// `flush_all` took effect.
     fn flush(&mut self);
+    /// Where the last reported change sits in the sink's order (a log sequence number).
+    fn position(&self) -> u64;
+    /// Called once per poll round: passes on what was reported. Returns whether anything was pending.
+    fn end_round(&mut self) -> bool;
 }
 
 /// Where a [`Store::scan`] resumes. The index is walked from its last slot down: removals shift
@@ -1034,6 +1042,11 @@ impl ScanCursor {
 }
 
 impl Store {
+    /// Makes reads leave the store exactly as it is (a standby's store: only replication changes it).
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+    }
+
     /// Reports every later client change to `sink`.
     pub fn set_change_sink(&mut self, sink: Box<dyn ChangeSink>) {
         self.changes = Some(sink);
@@ -1094,6 +1107,18 @@ impl Store {
         if let Some((slot, addr)) = self.find(key, tag) {
             let header = self.header_at(addr);
             self.unlink(slot, addr, &header);
+        }
+    }
+
+    /// Visits every live item once (a dump taken in one go; see [`Store::scan`] for one taken in slices).
+    pub fn for_each_live(&self, now: RelTime, mut visit: impl FnMut(&ItemRef<'_>)) {
+        for slot in 0..self.index.capacity() {
+            if let Some(addr) = self.index.address_at(slot) {
+                let item = ItemRef::new(self, addr, now);
+                if !self.is_dead(&item.header, now) {
+                    visit(&item);
+                }
+            }
         }
     }
 

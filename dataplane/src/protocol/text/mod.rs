@@ -76,6 +76,8 @@ pub enum Request<'a> {
     },
     Version,
     Quit,
+    /// `lru_crawler metadump all`: one line per live item of every shard, then `END`.
+    MetaDump,
     Meta(meta::Request<'a>),
 }
 
@@ -188,6 +190,7 @@ impl Codec for TextCodec {
             Request::Stats { group } => Route::Admin(Admin::Stats(*group)),
             Request::Shutdown { .. } => Route::Admin(Admin::Shutdown),
             Request::Version | Request::Quit => Route::Connection,
+            Request::MetaDump => Route::AllShards,
             Request::Meta(request) => meta::route(request),
         }
     }
