@@ -587,6 +587,7 @@ impl Shipper {
     fn ship_all(&mut self) -> bool {
         let mut wrote = false;
         let mut resync = Vec::new();
+        let mut synced = Vec::new();
         for (index, slot) in self.peers.iter_mut().enumerate() {
             let Some(peer) = slot.as_mut() else { continue };
             if peer.closed {
@@ -598,7 +599,12 @@ impl Shipper {
                         break;
                     }
                     match ship_shard(peer, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
-                        Ok(n) => wrote |= n > 0,
+                        Ok((n, snapshot_done)) => {
+                            wrote |= n > 0;
+                            if snapshot_done {
+                                synced.push(shard);
+                            }
+                        }
                         Err(()) => resync.push((index, shard)),
                     }
                 }
@@ -611,6 +617,10 @@ impl Shipper {
             tracing::warn!(shard, addr = ?self.peers[index].as_ref().map(|p| p.addr), "standby fell behind the backlog: full sync");
             self.counters.full_syncs += 1;
             self.request_snapshot(index, shard);
+        }
+        // A standby whose snapshot of a shard is complete now counts for that shard's watermark.
+        for shard in synced {
+            self.publish_acked(shard);
         }
         wrote
     }
@@ -734,16 +744,17 @@ impl Shipper {
     }
 }
 
-/// Writes one shard's due snapshot chunks and records to `peer`'s output. Returns the bytes added, or
-/// `Err` when the standby's cursor fell out of the backlog.
+/// Writes one shard's due snapshot chunks and records to `peer`'s output. Returns the bytes added and
+/// whether the shard's snapshot ended, or `Err` when the standby's cursor fell out of the backlog.
 fn ship_shard(
     peer: &mut Peer,
     shard: usize,
     backlog: &Backlog,
     scratch: &mut Vec<u8>,
     counters: &mut ShipperReport,
-) -> Result<usize, ()> {
+) -> Result<(usize, bool), ()> {
     let before = peer.out.len();
+    let mut snapshot_done = false;
     let state = &mut peer.shards[shard];
     let shard_id = ShardId(shard as u16);
     loop {
@@ -776,6 +787,7 @@ fn ship_shard(
                             SnapshotPart::End => {
                                 wire::encode_snapshot_end(shard_id, &mut peer.out);
                                 state.sync = ShardSync::Streaming;
+                                snapshot_done = true;
                             }
                         }
                         continue;
@@ -804,7 +816,7 @@ fn ship_shard(
     }
     let added = peer.out.len() - before;
     counters.bytes_shipped += added as u64;
-    Ok(added)
+    Ok((added, snapshot_done))
 }
 
 /// Writes as much of `peer.out` as the socket takes.

@@ -80,6 +80,8 @@ pub struct Store {
     changes: Option<Box<dyn ChangeSink>>,
     /// A standby's store: reads change nothing (no bump, no fetched mark, no touch, no vivify, no win).
     read_only: bool,
+    /// The highest CAS applied from a replication log.
+    applied_cas_max: u64,
 }
 
 /// What the store remembers of the last `flush_all` (see the module docs).
@@ -246,6 +248,7 @@ impl Store {
             flush_mark: FlushMark::default(),
             changes: None,
             read_only: false,
+            applied_cas_max: 0,
         })
     }
 
@@ -539,13 +542,13 @@ impl Store {
         if let Some(changes) = self.changes.as_mut() {
             changes.flush();
         }
-        self.flush_quietly(now);
+        self.flush_below(self.peek_next_cas(), now);
     }
 
-    /// [`Store::flush`] without reporting it.
-    fn flush_quietly(&mut self, now: RelTime) {
+    /// Invalidates every item whose CAS is below `below_cas`, without reporting it.
+    fn flush_below(&mut self, below_cas: u64, now: RelTime) {
         let only_flushed_items = self.stats.curr_items.get() > 0;
-        self.flush_mark = FlushMark { below_cas: self.peek_next_cas(), at: now, only_flushed_items };
+        self.flush_mark = FlushMark { below_cas, at: now, only_flushed_items };
         if !only_flushed_items {
             self.reset();
         }
@@ -1061,8 +1064,10 @@ impl Store {
     /// removes the key instead.
     pub fn apply_set(&mut self, key: &[u8], client_flags: u32, expiry: Expiry, cas: u64, value: &[u8], now: RelTime) {
         let tag = tag_of(key_hash(key));
-        // Later CAS values of this store must stay above every applied one (flush watermarks rely on it).
-        self.cas_sequence = self.cas_sequence.max(cas / self.shard_count + 1);
+        // CAS values this store issues later (after a promotion) stay above every applied one.
+        let sequence = cas.saturating_sub(self.shard_index + 1) / self.shard_count + 1;
+        self.cas_sequence = self.cas_sequence.max(sequence);
+        self.applied_cas_max = self.applied_cas_max.max(cas);
         let exptime = match expiry {
             Expiry::Immediately => return self.remove_quietly(key, tag),
             other => other.as_rel(),
@@ -1093,9 +1098,10 @@ impl Store {
         }
     }
 
-    /// Applies a replicated FLUSH.
+    /// Applies a replicated FLUSH: every item applied so far is gone; the active's later items carry
+    /// higher CAS values than any of them, so they stay.
     pub fn apply_flush(&mut self, now: RelTime) {
-        self.flush_quietly(now);
+        self.flush_below(self.applied_cas_max + 1, now);
     }
 
     /// Drops every item (the start of a full sync).
