@@ -409,3 +409,225 @@ fn spawn(name: &str, cpu: Option<usize>, body: impl FnOnce() + Send + 'static) -
         body();
     })?)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The log a store writes, applied to another store, gives the same contents: every client change
+    //! kind, in random order, through the real log ring and record encoding.
+    use super::*;
+    use crate::clock::Expiry;
+    use crate::config::Settings;
+    use crate::store::{ArithRequest, DeleteRequest, GetOptions, Store, StoreConfig, StoreMode, StoreRequest};
+    use proptest::prelude::*;
+    use replica::log::Drained;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Store(StoreMode, u8, Vec<u8>, u32, i64),
+        Cas(u8, Vec<u8>),
+        Delete(u8),
+        Arith(u8, bool, u64),
+        Touch(u8, i64),
+        Flush,
+        Big(u8, usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let mode = prop_oneof![
+            Just(StoreMode::Set),
+            Just(StoreMode::Add),
+            Just(StoreMode::Replace),
+            Just(StoreMode::Append),
+            Just(StoreMode::Prepend)
+        ];
+        let value = prop_oneof![proptest::collection::vec(any::<u8>(), 0..40), (0u64..1000).prop_map(|n| n.to_string().into_bytes())];
+        let ttl = prop_oneof![Just(0i64), 1i64..5000, Just(-1i64)];
+        prop_oneof![
+            6 => (mode, 0u8..12, value.clone(), any::<u32>(), ttl.clone()).prop_map(|(m, k, v, f, t)| Op::Store(m, k, v, f, t)),
+            1 => (0u8..12, value).prop_map(|(k, v)| Op::Cas(k, v)),
+            2 => (0u8..12).prop_map(Op::Delete),
+            2 => (0u8..12, any::<bool>(), 0u64..2000).prop_map(|(k, i, d)| Op::Arith(k, i, d)),
+            1 => (0u8..12, ttl).prop_map(|(k, t)| Op::Touch(k, t)),
+            1 => Just(Op::Flush),
+            1 => (0u8..12, (1usize << 20)..(3usize << 20)).prop_map(|(k, n)| Op::Big(k, n)),
+        ]
+    }
+
+    fn store() -> Store {
+        Store::new(StoreConfig { memory_bytes: 64 << 20, item_size_max: 4 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false })
+            .unwrap()
+    }
+
+    fn key(k: u8) -> Vec<u8> {
+        format!("key{k}").into_bytes()
+    }
+
+    fn run(shard: &mut Shard, op: &Op) {
+        let now = shard.now();
+        let store = &mut shard.store;
+        match op {
+            Op::Store(mode, k, value, flags, ttl) => {
+                let key = key(*k);
+                let expiry = Clock::global().expiry(*ttl, now);
+                let request = StoreRequest {
+                    key: &key,
+                    value,
+                    client_flags: *flags,
+                    expiry,
+                    mode: *mode,
+                    compare_cas: None,
+                    invalidate: false,
+                    new_cas: None,
+                    vivify_on_miss: None,
+                    key_binary: false,
+                };
+                store.store(&request, now);
+            }
+            Op::Cas(k, value) => {
+                let key = key(*k);
+                let cas = store.peek(&key, now).map(|item| item.cas());
+                let request = StoreRequest {
+                    key: &key,
+                    value,
+                    client_flags: 1,
+                    expiry: Expiry::Never,
+                    mode: StoreMode::Set,
+                    compare_cas: Some(cas.unwrap_or(12345)),
+                    invalidate: false,
+                    new_cas: None,
+                    vivify_on_miss: None,
+                    key_binary: false,
+                };
+                store.store(&request, now);
+            }
+            Op::Delete(k) => {
+                let key = key(*k);
+                store.delete(&DeleteRequest { key: &key, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None }, now);
+            }
+            Op::Arith(k, incr, delta) => {
+                let key = key(*k);
+                let request = ArithRequest { key: &key, incr: *incr, delta: *delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                store.arith(&request, now);
+            }
+            Op::Touch(k, ttl) => {
+                let key = key(*k);
+                let options = GetOptions { touch: Some(Clock::global().expiry(*ttl, now)), ..GetOptions::default() };
+                store.get(&key, options, now);
+            }
+            Op::Flush => shard.flush(0),
+            Op::Big(k, len) => {
+                let key = key(*k);
+                let value: Vec<u8> = (0..*len).map(|i| (i % 251) as u8).collect();
+                let request = StoreRequest {
+                    key: &key,
+                    value: &value,
+                    client_flags: 9,
+                    expiry: Expiry::Never,
+                    mode: StoreMode::Set,
+                    compare_cas: None,
+                    invalidate: false,
+                    new_cas: None,
+                    vivify_on_miss: None,
+                    key_binary: false,
+                };
+                store.store(&request, now);
+            }
+        }
+    }
+
+    fn contents(store: &Store, now: RelTime) -> Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)> {
+        let mut items = Vec::new();
+        store.for_each_live(now, |item| {
+            let mut value = Vec::new();
+            item.copy_value_into(&mut value);
+            items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
+        });
+        items.sort();
+        items
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn applying_the_log_reproduces_the_store(ops in proptest::collection::vec(op(), 1..120)) {
+            let settings = Arc::new(Settings::default());
+            let (producer, mut consumer) = log::channel(LogShard(0), LogSeq::ZERO, LogConfig::default());
+            let mut active = Shard::new(0, store(), settings.clone());
+            active.store.set_change_sink(Box::new(LogSink { producer, scratch: Vec::new() }));
+            let mut standby = Shard::new(0, store(), settings);
+            for op in &ops {
+                run(&mut active, op);
+                active.store.change_sink().unwrap().end_round();
+                let mut out = Vec::new();
+                loop {
+                    out.clear();
+                    match consumer.drain_batch(1 << 20, &mut out) {
+                        Drained::Batch { .. } => {
+                            for record in wire::snapshot_records(&out) {
+                                apply_record(&mut standby, &record);
+                            }
+                        }
+                        Drained::Empty => break,
+                        Drained::ResyncRequired { .. } => panic!("the ring never fills here"),
+                    }
+                }
+            }
+            let now = active.now();
+            prop_assert_eq!(contents(&active.store, now), contents(&standby.store, now));
+        }
+        #[test]
+        fn a_snapshot_taken_in_slices_while_writing_plus_the_log_reproduces_the_store(
+            before in proptest::collection::vec(op(), 0..150),
+            during in proptest::collection::vec((op(), any::<bool>()), 1..150),
+        ) {
+            let settings = Arc::new(Settings::default());
+            let (producer, mut consumer) = log::channel(LogShard(0), LogSeq::ZERO, LogConfig::default());
+            let mut active = Shard::new(0, store(), settings.clone());
+            active.store.set_change_sink(Box::new(LogSink { producer, scratch: Vec::new() }));
+            let mut standby = Shard::new(0, store(), settings);
+            let mut drain = |active: &mut Shard, standby: Option<&mut Shard>| {
+                active.store.change_sink().unwrap().end_round();
+                let mut out = Vec::new();
+                let mut standby = standby;
+                while let Drained::Batch { .. } = consumer.drain_batch(1 << 20, &mut out) {
+                    if let Some(standby) = standby.as_deref_mut() {
+                        for record in wire::snapshot_records(&out) {
+                            apply_record(standby, &record);
+                        }
+                    }
+                    out.clear();
+                }
+            };
+            for op in &before {
+                run(&mut active, op);
+            }
+            // The snapshot begins: what was logged so far is covered by it, not replayed.
+            drain(&mut active, None);
+            let mut cursor = ScanCursor::default();
+            let mut scratch = Vec::new();
+            let mut done = false;
+            for (op, slice) in &during {
+                run(&mut active, op);
+                drain(&mut active, Some(&mut standby));
+                if *slice && !done {
+                    let mut items = Vec::new();
+                    let now = active.now();
+                    done = active.store.scan(&mut cursor, 3, now, |item| encode_item(item, LogShard(0), LogSeq(0), &mut scratch, &mut items));
+                    for record in wire::snapshot_records(&items) {
+                        apply_record(&mut standby, &record);
+                    }
+                }
+            }
+            while !done {
+                let mut items = Vec::new();
+                let now = active.now();
+                done = active.store.scan(&mut cursor, 3, now, |item| encode_item(item, LogShard(0), LogSeq(0), &mut scratch, &mut items));
+                for record in wire::snapshot_records(&items) {
+                    apply_record(&mut standby, &record);
+                }
+            }
+            let now = active.now();
+            prop_assert_eq!(contents(&active.store, now), contents(&standby.store, now));
+        }
+    }
+}
