@@ -535,7 +535,10 @@ mod tests {
         }
     }
 
-    fn contents(store: &Store, now: RelTime) -> Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)> {
+    /// Key, flags, value, CAS and expiry of every live item.
+    type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
+
+    fn contents(store: &Store, now: RelTime) -> Contents {
         let mut items = Vec::new();
         store.for_each_live(now, |item| {
             let mut value = Vec::new();
