@@ -128,8 +128,10 @@ enum ShardSync {
     Streaming,
     /// Needs a full sync; waiting for a snapshot to begin.
     Waiting,
-    /// In a full sync: these chunks are due once the cursor reaches each one's point.
-    Snapshot { id: u64, pending: VecDeque<Arc<SnapshotChunk>> },
+    /// In a full sync: these chunks are due once the cursor reaches each one's point. Records go no
+    /// further than `horizon`, the point of the newest chunk received: a chunk still to come may reflect
+    /// a point before records already in the backlog, and must reach the standby before them.
+    Snapshot { id: u64, pending: VecDeque<Arc<SnapshotChunk>>, horizon: LogSeq },
 }
 
 struct PeerShard {
@@ -554,9 +556,13 @@ impl Shipper {
                 let state = &mut peer.shards[shard];
                 match &mut state.sync {
                     ShardSync::Waiting if begin => {
-                        state.sync = ShardSync::Snapshot { id, pending: VecDeque::from([chunk.clone()]) };
+                        let horizon = chunk.at;
+                        state.sync = ShardSync::Snapshot { id, pending: VecDeque::from([chunk.clone()]), horizon };
                     }
-                    ShardSync::Snapshot { id: theirs, pending } if *theirs == id => pending.push_back(chunk.clone()),
+                    ShardSync::Snapshot { id: theirs, pending, horizon } if *theirs == id => {
+                        *horizon = chunk.at;
+                        pending.push_back(chunk.clone());
+                    }
                     _ => {}
                 }
             }
@@ -598,7 +604,9 @@ impl Shipper {
                     if peer.out.len() - peer.written >= OUT_HIGH_WATER {
                         break;
                     }
-                    match ship_shard(peer, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
+                    let room = OUT_HIGH_WATER.saturating_sub(peer.out.len() - peer.written);
+                    let state = &mut peer.shards[shard];
+                    match ship_shard(state, &mut peer.out, room, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
                         Ok((n, snapshot_done)) => {
                             wrote |= n > 0;
                             if snapshot_done {
@@ -747,45 +755,47 @@ impl Shipper {
 /// Writes one shard's due snapshot chunks and records to `peer`'s output. Returns the bytes added and
 /// whether the shard's snapshot ended, or `Err` when the standby's cursor fell out of the backlog.
 fn ship_shard(
-    peer: &mut Peer,
+    state: &mut PeerShard,
+    out: &mut Vec<u8>,
+    room: usize,
     shard: usize,
     backlog: &Backlog,
     scratch: &mut Vec<u8>,
     counters: &mut ShipperReport,
 ) -> Result<(usize, bool), ()> {
-    let before = peer.out.len();
+    let before = out.len();
     let mut snapshot_done = false;
-    let state = &mut peer.shards[shard];
     let shard_id = ShardId(shard as u16);
     loop {
-        if peer.out.len() - peer.written >= OUT_HIGH_WATER {
+        if out.len() - before >= room {
             break;
         }
         let mut until = LogSeq(u64::MAX);
         match &mut state.sync {
             ShardSync::Waiting => break,
             ShardSync::Streaming => {}
-            ShardSync::Snapshot { pending, .. } => {
+            ShardSync::Snapshot { pending, horizon, .. } => {
+                until = *horizon;
                 if let Some(chunk) = pending.front() {
                     let due = matches!(chunk.part, SnapshotPart::Begin) || chunk.at <= state.cursor;
                     if due {
                         let chunk = pending.pop_front().expect("front exists");
                         match &chunk.part {
                             SnapshotPart::Begin => {
-                                wire::encode_snapshot_begin(shard_id, chunk.at, &mut peer.out);
+                                wire::encode_snapshot_begin(shard_id, chunk.at, out);
                                 state.cursor = chunk.at;
                                 state.acked = LogSeq::ZERO;
                                 state.inflight.clear();
                                 state.acked_bytes = state.shipped_bytes;
                             }
                             SnapshotPart::Items(records) => {
-                                let start = wire::begin(Kind::SnapshotItems, &mut peer.out);
-                                peer.out.extend_from_slice(&shard_id.0.to_le_bytes());
-                                peer.out.extend_from_slice(records);
-                                wire::finish(&mut peer.out, start);
+                                let start = wire::begin(Kind::SnapshotItems, out);
+                                out.extend_from_slice(&shard_id.0.to_le_bytes());
+                                out.extend_from_slice(records);
+                                wire::finish(out, start);
                             }
                             SnapshotPart::End => {
-                                wire::encode_snapshot_end(shard_id, &mut peer.out);
+                                wire::encode_snapshot_end(shard_id, out);
                                 state.sync = ShardSync::Streaming;
                                 snapshot_done = true;
                             }
@@ -799,10 +809,10 @@ fn ship_shard(
         scratch.clear();
         match backlog.read(state.cursor, until, BATCH_BYTES, scratch) {
             Ok(Some(span)) => {
-                let start = wire::begin(Kind::Batch, &mut peer.out);
-                frame::encode_frame(shard_id, span.first, span.count, scratch, &mut peer.out)
+                let start = wire::begin(Kind::Batch, out);
+                frame::encode_frame(shard_id, span.first, span.count, scratch, out)
                     .expect("a batch of at most BATCH_BYTES fits a frame");
-                wire::finish(&mut peer.out, start);
+                wire::finish(out, start);
                 state.cursor = LogSeq(span.first.0 + u64::from(span.count) - 1);
                 state.shipped_bytes += scratch.len() as u64;
                 if state.inflight.len() == INFLIGHT_MARKS {
@@ -814,7 +824,7 @@ fn ship_shard(
             Err(_) => return Err(()),
         }
     }
-    let added = peer.out.len() - before;
+    let added = out.len() - before;
     counters.bytes_shipped += added as u64;
     Ok((added, snapshot_done))
 }
@@ -843,4 +853,81 @@ fn flush_out(peer: &mut Peer) -> io::Result<()> {
 /// Milliseconds since the unix epoch.
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The order a standby in full sync receives a shard in: snapshot chunks exactly after the records
+    //! they reflect, never after a later record.
+    use super::*;
+    use crate::record::Record;
+
+    fn records(first: u64, count: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for seq in first..first + count {
+            Record::Delete { key: b"k" }.encode(ShardId(0), LogSeq(seq), &mut out).unwrap();
+        }
+        out
+    }
+
+    fn chunk(at: u64, part: SnapshotPart) -> Arc<SnapshotChunk> {
+        Arc::new(SnapshotChunk { id: 1, at: LogSeq(at), part })
+    }
+
+    /// What the standby would see, as short names: "begin@N", "items", "end", "batch A-B".
+    fn messages(bytes: &[u8]) -> Vec<String> {
+        let mut reader = MessageReader::new(1 << 20);
+        reader.feed(bytes);
+        let mut seen = Vec::new();
+        while let Some(message) = reader.next_message().unwrap() {
+            seen.push(match message {
+                Message::SnapshotBegin { at, .. } => format!("begin@{}", at.0),
+                Message::SnapshotItems { .. } => "items".into(),
+                Message::SnapshotEnd { .. } => "end".into(),
+                Message::Batch(frame) => format!("batch {}-{}", frame.header.first_seq.0, frame.header.last_seq().0),
+                other => format!("{other:?}"),
+            });
+        }
+        seen
+    }
+
+    #[test]
+    fn records_newer_than_the_last_chunk_wait_for_the_next_chunk() {
+        let mut backlog = Backlog::new(ShardId(0), LogSeq::ZERO, 1 << 20);
+        backlog.push(LogSeq(1), 10, records(1, 10));
+        let mut state = PeerShard {
+            cursor: LogSeq::ZERO,
+            acked: LogSeq::ZERO,
+            sync: ShardSync::Waiting,
+            inflight: VecDeque::new(),
+            shipped_bytes: 0,
+            acked_bytes: 0,
+        };
+        let mut counters = ShipperReport::default();
+        let mut out = Vec::new();
+        let mut ship = |state: &mut PeerShard, out: &mut Vec<u8>| {
+            ship_shard(state, out, usize::MAX, 0, &backlog, &mut Vec::new(), &mut counters).unwrap()
+        };
+        // Waiting for the snapshot to begin: nothing goes out.
+        assert_eq!(ship(&mut state, &mut out), (0, false));
+        // The snapshot began at 4; records 5..=10 are in the backlog, but the next chunk may reflect 6.
+        state.sync = ShardSync::Snapshot { id: 1, pending: VecDeque::from([chunk(4, SnapshotPart::Begin)]), horizon: LogSeq(4) };
+        ship(&mut state, &mut out);
+        assert_eq!(messages(&out), ["begin@4"]);
+        if let ShardSync::Snapshot { pending, horizon, .. } = &mut state.sync {
+            pending.push_back(chunk(6, SnapshotPart::Items(Vec::new())));
+            *horizon = LogSeq(6);
+        }
+        out.clear();
+        ship(&mut state, &mut out);
+        assert_eq!(messages(&out), ["batch 5-6", "items"], "the chunk at 6 goes after 6 and before 7");
+        if let ShardSync::Snapshot { pending, horizon, .. } = &mut state.sync {
+            pending.push_back(chunk(9, SnapshotPart::End));
+            *horizon = LogSeq(9);
+        }
+        out.clear();
+        let (_, done) = ship(&mut state, &mut out);
+        assert!(done);
+        assert_eq!(messages(&out), ["batch 7-9", "end", "batch 10-10"]);
+    }
 }
