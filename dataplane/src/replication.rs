@@ -245,6 +245,10 @@ impl ShardReplication {
                     }
                     self.applied = LogSeq(first.0 + u64::from(count) - 1);
                 }
+                Inbound::Resume { after } => {
+                    self.in_snapshot = false;
+                    self.applied = after;
+                }
                 Inbound::SnapshotBegin { at } => {
                     tracing::info!(shard = self.shard.0, at = at.0, "full sync: shard wiped, snapshot follows");
                     shard.store.clear();

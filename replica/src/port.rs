@@ -54,6 +54,9 @@ pub enum SnapshotPart {
 pub enum Inbound {
     /// Records `first..first + count`, encoded back to back and already checked.
     Batch { first: LogSeq, count: u32, records: Vec<u8> },
+    /// A new connection resumes the shard's stream after `after` (what the shard last applied, or 0 when
+    /// a snapshot was cut off: then the whole log follows).
+    Resume { after: LogSeq },
     /// Wipe the shard: a snapshot follows and the log continues after `at`.
     SnapshotBegin { at: LogSeq },
     /// Checked SET records of the snapshot.

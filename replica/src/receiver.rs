@@ -185,6 +185,11 @@ impl Receiver {
         if self.config.peers.is_empty() {
             return false;
         }
+        // What each shard applied must be final before it is presented: let the shards finish what the
+        // last connection queued.
+        if self.ports.iter().any(|port| !port.inbound.is_empty()) {
+            return false;
+        }
         let addr = self.config.peers[self.next_peer % self.config.peers.len()];
         self.next_peer += 1;
         self.counters.state = "connecting";
@@ -330,6 +335,7 @@ impl Receiver {
                 for (shard, start) in plan.iter().enumerate() {
                     if let ShardStart::Resume { after } = *start {
                         conn.received[shard] = after;
+                        self.held.push_back((shard, Inbound::Resume { after }));
                     }
                 }
                 if full > 0 {

@@ -419,3 +419,23 @@ def test_bad_peers_are_refused_and_nothing_is_applied(start, tmp_path):
         assert repl_stats(refused)["state"] in ("connecting", "handshake")
     silent.close()
     harness.assert_served(pair.active)
+
+
+def test_a_standby_cut_off_during_its_full_sync_converges(start, tmp_path):
+    pair = Pair(start, tmp_path, flags=["-m", "1024"])
+    c = pair.active.raw()
+    value = b"v" * 2000
+    for start_index in range(0, 100_000, 1000):
+        c.send(b"".join(b"set big:%d 0 0 %d noreply\r\n%s\r\n" % (i, len(value), value) for i in range(start_index, start_index + 1000)))
+    c.expect(b"mn\r\n", b"MN\r\n")
+    standby = pair.standby()
+    wait_for(lambda: int(repl_stats(pair.active)["snapshot_bytes"]) > 0, "the snapshot to start", timeout=10)
+    os.kill(standby.pid, signal.SIGSTOP)
+    time.sleep(1.6)
+    os.kill(standby.pid, signal.SIGCONT)
+    with Writer(pair.active, b"during", seconds=20, delay=0.01) as writer:
+        wait_for(lambda: int(repl_stats(standby)["connects"]) >= 2, "the standby to reconnect")
+        wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standby to stream again")
+        wait_for(lambda: writer.count > 500, "writes after the reconnect")
+    final = wait_converged(pair.active, standby, timeout=60)
+    assert len(final) > 100_000
