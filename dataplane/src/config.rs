@@ -443,4 +443,41 @@ mod tests {
         let err = Settings::from_flags(&flags(&["--config", path.to_str().unwrap()])).unwrap_err().to_string();
         assert!(err.contains("threads"), "{err}");
     }
+
+    #[test]
+    fn replication_settings_are_checked_and_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("tandem-config-repl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "a-secret-of-enough-length\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "tiny").unwrap();
+        let path = dir.join("repl.toml");
+        let load = |body: String| {
+            std::fs::write(&path, body).unwrap();
+            Settings::from_flags(&flags(&["--config", path.to_str().unwrap()]))
+        };
+        let secret_line = format!("secret_file = \"{}\"\n", secret.display());
+        let active = load(format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nmode = \"sync\"\nack = \"all\"\n{secret_line}")).unwrap();
+        let r = active.replication.as_ref().unwrap();
+        assert_eq!((r.role, r.mode, r.ack), (Role::Active, replica::shipper::Mode::Sync, replica::shipper::AckPolicy::All));
+        assert_eq!(r.secret, b"a-secret-of-enough-length", "trailing whitespace is not part of the secret");
+        assert!(!active.read_only());
+        let standby = load(format!("[replication]\nrole = \"standby\"\npeers = [\"127.0.0.1:1\"]\n{secret_line}")).unwrap();
+        assert!(standby.read_only());
+        for (body, key) in [
+            (format!("[replication]\nrole = \"leader\"\n{secret_line}"), "replication.role"),
+            (format!("[replication]\nrole = \"active\"\n{secret_line}"), "replication.listen"),
+            (format!("[replication]\nrole = \"standby\"\n{secret_line}"), "replication.peers"),
+            ("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\n".to_string(), "replication.secret_file"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecret_file = \"{}\"\n", short.display()), "replication.secret_file"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nmode = \"eventually\"\n{secret_line}"), "replication.mode"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ntransport = \"rdma\"\n{secret_line}"), "replication.transport"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nheartbeat_ms = 500\npeer_timeout_ms = 100\n{secret_line}"), "replication.peer_timeout_ms"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecrets = 1\n{secret_line}"), "secrets"),
+        ] {
+            let err = load(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
 }
