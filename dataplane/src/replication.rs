@@ -243,6 +243,7 @@ impl ShardReplication {
                     for record in wire::snapshot_records(&records) {
                         apply_record(shard, &record);
                     }
+                    self.port.recycle(records);
                     self.applied = LogSeq(first.0 + u64::from(count) - 1);
                 }
                 Inbound::Resume { after } => {
@@ -259,6 +260,7 @@ impl ShardReplication {
                     for record in wire::snapshot_records(&records) {
                         apply_record(shard, &record);
                     }
+                    self.port.recycle(records);
                 }
                 Inbound::SnapshotEnd => {
                     tracing::info!(shard = self.shard.0, applied = self.applied.0, "full sync of the shard complete");

@@ -21,6 +21,8 @@ pub const SNAPSHOT_QUEUE: usize = 8;
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Messages in flight from the receiver to one shard on a standby.
 pub const INBOUND_QUEUE: usize = 256;
+/// Emptied receive buffers kept per shard for reuse.
+pub const SPARE_BUFFERS: usize = 4;
 /// `acked` when no standby is streaming: nothing to wait for (sync mode degrades to async, see
 /// [`crate::shipper`]).
 pub const ACKED_ALL: u64 = u64::MAX;
@@ -78,6 +80,8 @@ pub struct ShardPort {
     pub inbound: ArrayQueue<Inbound>,
     /// Standby: the highest sequence number applied ([`LogSeq::ZERO`] while a snapshot is incomplete).
     pub applied: AtomicU64,
+    /// Standby: emptied buffers of applied messages, back to the receiver for reuse.
+    pub spare: ArrayQueue<Vec<u8>>,
 }
 
 impl Default for ShardPort {
@@ -88,6 +92,7 @@ impl Default for ShardPort {
             snapshot: ArrayQueue::new(SNAPSHOT_QUEUE),
             inbound: ArrayQueue::new(INBOUND_QUEUE),
             applied: AtomicU64::new(0),
+            spare: ArrayQueue::new(SPARE_BUFFERS),
         }
     }
 }
@@ -95,6 +100,19 @@ impl Default for ShardPort {
 impl ShardPort {
     pub fn applied(&self) -> LogSeq {
         LogSeq(self.applied.load(Ordering::Acquire))
+    }
+
+    /// A copy of `bytes` in a recycled buffer when one is spare.
+    pub fn copy_of(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        buf
+    }
+
+    /// Gives an applied message's buffer back for reuse (dropped when enough are kept).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let _ = self.spare.push(buf);
     }
 }
 

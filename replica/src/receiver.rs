@@ -300,7 +300,7 @@ impl Receiver {
     fn dispatch(&mut self) -> Result<(), String> {
         while self.held.is_empty() {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
-            let Some(action) = next_action(conn)? else { return Ok(()) };
+            let Some(action) = next_action(conn, &self.ports)? else { return Ok(()) };
             match action {
                 Action::Handshake(message) => self.handshake(message)?,
                 Action::Deliver(shard, inbound) => {
@@ -426,7 +426,7 @@ enum Action {
 }
 
 /// Decodes and checks the next buffered message against the connection's state.
-fn next_action(conn: &mut Connection) -> Result<Option<Action>, String> {
+fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option<Action>, String> {
     let Connection { reader, handshake, received, in_snapshot, .. } = conn;
     let message = match reader.next_message() {
         Ok(Some(message)) => message,
@@ -457,7 +457,7 @@ fn next_action(conn: &mut Connection) -> Result<Option<Action>, String> {
                 ));
             }
             received[shard] = frame.header.last_seq();
-            let records = frame.payload.to_vec();
+            let records = ports[shard].copy_of(frame.payload);
             Action::Deliver(shard, Inbound::Batch { first: frame.header.first_seq, count: frame.header.count, records })
         }
         Message::SnapshotBegin { shard, at } => {
@@ -471,7 +471,7 @@ fn next_action(conn: &mut Connection) -> Result<Option<Action>, String> {
             if !in_snapshot[shard] {
                 return Err(format!("snapshot items for shard {shard} outside a snapshot"));
             }
-            Action::Deliver(shard, Inbound::SnapshotItems(records.to_vec()))
+            Action::Deliver(shard, Inbound::SnapshotItems(ports[shard].copy_of(records)))
         }
         Message::SnapshotEnd { shard } => {
             let shard = shard_index(shard)?;
