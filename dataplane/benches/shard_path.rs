@@ -41,6 +41,10 @@ fn run<C: Codec>(shard: &mut Shard, input: &[u8], out: &mut Vec<u8>) {
             Parse::Request { request, consumed } => {
                 match C::route(&request) {
                     Route::Key(_) => C::execute(shard, &request, out),
+                    Route::AllShards => {
+                        C::execute(shard, &request, out);
+                        C::finish_keys(&request, out);
+                    }
                     Route::Keys(n) => {
                         for i in 0..n {
                             C::execute_key(shard, &request, i, out);

@@ -5,7 +5,9 @@
 //! override the file. Unknown keys, bad values and conflicting settings are start-up errors that name
 //! the key.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::sync::atomic::AtomicU32;
 
 use clap::Parser;
@@ -38,6 +40,15 @@ pub struct Settings {
     pub reqs_per_event: usize,
     /// `-v` count; `verbosity N` changes it.
     pub verbosity: AtomicU32,
+    /// `[replication]`, if this node replicates.
+    pub replication: Option<ReplicationSettings>,
+}
+
+impl Settings {
+    /// A standby serves reads only.
+    pub fn read_only(&self) -> bool {
+        self.replication.as_ref().is_some_and(|r| r.role == Role::Standby)
+    }
 }
 
 impl Default for Settings {
@@ -55,6 +66,7 @@ impl Default for Settings {
             evictions: true,
             reqs_per_event: 20,
             verbosity: AtomicU32::new(0),
+            replication: None,
         }
     }
 }
@@ -117,6 +129,118 @@ pub struct Flags {
 pub struct FileConfig {
     #[serde(default)]
     pub server: ServerSection,
+    pub replication: Option<ReplicationSection>,
+}
+
+/// `[replication]` in the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    pub role: Option<String>,
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub mode: Option<String>,
+    pub ack: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub backlog_mb: Option<usize>,
+    pub transport: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub peer_timeout_ms: Option<u64>,
+}
+
+/// This node's part in a replicated pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+/// Replication settings, checked.
+#[derive(Clone, Debug)]
+pub struct ReplicationSettings {
+    pub role: Role,
+    /// Active: where standbys connect.
+    pub listen: Option<SocketAddr>,
+    /// Standby: where the active may be, tried in turn.
+    pub peers: Vec<SocketAddr>,
+    pub mode: replica::shipper::Mode,
+    pub ack: replica::shipper::AckPolicy,
+    pub secret: Vec<u8>,
+    pub backlog_bytes: usize,
+    pub heartbeat: Duration,
+    pub peer_timeout: Duration,
+}
+
+/// Shortest shared secret accepted, in bytes.
+const SECRET_MIN: usize = 16;
+
+impl ReplicationSettings {
+    fn from_section(section: ReplicationSection) -> Result<ReplicationSettings, ConfigError> {
+        let role = match section.role.as_deref() {
+            Some("active") => Role::Active,
+            Some("standby") => Role::Standby,
+            Some(other) => return Err(invalid("replication.role", format!("{other:?} is not \"active\" or \"standby\""))),
+            None => return Err(invalid("replication.role", "missing: \"active\" or \"standby\"")),
+        };
+        let addr = |key: &'static str, text: &str| -> Result<SocketAddr, ConfigError> {
+            use std::net::ToSocketAddrs;
+            text.to_socket_addrs()
+                .map_err(|e| invalid(key, format!("{text:?}: {e}")))?
+                .next()
+                .ok_or_else(|| invalid(key, format!("{text:?} names no address")))
+        };
+        let listen = section.listen.as_deref().map(|text| addr("replication.listen", text)).transpose()?;
+        let peers = section.peers.iter().map(|text| addr("replication.peers", text)).collect::<Result<Vec<_>, _>>()?;
+        match role {
+            Role::Active if listen.is_none() => return Err(invalid("replication.listen", "an active needs an address to listen on")),
+            Role::Standby if peers.is_empty() => return Err(invalid("replication.peers", "a standby needs the active's address")),
+            _ => {}
+        }
+        let mode = match section.mode.as_deref().unwrap_or("async") {
+            "async" => replica::shipper::Mode::Async,
+            "sync" => replica::shipper::Mode::Sync,
+            other => return Err(invalid("replication.mode", format!("{other:?} is not \"async\" or \"sync\""))),
+        };
+        let ack = match section.ack.as_deref().unwrap_or("one") {
+            "one" => replica::shipper::AckPolicy::One,
+            "all" => replica::shipper::AckPolicy::All,
+            other => return Err(invalid("replication.ack", format!("{other:?} is not \"one\" or \"all\""))),
+        };
+        match section.transport.as_deref().unwrap_or("tcp") {
+            "tcp" => {}
+            "rdma" => return Err(invalid("replication.transport", "the rdma transport is not part of this build yet; use \"tcp\"")),
+            other => return Err(invalid("replication.transport", format!("{other:?} is not \"tcp\""))),
+        }
+        let path = section.secret_file.ok_or_else(|| invalid("replication.secret_file", "missing: both ends need the shared secret"))?;
+        let mut secret = std::fs::read(&path).map_err(|e| invalid("replication.secret_file", format!("{}: {e}", path.display())))?;
+        while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            secret.pop();
+        }
+        if secret.len() < SECRET_MIN {
+            return Err(invalid("replication.secret_file", format!("the secret must be at least {SECRET_MIN} bytes")));
+        }
+        let backlog_mb = section.backlog_mb.unwrap_or(64);
+        if backlog_mb == 0 {
+            return Err(invalid("replication.backlog_mb", "must be at least 1"));
+        }
+        let heartbeat = Duration::from_millis(section.heartbeat_ms.unwrap_or(100).max(1));
+        let peer_timeout = Duration::from_millis(section.peer_timeout_ms.unwrap_or(1000));
+        if peer_timeout <= heartbeat {
+            return Err(invalid("replication.peer_timeout_ms", "must be longer than heartbeat_ms"));
+        }
+        Ok(ReplicationSettings {
+            role,
+            listen,
+            peers,
+            mode,
+            ack,
+            secret,
+            backlog_bytes: backlog_mb << 20,
+            heartbeat,
+            peer_timeout,
+        })
+    }
 }
 
 /// `[server]` in the TOML file.
@@ -196,6 +320,7 @@ impl Settings {
             None => FileConfig::default(),
         };
         let server = file.server;
+        let replication = file.replication.map(ReplicationSettings::from_section).transpose()?;
         let mut s = Settings { threads: available_cpus(), ..Settings::default() };
 
         if let Some(port) = flags.udp_port {
@@ -251,6 +376,7 @@ impl Settings {
         s.evictions = !flags.disable_evictions && server.evictions.unwrap_or(true);
         let verbosity = if flags.verbose > 0 { flags.verbose as u32 } else { server.verbosity.unwrap_or(0) };
         s.verbosity = AtomicU32::new(verbosity);
+        s.replication = replication;
         Ok(s)
     }
 }
@@ -316,5 +442,42 @@ mod tests {
         std::fs::write(&path, "[server]\nthreads = \"many\"\n").unwrap();
         let err = Settings::from_flags(&flags(&["--config", path.to_str().unwrap()])).unwrap_err().to_string();
         assert!(err.contains("threads"), "{err}");
+    }
+
+    #[test]
+    fn replication_settings_are_checked_and_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("tandem-config-repl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "a-secret-of-enough-length\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "tiny").unwrap();
+        let path = dir.join("repl.toml");
+        let load = |body: String| {
+            std::fs::write(&path, body).unwrap();
+            Settings::from_flags(&flags(&["--config", path.to_str().unwrap()]))
+        };
+        let secret_line = format!("secret_file = \"{}\"\n", secret.display());
+        let active = load(format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nmode = \"sync\"\nack = \"all\"\n{secret_line}")).unwrap();
+        let r = active.replication.as_ref().unwrap();
+        assert_eq!((r.role, r.mode, r.ack), (Role::Active, replica::shipper::Mode::Sync, replica::shipper::AckPolicy::All));
+        assert_eq!(r.secret, b"a-secret-of-enough-length", "trailing whitespace is not part of the secret");
+        assert!(!active.read_only());
+        let standby = load(format!("[replication]\nrole = \"standby\"\npeers = [\"127.0.0.1:1\"]\n{secret_line}")).unwrap();
+        assert!(standby.read_only());
+        for (body, key) in [
+            (format!("[replication]\nrole = \"leader\"\n{secret_line}"), "replication.role"),
+            (format!("[replication]\nrole = \"active\"\n{secret_line}"), "replication.listen"),
+            (format!("[replication]\nrole = \"standby\"\n{secret_line}"), "replication.peers"),
+            ("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\n".to_string(), "replication.secret_file"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecret_file = \"{}\"\n", short.display()), "replication.secret_file"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nmode = \"eventually\"\n{secret_line}"), "replication.mode"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ntransport = \"rdma\"\n{secret_line}"), "replication.transport"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nheartbeat_ms = 500\npeer_timeout_ms = 100\n{secret_line}"), "replication.peer_timeout_ms"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecrets = 1\n{secret_line}"), "secrets"),
+        ] {
+            let err = load(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod net;
 pub mod notify;
 pub mod protocol;
+pub mod replication;
 pub mod route;
 pub mod runtime;
 pub mod shard;

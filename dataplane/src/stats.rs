@@ -84,6 +84,8 @@ counter_set! {
         bytes_read, bytes_written, conn_yields,
         /// Requests this worker sent to another shard's core.
         cross_shard_requests,
+        /// Writes a read-only standby refused.
+        read_only_refusals,
     }
 }
 

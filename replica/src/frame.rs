@@ -113,6 +113,10 @@ pub enum FrameError {
     SeqGap { index: u32, expected: LogSeq, found: LogSeq },
     #[error("frame header says {header} records, payload holds {found}")]
     CountMismatch { header: u32, found: u32 },
+    #[error("{0} bytes are too few for a frame header")]
+    Short(usize),
+    #[error("frame header promises {header} payload bytes, the message holds {found}")]
+    Truncated { header: usize, found: usize },
     #[error("frame payload of {0} bytes does not fit a u32")]
     PayloadTooLong(usize),
 }
@@ -212,6 +216,25 @@ fn check_payload(header: &FrameHeader, payload: &[u8]) -> Result<(), FrameError>
         return Err(FrameError::CountMismatch { header: header.count, found: index });
     }
     Ok(())
+}
+
+/// Checks one whole batch frame held in `bytes` (a message of a transport that frames its own stream):
+/// exactly one frame, with nothing after it.
+pub fn parse_frame(bytes: &[u8], max_payload: usize) -> Result<Frame<'_>, FrameError> {
+    let Some(header_bytes) = bytes.first_chunk::<FRAME_HEADER_LEN>() else {
+        return Err(FrameError::Short(bytes.len()));
+    };
+    let header = FrameHeader::parse(header_bytes)?;
+    let payload_len = header.payload_len as usize;
+    if payload_len > max_payload {
+        return Err(FrameError::TooLarge { len: payload_len, max: max_payload });
+    }
+    if bytes.len() != FRAME_HEADER_LEN + payload_len {
+        return Err(FrameError::Truncated { header: payload_len, found: bytes.len() - FRAME_HEADER_LEN });
+    }
+    let payload = &bytes[FRAME_HEADER_LEN..];
+    check_payload(&header, payload)?;
+    Ok(Frame { header, payload })
 }
 
 /// Reassembles batch frames from a byte stream fed in chunks of any size.

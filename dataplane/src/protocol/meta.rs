@@ -175,6 +175,15 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
     parse::parse(buf, limits)
 }
 
+/// Whether `req` changes the cache: ms, md, ma, and mg with a new TTL (`T`) or vivify (`N`).
+pub fn mutates(req: &Request<'_>) -> bool {
+    match req {
+        Request::Set { .. } | Request::Delete { .. } | Request::Arith { .. } => true,
+        Request::Get { flags, .. } => flags.ttl.is_some() || flags.vivify.is_some(),
+        _ => false,
+    }
+}
+
 /// Where `req` runs: keyed requests on the shard of their (decoded) key, `mn` on the connection.
 pub fn route<'r>(req: &'r Request<'_>) -> Route<'r> {
     match req.key() {

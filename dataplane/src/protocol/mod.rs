@@ -80,6 +80,9 @@ pub enum Route<'r> {
     /// A retrieval of this many keys, each run on its own shard with [`Codec::execute_key`], in order,
     /// then closed with [`Codec::finish_keys`].
     Keys(usize),
+    /// Run on every shard in turn with [`Codec::execute`], replies in shard order, then closed with
+    /// [`Codec::finish_keys`] (`lru_crawler metadump`).
+    AllShards,
     /// Answered by the connection alone with [`Codec::answer`] (version, mn, noop, quit, errors...).
     Connection,
     /// Needs the server as a whole; answered with [`Codec::answer_admin`].
@@ -159,4 +162,15 @@ pub trait Codec {
 
     /// Encodes the server's reply to a [`Route::Admin`] request (nothing for a quiet binary flush).
     fn answer_admin(request: &Self::Request<'_>, reply: AdminReply<'_>, out: &mut Vec<u8>);
+
+    /// Whether the request changes the cache: stores, deletes, incr/decr, touch and get-and-touch,
+    /// vivifying reads, flush_all. A read-only standby refuses these with [`Codec::refuse_read_only`].
+    fn mutates(request: &Self::Request<'_>) -> bool;
+
+    /// The refusal of a request that [`Codec::mutates`] on a read-only standby (sent even when the
+    /// request asked for no reply, as memcached sends errors).
+    fn refuse_read_only(request: &Self::Request<'_>, out: &mut Vec<u8>);
 }
+
+/// What a read-only standby answers a write with, in the text and meta protocols.
+pub const READ_ONLY_STANDBY: &[u8] = b"SERVER_ERROR read-only standby\r\n";

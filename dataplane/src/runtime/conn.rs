@@ -40,6 +40,9 @@ pub struct Conn {
     parked: usize,
     /// Stop reading; close once the output is flushed.
     pub closing: bool,
+    /// Sync replication: the output may be written only once each (shard, log position) here is
+    /// acknowledged by the standby.
+    pub holds: Vec<(usize, u64)>,
 }
 
 /// Output beyond which a connection stops reading requests until the client reads its replies.
@@ -60,6 +63,7 @@ impl Conn {
             first_slot: 0,
             parked: 0,
             closing: false,
+            holds: Vec::new(),
         }
     }
 
@@ -105,6 +109,21 @@ impl Conn {
     /// Bytes queued but not yet written, including replies parked in slots.
     pub fn backlog(&self) -> usize {
         self.output.len() - self.written + self.parked
+    }
+
+    /// Sync replication: what is queued now may be written only after `shard`'s log is acknowledged
+    /// through `seq`.
+    pub fn hold(&mut self, shard: usize, seq: u64) {
+        match self.holds.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, held)) => *held = (*held).max(seq),
+            None => self.holds.push((shard, seq)),
+        }
+    }
+
+    /// Drops the holds `acked` says are satisfied; returns whether the output may be written.
+    pub fn release_holds(&mut self, acked: impl Fn(usize, u64) -> bool) -> bool {
+        self.holds.retain(|&(shard, seq)| !acked(shard, seq));
+        self.holds.is_empty()
     }
 
     /// Whether replies are still expected from other cores.

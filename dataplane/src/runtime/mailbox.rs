@@ -42,7 +42,8 @@ pub enum Msg {
     /// `key_only`: the frame is one key of a multi-key retrieval (no terminator in the reply).
     Request { conn: ConnRef, slot: u64, proto: Proto, key_only: bool, frame: Vec<u8> },
     /// The response bytes for `slot` of connection `conn`.
-    Reply { conn: ConnRef, slot: u64, bytes: Vec<u8> },
+    /// `log_seq`: in sync replication, the sender's log position the reply must wait for (0: none).
+    Reply { conn: ConnRef, slot: u64, bytes: Vec<u8>, log_seq: u64 },
     /// Flush the receiver's shard now or after `delay` seconds.
     Flush { delay: i64 },
     /// Reset the receiver's counters (`stats reset`).
@@ -74,6 +75,13 @@ impl Doorbell {
     /// Rings unconditionally (shutdown, signals).
     pub fn ring(&self) {
         self.waker.wake();
+    }
+
+    /// Rings only if the worker sleeps (it rechecks its queues after announcing sleep).
+    pub fn nudge(&self) {
+        if self.sleeping.load(SeqCst) {
+            self.waker.wake();
+        }
     }
 }
 
@@ -256,7 +264,7 @@ mod tests {
         let mut a = Postbox::new(0, mb.clone());
         let mut b = Postbox::new(1, mb.clone());
         for slot in 0..10 {
-            a.send(1, Msg::Reply { conn: ConnRef { index: 0, generation: 0 }, slot, bytes: vec![] });
+            a.send(1, Msg::Reply { conn: ConnRef { index: 0, generation: 0 }, slot, bytes: vec![], log_seq: 0 });
         }
         assert!(!a.flush());
         assert_eq!(wakes[1].load(SeqCst), 0, "b was awake");
@@ -282,7 +290,7 @@ mod tests {
         let mut b = Postbox::new(1, mb);
         let mut sent = 0u64;
         for _ in 0..RING_BATCHES + 10 {
-            a.send(1, Msg::Reply { conn: ConnRef { index: 0, generation: 0 }, slot: sent, bytes: vec![] });
+            a.send(1, Msg::Reply { conn: ConnRef { index: 0, generation: 0 }, slot: sent, bytes: vec![], log_seq: 0 });
             sent += 1;
             a.flush();
         }

@@ -47,6 +47,8 @@ pub struct Shared {
     pub open_connections: AtomicUsize,
     pub workers: Vec<OnceLock<WorkerInfo>>,
     pub started: std::time::Instant,
+    /// What the replication core reports, if this node replicates.
+    pub replication: Option<crate::replication::Report>,
 }
 
 impl Shared {
@@ -58,6 +60,7 @@ impl Shared {
 /// A running server.
 pub struct Server {
     pub shared: Arc<Shared>,
+    replication: Option<crate::replication::Node>,
     mailboxes: Arc<mailbox::Mailboxes>,
     threads: Vec<JoinHandle<()>>,
     /// The addresses actually bound (the port is resolved when `-p 0`).
@@ -89,13 +92,6 @@ impl Server {
         }
         drop(probe);
 
-        let shared = Arc::new(Shared {
-            settings: settings.clone(),
-            shutdown: AtomicBool::new(false),
-            open_connections: AtomicUsize::new(0),
-            workers: (0..threads).map(|_| OnceLock::new()).collect(),
-            started: std::time::Instant::now(),
-        });
         let pollers = (0..threads).map(|_| mio::Poll::new()).collect::<Result<Vec<_>, _>>()?;
         let mut doorbells = Vec::new();
         for poll in &pollers {
@@ -104,6 +100,24 @@ impl Server {
         }
         let mailboxes = mailbox::Mailboxes::new(doorbells);
         let cpus = allowed_cpus();
+        // The replication core gets a CPU of its own when there is one beyond the workers'.
+        let (replication, mut sides) = match &settings.replication {
+            Some(config) => {
+                let wake = Arc::new(WakeWorkers(mailboxes.clone()));
+                let cpu = (cpus.len() > threads).then(|| cpus[threads]);
+                let (node, sides) = crate::replication::Node::start(config, threads, wake, cpu)?;
+                (Some(node), sides.into_iter().map(Some).collect())
+            }
+            None => (None, (0..threads).map(|_| None).collect::<Vec<_>>()),
+        };
+        let shared = Arc::new(Shared {
+            settings: settings.clone(),
+            shutdown: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
+            workers: (0..threads).map(|_| OnceLock::new()).collect(),
+            started: std::time::Instant::now(),
+            replication: replication.as_ref().map(|node| node.report.clone()),
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let mut handles = Vec::new();
         for (id, poll) in pollers.into_iter().enumerate() {
@@ -112,11 +126,12 @@ impl Server {
             let addrs = addrs.clone();
             let cpu = cpus.get(id % cpus.len().max(1)).copied();
             let ready = ready_tx.clone();
+            let side = sides[id].take();
             let handle = std::thread::Builder::new().name(format!("tandem-w{id}")).spawn(move || {
                 if let Some(cpu) = cpu {
                     pin_to_cpu(cpu);
                 }
-                match worker::Worker::new(id, poll, &addrs, shared, mailboxes) {
+                match worker::Worker::new(id, poll, &addrs, shared, mailboxes, side) {
                     Ok(mut w) => {
                         let _ = ready.send(Ok(()));
                         w.run();
@@ -142,7 +157,7 @@ impl Server {
                 Err(_) => bail!("a worker thread died while starting"),
             }
         }
-        Ok(Server { shared, mailboxes, threads: handles, addrs })
+        Ok(Server { shared, replication, mailboxes, threads: handles, addrs })
     }
 
     /// Asks every worker to stop.
@@ -153,10 +168,26 @@ impl Server {
         }
     }
 
-    /// Waits for every worker to finish.
-    pub fn join(self) {
+    /// Waits for every worker to finish, then stops replication.
+    pub fn join(mut self) {
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some(mut node) = self.replication.take() {
+            node.stop();
+        }
+    }
+}
+
+/// Wakes workers for the replication core: acks, snapshot requests, records to apply. Every worker is
+/// nudged (a sync-mode reply held on one core may wait for another shard's ack); a nudge costs a
+/// syscall only for a worker that sleeps.
+struct WakeWorkers(Arc<mailbox::Mailboxes>);
+
+impl replica::port::Wake for WakeWorkers {
+    fn wake(&self, _shard: usize) {
+        for worker in 0..self.0.workers() {
+            self.0.doorbell(worker).nudge();
         }
     }
 }
@@ -182,7 +213,7 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Pins the calling thread to one CPU (best effort: logged, not fatal).
-fn pin_to_cpu(cpu: usize) {
+pub(crate) fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

@@ -27,8 +27,71 @@ pub fn stats(shared: &Shared, group: Option<&str>) -> Option<Pairs> {
         Some("slabs") => Some(slabs(shared)),
         Some("sizes") => Some(vec![("sizes_status".into(), "disabled".into())]),
         Some("conns") => Some(conns(shared)),
+        Some("replication") => Some(replication(shared)),
         _ => None,
     }
+}
+
+/// `stats replication`: this node's role and, per standby (on an active) or for the link to the active
+/// (on a standby), the state, positions and lag.
+fn replication(shared: &Shared) -> Pairs {
+    use crate::replication::Report;
+    let mut p = Pairs::new();
+    let list = |values: &[u64]| values.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let settings = shared.settings.replication.as_ref();
+    match &shared.replication {
+        None => push(&mut p, "role", "none".to_string()),
+        Some(Report::Active { history, epoch, report }) => {
+            let r = report.lock().unwrap();
+            let config = settings.expect("an active has replication settings");
+            push(&mut p, "role", "active".to_string());
+            push(&mut p, "replication_id", history.to_string());
+            push(&mut p, "epoch", epoch.0.to_string());
+            push(&mut p, "mode", format!("{:?}", config.mode).to_lowercase());
+            push(&mut p, "ack", format!("{:?}", config.ack).to_lowercase());
+            push(&mut p, "transport", "tcp".to_string());
+            push(&mut p, "listen", r.listen.clone());
+            push(&mut p, "newest", list(&r.newest));
+            push(&mut p, "standbys", r.peers.len().to_string());
+            push(&mut p, "full_syncs", r.full_syncs.to_string());
+            push(&mut p, "partial_syncs", r.partial_syncs.to_string());
+            push(&mut p, "refused", r.refused.to_string());
+            push(&mut p, "sync_degraded", r.sync_degraded.to_string());
+            push(&mut p, "bytes_shipped", r.bytes_shipped.to_string());
+            push(&mut p, "snapshot_bytes", r.snapshot_bytes.to_string());
+            push(&mut p, "backlog_bytes", r.backlog_bytes.to_string());
+            push(&mut p, "ring_full_events", r.ring_full_events.to_string());
+            push(&mut p, "ring_records_lost", r.ring_records_lost.to_string());
+            push(&mut p, "ring_resyncs", r.ring_resyncs.to_string());
+            for (i, peer) in r.peers.iter().enumerate() {
+                let name = |field: &str| format!("standby_{i}_{field}");
+                push(&mut p, name("addr"), peer.addr.clone());
+                push(&mut p, name("state"), peer.state.to_string());
+                push(&mut p, name("acked"), list(&peer.acked));
+                push(&mut p, name("lag_records"), peer.lag_records.to_string());
+                push(&mut p, name("lag_bytes"), peer.lag_bytes.to_string());
+                push(&mut p, name("lag_ms"), peer.lag_millis.to_string());
+            }
+        }
+        Some(Report::Standby { report }) => {
+            let r = report.lock().unwrap();
+            push(&mut p, "role", "standby".to_string());
+            push(&mut p, "state", r.state.to_string());
+            push(&mut p, "active", r.active.clone());
+            push(&mut p, "replication_id", r.history.map_or_else(|| "none".to_string(), |h| h.to_string()));
+            push(&mut p, "epoch", r.epoch.0.to_string());
+            push(&mut p, "transport", "tcp".to_string());
+            push(&mut p, "applied", list(&r.applied));
+            push(&mut p, "connects", r.connects.to_string());
+            push(&mut p, "full_syncs", r.full_syncs.to_string());
+            push(&mut p, "partial_syncs", r.partial_syncs.to_string());
+            push(&mut p, "refused", r.refused.to_string());
+            push(&mut p, "bytes_received", r.bytes_received.to_string());
+            push(&mut p, "last_heard_ms", r.last_heard_millis.to_string());
+            push(&mut p, "last_error", if r.last_error.is_empty() { "none".to_string() } else { r.last_error.replace(' ', "_") });
+        }
+    }
+    p
 }
 
 fn rusage() -> (String, String) {
@@ -124,6 +187,7 @@ fn general(shared: &Shared) -> Pairs {
     push(&mut p, "shards", settings.threads);
     push(&mut p, "memory_backing", backing);
     push(&mut p, "cross_shard_requests", conn("cross_shard_requests"));
+    push(&mut p, "read_only_refusals", conn("read_only_refusals"));
     push(&mut p, "reinserted", reinserted);
     push(&mut p, "outofmemory", oom);
     push(&mut p, "segments_used", segments_used);
@@ -225,7 +289,7 @@ fn conns(shared: &Shared) -> Pairs {
 /// `stats reset` on this worker: its own counters only (each thread resets what it owns).
 pub fn reset_local(shard: &mut Shard, conns: &ConnCounters) {
     shard.counters.for_each_mut(|c| c.set(0));
-    for c in [&conns.total_connections, &conns.rejected_connections, &conns.bytes_read, &conns.bytes_written, &conns.conn_yields, &conns.cross_shard_requests] {
+    for c in [&conns.total_connections, &conns.rejected_connections, &conns.bytes_read, &conns.bytes_written, &conns.conn_yields, &conns.cross_shard_requests, &conns.read_only_refusals] {
         c.set(0);
     }
     let s = shard.store.stats();

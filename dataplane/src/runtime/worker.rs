@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::protocol::binary::BinaryCodec;
 use crate::protocol::text::TextCodec;
 use crate::protocol::{Admin, AdminReply, After, Codec, Limits, Parse, Route};
+use crate::replication::{ShardReplication, WorkerSide};
 use crate::route::{shard_for, ShardId};
 use crate::shard::Shard;
 use crate::stats::ConnCounters;
@@ -69,6 +70,10 @@ pub struct Worker {
     /// Read buffer for connections that hold no partial input.
     scratch: Vec<u8>,
     limits: Limits,
+    /// This shard's replication duties, if the node replicates.
+    replication: Option<ShardReplication>,
+    /// Connections whose output waits for the standby's ack (sync replication).
+    held: Vec<usize>,
 }
 
 /// What a connection needs after a service pass.
@@ -85,6 +90,7 @@ impl Worker {
         addrs: &[std::net::SocketAddr],
         shared: Arc<Shared>,
         mailboxes: Arc<Mailboxes>,
+        replication: Option<WorkerSide>,
     ) -> anyhow::Result<Worker> {
         let settings = shared.settings.clone();
         let threads = settings.threads;
@@ -99,7 +105,14 @@ impl Worker {
         })
         .with_context(|| format!("worker {id}: cannot build its store of {share} bytes"))?;
         let backing = store.backing();
-        let shard = Shard::new(id, store, settings.clone());
+        let mut shard = Shard::new(id, store, settings.clone());
+        shard.store.set_read_only(settings.read_only());
+        let replication = replication.map(|side| {
+            if let Some(sink) = side.sink {
+                shard.store.set_change_sink(Box::new(sink));
+            }
+            side.replication
+        });
         let mut listeners = Vec::new();
         let mut listener_info = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
@@ -134,6 +147,8 @@ impl Worker {
             pending: VecDeque::new(),
             touched: Vec::new(),
             scratch: Vec::with_capacity(READ_CHUNK),
+            replication,
+            held: Vec::new(),
         })
     }
 
@@ -150,8 +165,23 @@ impl Worker {
                 last_now = now;
                 self.shard.tick();
             }
-            let busy = mail_held || !self.pending.is_empty() || self.postbox.has_inbound();
-            let timeout = if busy || !self.postbox.prepare_sleep() { Duration::ZERO } else { Duration::from_secs(1) };
+            let replicating = match self.replication.as_mut() {
+                Some(replication) => replication.round(&mut self.shard),
+                None => false,
+            };
+            self.release_held();
+            let busy = mail_held || replicating || !self.pending.is_empty() || self.postbox.has_inbound();
+            let timeout = if busy || !self.postbox.prepare_sleep() {
+                Duration::ZERO
+            } else if self.replication.as_ref().is_some_and(ShardReplication::has_inbound) {
+                self.postbox.awake();
+                Duration::ZERO
+            } else if !self.held.is_empty() {
+                // Acks wake this core; the short timeout only bounds a wake-up lost to a race.
+                Duration::from_millis(1)
+            } else {
+                Duration::from_secs(1)
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(worker = self.id, error = %e, "poll failed");
@@ -235,6 +265,26 @@ impl Worker {
         }
     }
 
+    /// Serves the connections whose held output the standby has now acknowledged.
+    fn release_held(&mut self) {
+        let Some(replication) = self.replication.as_ref() else { return };
+        let mut ready = Vec::new();
+        self.held.retain(|&index| match self.conns.get_mut(index).and_then(Option::as_mut) {
+            Some(conn) => {
+                if conn.release_holds(|shard, seq| replication.acked(shard, seq)) {
+                    ready.push(index);
+                    false
+                } else {
+                    true
+                }
+            }
+            None => false,
+        });
+        for index in ready {
+            self.serve(index);
+        }
+    }
+
     fn serve(&mut self, index: usize) {
         let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else { return };
         let conn_ref = ConnRef { index: index as u32, generation: conn.generation };
@@ -245,9 +295,13 @@ impl Worker {
                 shared: &self.shared,
                 counters: &self.counters,
                 limits: self.limits,
+                replication: self.replication.as_ref(),
             };
             service(&mut ctx, conn, conn_ref, &mut self.scratch)
         };
+        if !conn.holds.is_empty() && !self.held.contains(&index) {
+            self.held.push(index);
+        }
         match next {
             Next::Idle => {}
             Next::Revisit => self.pending.push_back(index),
@@ -256,21 +310,28 @@ impl Worker {
     }
 
     fn handle_mail(&mut self) {
-        let Worker { shard, postbox, conns, touched, limits, counters, .. } = self;
+        let Worker { shard, postbox, conns, touched, limits, counters, replication, .. } = self;
+        let sync = replication.as_ref().is_some_and(ShardReplication::sync);
         postbox.drain(|postbox, from, msg| match msg {
             Msg::Request { conn, slot, proto, key_only, frame } => {
                 let mut out = postbox.buffer();
+                let before = if sync { log_position(shard) } else { 0 };
                 match proto {
                     Proto::Text => run_frame::<TextCodec>(shard, &frame, key_only, limits, &mut out),
                     Proto::Binary => run_frame::<BinaryCodec>(shard, &frame, key_only, limits, &mut out),
                 }
+                let after = if sync { log_position(shard) } else { 0 };
                 postbox.recycle(frame);
-                postbox.send(from, Msg::Reply { conn, slot, bytes: out });
+                let log_seq = if after > before { after } else { 0 };
+                postbox.send(from, Msg::Reply { conn, slot, bytes: out, log_seq });
             }
-            Msg::Reply { conn: conn_ref, slot, bytes } => {
+            Msg::Reply { conn: conn_ref, slot, bytes, log_seq } => {
                 let index = conn_ref.index as usize;
                 match conns.get_mut(index).and_then(Option::as_mut) {
                     Some(conn) if conn.generation == conn_ref.generation => {
+                        if log_seq > 0 {
+                            conn.hold(from, log_seq);
+                        }
                         conn.fill_slot(slot, bytes, |b| postbox.recycle(b));
                         touched.push(index);
                     }
@@ -288,6 +349,11 @@ impl Worker {
         }
         self.touched = list;
     }
+}
+
+/// The shard's replication log position (0 without a log).
+fn log_position(shard: &mut Shard) -> u64 {
+    shard.store.change_sink().map_or(0, |sink| sink.position())
 }
 
 /// Runs a frame mailed from another core on this shard.
@@ -310,11 +376,37 @@ struct Ctx<'w> {
     shared: &'w Shared,
     counters: &'w ConnCounters,
     limits: Limits,
+    replication: Option<&'w ShardReplication>,
+}
+
+impl Ctx<'_> {
+    /// Runs `run` on this core's shard and emits its reply; in sync replication, holds the connection's
+    /// output until the standby acknowledges what `run` logged.
+    fn run_local(&mut self, conn: &mut Conn, run: impl FnOnce(&mut Shard, &mut Vec<u8>)) {
+        let sync = self.replication.is_some_and(ShardReplication::sync);
+        let before = if sync { log_position(self.shard) } else { 0 };
+        let shard = &mut *self.shard;
+        emit(conn, self.postbox, |out| run(shard, out));
+        if sync {
+            let after = log_position(self.shard);
+            if after > before {
+                conn.hold(self.shard.id, after);
+            }
+        }
+    }
+
+    /// Whether the connection's output may be written now (sync replication holds it until acked).
+    fn may_write(&self, conn: &mut Conn) -> bool {
+        match self.replication {
+            Some(replication) if !conn.holds.is_empty() => conn.release_holds(|shard, seq| replication.acked(shard, seq)),
+            _ => true,
+        }
+    }
 }
 
 /// One pass over a connection: write what is queued, run held-back input, read and run, write.
 fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut Vec<u8>) -> Next {
-    if write_out(ctx, conn).is_err() {
+    if ctx.may_write(conn) && write_out(ctx, conn).is_err() {
         return Next::Close;
     }
     let mut yielded = false;
@@ -370,7 +462,7 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
         emit(conn, ctx.postbox, |out| out.extend_from_slice(REQUEST_TOO_LARGE));
         conn.closing = true;
     }
-    if write_out(ctx, conn).is_err() {
+    if ctx.may_write(conn) && write_out(ctx, conn).is_err() {
         return Next::Close;
     }
     if conn.closing {
@@ -465,6 +557,7 @@ fn process_with<C: Codec>(
 ) -> (usize, bool) {
     let shards = ctx.shared.settings.threads;
     let me = ctx.shard.id;
+    let read_only = ctx.shared.settings.read_only();
     let mut budget = ctx.shared.settings.reqs_per_event.max(1);
     while pos < input.len() && !conn.closing {
         if budget == 0 || conn.backlog() > OUTPUT_HIGH_WATER {
@@ -488,11 +581,16 @@ fn process_with<C: Codec>(
         };
         let frame = &input[pos..pos + consumed];
         pos += consumed;
+        if read_only && C::mutates(&request) {
+            ctx.counters.read_only_refusals.incr();
+            emit(conn, ctx.postbox, |out| C::refuse_read_only(&request, out));
+            continue;
+        }
         match C::route(&request) {
             Route::Key(key) => {
                 let owner = shard_for(key, shards);
                 if owner == me {
-                    emit(conn, ctx.postbox, |out| C::execute(ctx.shard, &request, out));
+                    ctx.run_local(conn, |shard, out| C::execute(shard, &request, out));
                 } else {
                     let slot = conn.reserve_slot();
                     let mut bytes = ctx.postbox.buffer();
@@ -505,13 +603,26 @@ fn process_with<C: Codec>(
                 for index in 0..count {
                     let owner = shard_for(C::key_at(&request, index), shards);
                     if owner == me {
-                        emit(conn, ctx.postbox, |out| C::execute_key(ctx.shard, &request, index, out));
+                        ctx.run_local(conn, |shard, out| C::execute_key(shard, &request, index, out));
                     } else {
                         let slot = conn.reserve_slot();
                         let mut bytes = ctx.postbox.buffer();
                         C::key_frame(&request, index, &mut bytes);
                         ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: true, frame: bytes });
                         ctx.counters.cross_shard_requests.incr();
+                    }
+                }
+                emit(conn, ctx.postbox, |out| C::finish_keys(&request, out));
+            }
+            Route::AllShards => {
+                for owner in 0..shards {
+                    if owner == me {
+                        ctx.run_local(conn, |shard, out| C::execute(shard, &request, out));
+                    } else {
+                        let slot = conn.reserve_slot();
+                        let mut bytes = ctx.postbox.buffer();
+                        bytes.extend_from_slice(frame);
+                        ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: false, frame: bytes });
                     }
                 }
                 emit(conn, ctx.postbox, |out| C::finish_keys(&request, out));
@@ -539,7 +650,8 @@ fn admin_request<C: Codec>(ctx: &mut Ctx<'_>, conn: &mut Conn, request: &C::Requ
                 return;
             }
             ctx.shard.counters.cmd_flush.incr();
-            ctx.shard.flush(delay);
+            let delay_now = delay;
+            ctx.run_local(conn, |shard, _| shard.flush(delay_now));
             ctx.postbox.broadcast(|| Msg::Flush { delay });
             emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::Flushed, out));
         }

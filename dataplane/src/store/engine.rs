@@ -76,6 +76,12 @@ pub struct Store {
     scratch: Vec<u8>,
     /// The last `flush_all`.
     flush_mark: FlushMark,
+    /// Where client changes are reported (the replication log), if anywhere.
+    changes: Option<Box<dyn ChangeSink>>,
+    /// A standby's store: reads change nothing (no bump, no fetched mark, no touch, no vivify, no win).
+    read_only: bool,
+    /// The highest CAS applied from a replication log.
+    applied_cas_max: u64,
 }
 
 /// What the store remembers of the last `flush_all` (see the module docs).
@@ -102,9 +108,12 @@ pub struct ItemRef<'s> {
 
 impl<'s> ItemRef<'s> {
     fn new(store: &'s Store, addr: usize, now: RelTime) -> ItemRef<'s> {
-        let arena = store.arena.bytes();
+        ItemRef::from_parts(store.arena.bytes(), store.segments.metas(), addr, now)
+    }
+
+    fn from_parts(arena: &'s [u8], segments: &'s [SegmentMeta], addr: usize, now: RelTime) -> ItemRef<'s> {
         let header = Header::decode(&arena[addr..]);
-        ItemRef { arena, segments: store.segments.metas(), addr, header, header_len: header.encoded_len(), now }
+        ItemRef { arena, segments, addr, header, header_len: header.encoded_len(), now }
     }
 
     fn value_addr(&self) -> usize {
@@ -237,6 +246,9 @@ impl Store {
             reinsert_credit: 0,
             scratch: Vec::new(),
             flush_mark: FlushMark::default(),
+            changes: None,
+            read_only: false,
+            applied_cas_max: 0,
         })
     }
 
@@ -257,6 +269,7 @@ impl Store {
 
     /// A read; may touch, vivify, mark fetched, bump.
     pub fn get(&mut self, key: &[u8], options: GetOptions, now: RelTime) -> GetResult<'_> {
+        let options = if self.read_only { GetOptions { no_bump: true, ..GetOptions::default() } } else { options };
         let tag = tag_of(key_hash(key));
         let Some(Found { addr, header, .. }) = self.lookup_live(key, tag, now) else {
             return match options.vivify {
@@ -283,6 +296,9 @@ impl Store {
         }
         if let Some(expiry) = options.touch {
             item::set_exptime(bytes, expiry.as_rel());
+            if let Some(changes) = self.changes.as_mut() {
+                changes.touch(key, expiry.as_rel());
+            }
         }
         GetResult::Hit(Hit {
             item: ItemRef::new(self, addr, now),
@@ -416,7 +432,10 @@ impl Store {
         let cas = request.new_cas.unwrap_or_else(|| self.next_cas());
         let new = NewItem { key: request.key, value, client_flags, exptime, cas, bits };
         match self.write_and_link(&new, tag, now) {
-            Ok(_) => StoreResult::Stored { cas },
+            Ok(addr) => {
+                self.report_set(addr, now);
+                StoreResult::Stored { cas }
+            }
             Err(NoSpace) => {
                 self.stats.outofmemory.incr();
                 if request.mode == StoreMode::Set && request.compare_cas.is_none() {
@@ -444,8 +463,12 @@ impl Store {
             if let Some(expiry) = request.new_expiry {
                 item::set_exptime(bytes, expiry.as_rel());
             }
+            self.report_set(addr, now);
         } else {
             self.unlink(slot, addr, &header);
+            if let Some(changes) = self.changes.as_mut() {
+                changes.delete(request.key);
+            }
         }
         DeleteResult::Deleted
     }
@@ -467,7 +490,10 @@ impl Store {
             let value = decimal::format_u64(initial, &mut digits);
             let new = NewItem { key, value, client_flags: 0, exptime, cas, bits: 0 };
             return match self.write_and_link(&new, tag, now) {
-                Ok(_) => ArithResult::Value { value: initial, cas, exptime },
+                Ok(addr) => {
+                    self.report_set(addr, now);
+                    ArithResult::Value { value: initial, cas, exptime }
+                }
                 Err(NoSpace) => {
                     self.stats.outofmemory.incr();
                     ArithResult::OutOfMemory
@@ -495,11 +521,15 @@ impl Store {
             bytes[value_at + text.len()..value_at + old_len].fill(b' ');
             item::set_cas(&mut bytes[old.addr..], cas);
             item::set_exptime(&mut bytes[old.addr..], exptime);
+            self.report_set(old.addr, now);
         } else {
             let new = NewItem { key, value: text, client_flags: old.header.client_flags, exptime, cas, bits: 0 };
-            if self.write_and_link(&new, tag, now).is_err() {
-                self.stats.outofmemory.incr();
-                return ArithResult::OutOfMemory;
+            match self.write_and_link(&new, tag, now) {
+                Ok(addr) => self.report_set(addr, now),
+                Err(NoSpace) => {
+                    self.stats.outofmemory.incr();
+                    return ArithResult::OutOfMemory;
+                }
             }
         }
         ArithResult::Value { value, cas, exptime }
@@ -509,8 +539,16 @@ impl Store {
     /// that later lookups treat these items as gone (see the module docs). Items written afterwards
     /// are unaffected. A store without live items is reset at once.
     pub fn flush(&mut self, now: RelTime) {
+        if let Some(changes) = self.changes.as_mut() {
+            changes.flush();
+        }
+        self.flush_below(self.peek_next_cas(), now);
+    }
+
+    /// Invalidates every item whose CAS is below `below_cas`, without reporting it.
+    fn flush_below(&mut self, below_cas: u64, now: RelTime) {
         let only_flushed_items = self.stats.curr_items.get() > 0;
-        self.flush_mark = FlushMark { below_cas: self.peek_next_cas(), at: now, only_flushed_items };
+        self.flush_mark = FlushMark { below_cas, at: now, only_flushed_items };
         if !only_flushed_items {
             self.reset();
         }
@@ -651,7 +689,10 @@ impl Store {
         let new = NewItem { key, value: &[], client_flags: 0, exptime: expiry.as_rel(), cas, bits };
         match self.write_and_link(&new, tag, now) {
             Ok(addr) => GetResult::Hit(Hit {
-                item: ItemRef::new(self, addr, now),
+                item: {
+                    self.report_set(addr, now);
+                    ItemRef::new(self, addr, now)
+                },
                 fetched_before: false,
                 idle_secs: 0,
                 won: true,
@@ -666,10 +707,21 @@ impl Store {
     }
 
     /// Removes `key`'s item, if any.
+    /// Removes `key`'s item, live or not (a failed overwrite must not leave stale data behind).
     fn remove(&mut self, key: &[u8], tag: u32) {
         if let Some((slot, addr)) = self.find(key, tag) {
             let header = self.header_at(addr);
             self.unlink(slot, addr, &header);
+            if let Some(changes) = self.changes.as_mut() {
+                changes.delete(key);
+            }
+        }
+    }
+
+    /// Tells the change sink about the item now at `addr`.
+    fn report_set(&mut self, addr: usize, now: RelTime) {
+        if let Some(changes) = self.changes.as_mut() {
+            changes.set(&ItemRef::from_parts(self.arena.bytes(), self.segments.metas(), addr, now));
         }
     }
 
@@ -954,5 +1006,164 @@ impl Store {
     #[cfg(test)]
     pub(super) fn index_bytes(&self) -> usize {
         self.index.bytes()
+    }
+}
+
+/// Receives every change a client makes to a store, as it happens, in order: the replication log.
+/// Expiry, eviction and the removal of flushed items are not reported (a standby does them itself);
+/// changes applied from a replication log ([`Store::apply_set`] and friends) are not reported either.
+pub trait ChangeSink: Send {
+    /// The item now stored under its key (a write, or the result of incr/decr/append/prepend/cas).
+    fn set(&mut self, item: &ItemRef<'_>);
+    fn delete(&mut self, key: &[u8]);
+    /// The item's stored expiry changed (0: never).
+    fn touch(&mut self, key: &[u8], exptime: RelTime);
+    /// `flush_all` took effect.
+    fn flush(&mut self);
+    /// Where the last reported change sits in the sink's order (a log sequence number).
+    fn position(&self) -> u64;
+    /// Called once per poll round: passes on what was reported. Returns whether anything was pending.
+    fn end_round(&mut self) -> bool;
+}
+
+/// Where a [`Store::scan`] resumes. The index is walked from its last slot down: removals shift
+/// entries towards lower slots and insertions never move entries, so an item present throughout is
+/// met at least once; a growth of the index restarts the walk.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanCursor {
+    capacity: usize,
+    /// Slots below this are still to visit.
+    next: usize,
+    started: bool,
+    done: bool,
+}
+
+impl ScanCursor {
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
+impl Store {
+    /// Makes reads leave the store exactly as it is (a standby's store: only replication changes it).
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+    }
+
+    /// Reports every later client change to `sink`.
+    pub fn set_change_sink(&mut self, sink: Box<dyn ChangeSink>) {
+        self.changes = Some(sink);
+    }
+
+    /// The change sink, for its owner's per-round work.
+    pub fn change_sink(&mut self) -> Option<&mut (dyn ChangeSink + 'static)> {
+        self.changes.as_deref_mut()
+    }
+
+    /// Applies a replicated SET: the item as the active stored it, CAS included. An expiry already past
+    /// removes the key instead.
+    pub fn apply_set(&mut self, key: &[u8], client_flags: u32, expiry: Expiry, cas: u64, value: &[u8], now: RelTime) {
+        let tag = tag_of(key_hash(key));
+        // CAS values this store issues later (after a promotion) stay above every applied one.
+        let sequence = cas.saturating_sub(self.shard_index + 1) / self.shard_count + 1;
+        self.cas_sequence = self.cas_sequence.max(sequence);
+        self.applied_cas_max = self.applied_cas_max.max(cas);
+        let exptime = match expiry {
+            Expiry::Immediately => return self.remove_quietly(key, tag),
+            other => other.as_rel(),
+        };
+        if key.len() > MAX_KEY_LEN || self.item_len(key.len(), value.len(), client_flags) > self.max_item_len {
+            tracing::warn!(key_len = key.len(), value_len = value.len(), "a replicated item cannot be stored here");
+            return self.remove_quietly(key, tag);
+        }
+        let new = NewItem { key, value, client_flags, exptime, cas, bits: 0 };
+        if self.write_and_link(&new, tag, now).is_err() {
+            self.stats.outofmemory.incr();
+            self.remove_quietly(key, tag);
+        }
+    }
+
+    /// Applies a replicated DELETE.
+    pub fn apply_delete(&mut self, key: &[u8]) {
+        self.remove_quietly(key, tag_of(key_hash(key)));
+    }
+
+    /// Applies a replicated TOUCH.
+    pub fn apply_touch(&mut self, key: &[u8], expiry: Expiry, now: RelTime) {
+        let tag = tag_of(key_hash(key));
+        let Some(found) = self.lookup_live(key, tag, now) else { return };
+        match expiry {
+            Expiry::Immediately => self.unlink(found.slot, found.addr, &found.header),
+            other => item::set_exptime(&mut self.arena.bytes_mut()[found.addr..], other.as_rel()),
+        }
+    }
+
+    /// Applies a replicated FLUSH: every item applied so far is gone; the active's later items carry
+    /// higher CAS values than any of them, so they stay.
+    pub fn apply_flush(&mut self, now: RelTime) {
+        self.flush_below(self.applied_cas_max + 1, now);
+    }
+
+    /// Drops every item (the start of a full sync).
+    pub fn clear(&mut self) {
+        self.reset();
+    }
+
+    fn remove_quietly(&mut self, key: &[u8], tag: u32) {
+        if let Some((slot, addr)) = self.find(key, tag) {
+            let header = self.header_at(addr);
+            self.unlink(slot, addr, &header);
+        }
+    }
+
+    /// Visits every live item once (a dump taken in one go; see [`Store::scan`] for one taken in slices).
+    pub fn for_each_live(&self, now: RelTime, mut visit: impl FnMut(&ItemRef<'_>)) {
+        for slot in 0..self.index.capacity() {
+            if let Some(addr) = self.index.address_at(slot) {
+                let item = ItemRef::new(self, addr, now);
+                if !self.is_dead(&item.header, now) {
+                    visit(&item);
+                }
+            }
+        }
+    }
+
+    /// Visits live items from `cursor` on, up to `budget` index slots, calling `visit` with each; returns
+    /// whether the walk is complete. Meant for snapshots taken a slice per poll round while the store
+    /// keeps changing (see [`ScanCursor`]).
+    pub fn scan(&self, cursor: &mut ScanCursor, budget: usize, now: RelTime, mut visit: impl FnMut(&ItemRef<'_>)) -> bool {
+        let capacity = self.index.capacity();
+        if !cursor.started || cursor.capacity != capacity {
+            *cursor = ScanCursor { capacity, next: capacity, started: true, done: false };
+        }
+        if cursor.done {
+            return true;
+        }
+        let mut visit_slot = |slot: usize| {
+            if let Some(addr) = self.index.address_at(slot) {
+                let item = ItemRef::new(self, addr, now);
+                if !self.is_dead(&item.header, now) {
+                    visit(&item);
+                }
+                true
+            } else {
+                false
+            }
+        };
+        let stop = cursor.next.saturating_sub(budget);
+        while cursor.next > stop {
+            cursor.next -= 1;
+            visit_slot(cursor.next);
+        }
+        if cursor.next == 0 {
+            // Entries of a probe run that wraps past the last slot may have shifted from the bottom to
+            // the top since the top was visited: visit the top run again (repeats are harmless).
+            let mut slot = capacity;
+            while slot > 0 && visit_slot(slot - 1) {
+                slot -= 1;
+            }
+            cursor.done = true;
+        }
+        cursor.done
     }
 }

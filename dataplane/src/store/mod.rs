@@ -276,5 +276,5 @@ mod segment;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{ItemRef, Store};
+pub use engine::{ChangeSink, ItemRef, ScanCursor, Store};
 pub use segment::SEGMENT_SIZE;

@@ -12,6 +12,7 @@
 pub mod blast;
 pub mod compare;
 pub mod protocol;
+pub mod replication;
 pub mod report;
 pub mod stats;
 pub mod verify;

@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 
 use tandem_tests::bench::blast::{self, BlastConfig, Limit};
 use tandem_tests::bench::compare::{self, CompareConfig};
+use tandem_tests::bench::replication::{self, ReplicationBenchConfig};
 use tandem_tests::bench::protocol::Protocol;
 use tandem_tests::bench::report::BlastReport;
 use tandem_tests::bench::stats::{self, ServerUsage};
@@ -100,9 +101,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Side by side: tandemd alone, replicating async, replicating sync; plus a full sync's speed.
+    Replication {
+        #[arg(long, default_value = "target/release/tandemd")]
+        tandemd: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        server_threads: usize,
+        #[arg(long, default_value_t = 1024)]
+        memory: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// MB of data the active holds when a standby joins for the full-sync measurement (0: skip).
+        #[arg(long, default_value_t = 512)]
+        full_sync_mb: usize,
+        #[command(flatten)]
+        workload: Workload,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// The load shared by `blast` and `compare`.
+/// The load shared by `blast`, `compare` and `replication`.
 #[derive(Args, Clone)]
 struct Workload {
     #[arg(long, value_enum, default_value = "text")]
@@ -257,6 +276,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             Ok(status(!report.corrupt && !early))
+        }
+        Command::Replication { tandemd, server_threads, memory, rounds, full_sync_mb, workload, json } => {
+            if !tandemd.exists() {
+                bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
+            }
+            let blast = workload.config(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let config = ReplicationBenchConfig { tandemd, server_threads, memory_mb: memory, rounds, blast, full_sync_mb };
+            let report = replication::run(&config, |round| {
+                if !json {
+                    println!(
+                        "round {} {:<6} {:>10.0} ops/s  p99 {:>8.1} us  lag p99 {:>6.1} ms max {:>6.1} ms ({} records)  {} errors",
+                        round.round, round.mode, round.ops_per_sec, round.p99_us, round.lag_p99_ms, round.lag_max_ms, round.lag_max_records, round.errors
+                    );
+                }
+            })?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for (i, mode) in ["plain", "async", "sync"].iter().enumerate() {
+                    println!("median {mode:<6} {:>10.0} ops/s  p99 {:>8.1} us", report.median_ops[i], report.median_p99_us[i]);
+                }
+                println!(
+                    "async/plain ops/s {:.2}x  sync/plain ops/s {:.2}x  lag p99 async {:.1} ms, sync {:.1} ms",
+                    report.ratio_async, report.ratio_sync, report.median_lag_p99_ms[0], report.median_lag_p99_ms[1]
+                );
+                if report.full_sync_bytes > 0 {
+                    println!(
+                        "full sync: {:.0} MB in {:.2} s = {:.2} GB/s",
+                        report.full_sync_bytes as f64 / 1e6,
+                        report.full_sync_seconds,
+                        report.full_sync_gb_per_s
+                    );
+                }
+            }
+            Ok(status(report.errors == 0))
         }
         Command::Compare { memcached, tandemd, server_threads, memory, item_size, rounds, workload, json } => {
             if !tandemd.exists() {

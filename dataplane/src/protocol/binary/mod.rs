@@ -78,6 +78,23 @@ impl Codec for BinaryCodec {
         execute::execute(shard, request, out)
     }
 
+    fn mutates(request: &Request<'_>) -> bool {
+        matches!(
+            request.opcode.family(),
+            Family::Touch
+                | Family::Gat { .. }
+                | Family::Store(_)
+                | Family::Concat { .. }
+                | Family::Delete
+                | Family::Arith { .. }
+                | Family::Flush
+        )
+    }
+
+    fn refuse_read_only(request: &Request<'_>, out: &mut Vec<u8>) {
+        write_text(out, request.echo(), Status::NotSupported, b"read-only standby");
+    }
+
     fn key_frame(request: &Request<'_>, _index: usize, out: &mut Vec<u8>) {
         request.encode(out)
     }

@@ -191,6 +191,9 @@ pub enum Status {
     AuthError = 0x20,
     UnknownCommand = 0x81,
     OutOfMemory = 0x82,
+    /// Not sent by memcached 1.6.18 in these paths; Tandem's read-only standby answers writes with it
+    /// (body `read-only standby`).
+    NotSupported = 0x83,
 }
 
 impl Status {
@@ -206,6 +209,7 @@ impl Status {
         Status::AuthError,
         Status::UnknownCommand,
         Status::OutOfMemory,
+        Status::NotSupported,
     ];
 
     /// The wire value.
@@ -236,6 +240,7 @@ impl Status {
             Status::AuthError => b"Auth failure.",
             Status::UnknownCommand => b"Unknown command",
             Status::OutOfMemory => b"Out of memory",
+            Status::NotSupported => b"Not supported",
         }
     }
 }

@@ -28,6 +28,7 @@ pub fn execute(shard: &mut Shard, request: &Request<'_>, out: &mut Vec<u8>) {
         Request::Arith { key, incr, delta, noreply } => arith(shard, key, *incr, *delta, *noreply, out),
         Request::Touch { key, exptime, noreply } => touch(shard, key, *exptime, *noreply, out),
         Request::Meta(request) => meta::execute(shard, request, out),
+        Request::MetaDump => metadump(shard, out),
         other => debug_assert!(false, "not a keyed request: {other:?}"),
     }
 }
@@ -193,4 +194,31 @@ fn touch(shard: &mut Shard, key: &[u8], exptime: i32, noreply: bool, out: &mut V
     let hit = matches!(shard.store.get(key, options, now), GetResult::Hit(_));
     count_read(&shard.counters, true, hit);
     push(out, if hit { reply::TOUCHED } else { reply::NOT_FOUND }, noreply);
+}
+
+/// This shard's lines of `lru_crawler metadump`, in memcached 1.6.18's format:
+/// `key=<uri-encoded> exp=<unix|-1> la=<unix> cas=<cas> fetch=<yes|no> cls=1 size=<bytes>`.
+fn metadump(shard: &mut Shard, out: &mut Vec<u8>) {
+    use crate::store::ItemDebug;
+    use std::io::Write;
+    let clock = crate::clock::Clock::global();
+    shard.store.for_each_live(shard.now(), |item| {
+        out.extend_from_slice(b"key=");
+        for &b in item.key() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                out.push(b);
+            } else {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+        let exp = if item.exptime() == 0 { -1 } else { clock.to_unix(item.exptime()) as i64 };
+        let fetch = if item.fetched() { "yes" } else { "no" };
+        let _ = writeln!(
+            out,
+            " exp={exp} la={} cas={} fetch={fetch} cls=1 size={}",
+            clock.to_unix(item.last_access()),
+            item.cas(),
+            item.total_size()
+        );
+    });
 }

@@ -76,6 +76,8 @@ pub enum Request<'a> {
     },
     Version,
     Quit,
+    /// `lru_crawler metadump all`: one line per live item of every shard, then `END`.
+    MetaDump,
     Meta(meta::Request<'a>),
 }
 
@@ -188,12 +190,32 @@ impl Codec for TextCodec {
             Request::Stats { group } => Route::Admin(Admin::Stats(*group)),
             Request::Shutdown { .. } => Route::Admin(Admin::Shutdown),
             Request::Version | Request::Quit => Route::Connection,
+            Request::MetaDump => Route::AllShards,
             Request::Meta(request) => meta::route(request),
         }
     }
 
     fn execute(shard: &mut Shard, request: &Request<'_>, out: &mut Vec<u8>) {
         execute::execute(shard, request, out)
+    }
+
+    fn mutates(request: &Request<'_>) -> bool {
+        match request {
+            Request::Storage(_)
+            | Request::Delete { .. }
+            | Request::Arith { .. }
+            | Request::Touch { .. }
+            | Request::FlushAll { .. } => true,
+            Request::Retrieval(retrieval) => {
+                matches!(retrieval.command, RetrievalCommand::Gat { .. } | RetrievalCommand::Gats { .. })
+            }
+            Request::Meta(request) => meta::mutates(request),
+            _ => false,
+        }
+    }
+
+    fn refuse_read_only(_request: &Request<'_>, out: &mut Vec<u8>) {
+        out.extend_from_slice(crate::protocol::READ_ONLY_STANDBY);
     }
 
     fn key_at<'r>(request: &'r Request<'_>, index: usize) -> &'r [u8] {

@@ -64,8 +64,9 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
         b"shutdown" => shutdown(&tokens),
         b"version" => Ok(Request::Version),
         b"quit" => Ok(Request::Quit),
-        // Everything else memcached knows (slabs, lru, lru_crawler, watch, cache_memlimit, ...) is not
-        // offered here, and is answered as an unknown command.
+        b"lru_crawler" => lru_crawler(&tokens),
+        // Everything else memcached knows (slabs, lru, watch, cache_memlimit, ...) is not offered here,
+        // and is answered as an unknown command.
         _ => Err(Refusal::always(reply::ERROR)),
     };
     match parsed {
@@ -269,6 +270,18 @@ fn flush_all<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
         0
     };
     Ok(Request::FlushAll { delay, noreply })
+}
+
+/// `lru_crawler metadump <all|hash|classids>`: the only crawler command offered. Every shard has one
+/// class, so any class list dumps everything, as `all` and `hash` do.
+fn lru_crawler<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
+    let which = tokens.get(2);
+    let classes = !which.is_empty() && which.split(|&b| b == b',').all(|id| !id.is_empty() && id.iter().all(u8::is_ascii_digit));
+    if tokens.count() == 3 && tokens.get(1) == b"metadump" && (which == b"all" || which == b"hash" || classes) {
+        Ok(Request::MetaDump)
+    } else {
+        Err(Refusal::always(reply::ERROR))
+    }
 }
 
 /// `verbosity <level> [noreply]`; a token after the level that is not `noreply` is ignored.

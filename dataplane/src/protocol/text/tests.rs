@@ -30,6 +30,7 @@ enum Model {
     Shutdown { graceful: bool },
     Version,
     Quit,
+    MetaDump,
     Meta,
 }
 
@@ -58,6 +59,7 @@ fn model(request: &Request<'_>) -> Model {
         Request::Verbosity { level, noreply } => Model::Verbosity { level: *level, noreply: *noreply },
         Request::Stats { group } => Model::Stats { group: group.map(str::to_owned) },
         Request::Shutdown { graceful } => Model::Shutdown { graceful: *graceful },
+        Request::MetaDump => Model::MetaDump,
         Request::Version => Model::Version,
         Request::Quit => Model::Quit,
         Request::Meta(_) => Model::Meta,
@@ -75,6 +77,7 @@ fn encode(request: &Model) -> Vec<u8> {
     }
     let mut out = Vec::new();
     match request {
+        Model::MetaDump => out.extend_from_slice(b"lru_crawler metadump all\r\n"),
         Model::Storage { command, key, client_flags, exptime, value, noreply } => {
             out.extend_from_slice(command.name().as_bytes());
             out.push(b' ');
@@ -864,6 +867,10 @@ mod executor {
                 Parse::Request { request, consumed } => {
                     match TextCodec::route(&request) {
                         Route::Key(_) => TextCodec::execute(shard, &request, &mut out),
+                        Route::AllShards => {
+                            TextCodec::execute(shard, &request, &mut out);
+                            TextCodec::finish_keys(&request, &mut out);
+                        }
                         Route::Keys(count) => {
                             for index in 0..count {
                                 TextCodec::execute_key(shard, &request, index, &mut out);

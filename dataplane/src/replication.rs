@@ -1,0 +1,642 @@
+//! Replication inside the server: what each shard's core does for it, and the replication core's thread.
+//!
+//! The machinery lives in the `replica` crate (log ring, backlog, shipper, receiver, handshake, wire);
+//! this module connects it to shards:
+//! - [`LogSink`]: the store's [`ChangeSink`] on an active: every client change becomes a log record
+//!   (absolute expiry, the resulting item for incr/decr/append/prepend/cas).
+//! - [`ShardReplication`]: a worker's per-round duties. On an active: hand the round's records to the
+//!   shipper, stream a snapshot slice when one is wanted, and tell which log position a client's reply
+//!   must wait for in sync mode. On a standby: apply what the receiver queued, in order, and publish the
+//!   applied position.
+//! - [`Node`]: starts the shipper (active) or receiver (standby) on its own thread, pinned to a spare
+//!   CPU when there is one, and reports for `stats replication`.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use replica::log::{self, LogConfig, LogProducer};
+use replica::port::{Bell, Inbound, ShardPort, SnapshotChunk, SnapshotPart, Wake, SNAPSHOT_CHUNK_BYTES};
+use replica::receiver::{Receiver, ReceiverConfig, ReceiverReport};
+use replica::shipper::{Mode, Shipper, ShipperConfig, ShipperReport};
+use replica::wire;
+use replica::{Epoch, LogSeq, Record, ReplicationId, ShardId as LogShard};
+
+use crate::clock::{Clock, RelTime};
+use crate::config::{ReplicationSettings, Role};
+use crate::shard::Shard;
+use crate::store::{ChangeSink, ItemRef, ItemView, ScanCursor};
+
+/// Index slots a snapshot visits between checks of the chunk size.
+const SCAN_SLOTS: usize = 4096;
+
+/// The store's change sink on an active: encodes each change into the shard's log.
+pub struct LogSink {
+    producer: LogProducer,
+    scratch: Vec<u8>,
+}
+
+impl LogSink {
+    fn append(&mut self, record: &Record<'_>) {
+        if let Err(e) = self.producer.append(record) {
+            // Only a record the format cannot carry fails (keys are at most 250 bytes, values are
+            // bounded by -I): say so loudly rather than silently skip.
+            tracing::error!(error = %e, "a change could not be logged for replication");
+        }
+    }
+}
+
+/// A unix expiry for a stored one (0: never).
+fn unix_expiry(exptime: RelTime) -> u64 {
+    if exptime == 0 {
+        0
+    } else {
+        Clock::global().to_unix(exptime)
+    }
+}
+
+/// The item's value in one slice: borrowed when it is contiguous, else gathered into `scratch`.
+fn whole_value<'a>(item: &'a ItemRef<'_>, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    let mut chunks = item.value_chunks();
+    let first = chunks.next().unwrap_or(&[]);
+    if first.len() == item.value_len() {
+        return first;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(first);
+    chunks.for_each(|chunk| scratch.extend_from_slice(chunk));
+    scratch
+}
+
+/// The SET record that recreates `item`.
+fn set_record<'a>(item: &'a ItemRef<'_>, scratch: &'a mut Vec<u8>) -> Record<'a> {
+    let value = whole_value(item, scratch);
+    Record::Set { key: item.key(), flags: item.client_flags(), expiry: unix_expiry(item.exptime()), cas: item.cas(), value }
+}
+
+/// Encodes `item` as a SET record of `shard` at `seq` into `out`.
+fn encode_item(item: &ItemRef<'_>, shard: LogShard, seq: LogSeq, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+    if let Err(e) = set_record(item, scratch).encode(shard, seq, out) {
+        tracing::error!(error = %e, "an item could not be encoded for replication");
+    }
+}
+
+impl ChangeSink for LogSink {
+    fn set(&mut self, item: &ItemRef<'_>) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.append(&set_record(item, &mut scratch));
+        if scratch.capacity() <= 1 << 20 {
+            self.scratch = scratch;
+        }
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.append(&Record::Delete { key });
+    }
+
+    fn touch(&mut self, key: &[u8], exptime: RelTime) {
+        self.append(&Record::Touch { key, expiry: unix_expiry(exptime) });
+    }
+
+    fn flush(&mut self) {
+        let now = Clock::global().to_unix(Clock::global().now());
+        self.append(&Record::Flush { at: now });
+    }
+
+    fn position(&self) -> u64 {
+        self.producer.next_seq().0 - 1
+    }
+
+    fn end_round(&mut self) -> bool {
+        let pending = self.producer.stats().outstanding_bytes > 0;
+        self.producer.flush();
+        pending
+    }
+}
+
+/// A snapshot being streamed by an active's shard.
+struct SnapshotTask {
+    id: u64,
+    cursor: ScanCursor,
+    begun: bool,
+}
+
+/// One worker's share of replication.
+pub struct ShardReplication {
+    shard: LogShard,
+    role: Role,
+    mode: Mode,
+    port: Arc<ShardPort>,
+    /// Every shard's port (sync mode waits on other shards' acks for requests run there).
+    ports: Arc<Vec<Arc<ShardPort>>>,
+    bell: Arc<Bell>,
+    snapshot: Option<SnapshotTask>,
+    last_snapshot: u64,
+    scratch: Vec<u8>,
+    /// Standby: a snapshot of this shard is being applied.
+    in_snapshot: bool,
+    applied: LogSeq,
+}
+
+impl ShardReplication {
+    /// Whether client replies wait for the standby's ack.
+    pub fn sync(&self) -> bool {
+        self.role == Role::Active && self.mode == Mode::Sync
+    }
+
+    /// Whether work arrived that [`ShardReplication::round`] should do before this core sleeps: records
+    /// to apply, or a snapshot wanted.
+    pub fn has_inbound(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.port.inbound.is_empty() {
+            return true;
+        }
+        let wanted = self.port.snapshot_wanted.load(Ordering::Acquire);
+        let snapshot_due = self.snapshot.is_some() || (wanted > self.last_snapshot);
+        snapshot_due && wanted != 0 && !self.port.snapshot.is_full()
+    }
+
+    /// Whether every record of `shard` up to `seq` is acknowledged as sync mode requires.
+    pub fn acked(&self, shard: usize, seq: u64) -> bool {
+        self.ports[shard].acked.load(std::sync::atomic::Ordering::Acquire) >= seq
+    }
+
+    /// Runs this round's replication duties; returns whether more work is waiting (do not sleep).
+    pub fn round(&mut self, shard: &mut Shard) -> bool {
+        match self.role {
+            Role::Active => {
+                let handed = shard.store.change_sink().is_some_and(|sink| sink.end_round());
+                if handed {
+                    self.bell.ring();
+                }
+                self.snapshot_step(shard)
+            }
+            Role::Standby => self.apply(shard),
+        }
+    }
+
+    /// Streams the next slice of a wanted snapshot. Returns whether there is more to do right away.
+    fn snapshot_step(&mut self, shard: &mut Shard) -> bool {
+        use std::sync::atomic::Ordering;
+        let wanted = self.port.snapshot_wanted.load(Ordering::Acquire);
+        if wanted == 0 {
+            self.snapshot = None;
+            return false;
+        }
+        if wanted > self.last_snapshot && self.snapshot.as_ref().is_none_or(|task| task.id != wanted) {
+            tracing::info!(shard = self.shard.0, id = wanted, "streaming a snapshot for a standby");
+            self.snapshot = Some(SnapshotTask { id: wanted, cursor: ScanCursor::default(), begun: false });
+        }
+        let Some(task) = self.snapshot.as_mut() else { return false };
+        if self.port.snapshot.is_full() {
+            // The shipper wakes this core when it takes a chunk.
+            return false;
+        }
+        // Every record before this point is handed over before the chunk that reflects it.
+        let sink = shard.store.change_sink().expect("an active's store has a log");
+        sink.end_round();
+        let at = LogSeq(sink.position());
+        self.bell.ring();
+        let part = if !task.begun {
+            task.begun = true;
+            SnapshotPart::Begin
+        } else if task.cursor.done() {
+            SnapshotPart::End
+        } else {
+            let mut out = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES + (64 << 10));
+            let now = shard.now();
+            let scratch = &mut self.scratch;
+            let id = self.shard;
+            while out.len() < SNAPSHOT_CHUNK_BYTES {
+                let done = shard.store.scan(&mut task.cursor, SCAN_SLOTS, now, |item| encode_item(item, id, at, scratch, &mut out));
+                if done {
+                    break;
+                }
+            }
+            SnapshotPart::Items(out)
+        };
+        let end = matches!(part, SnapshotPart::End);
+        let id = task.id;
+        if self.port.snapshot.push(SnapshotChunk { id, at, part }).is_err() {
+            unreachable!("only this core pushes, and the queue had room");
+        }
+        if end {
+            tracing::info!(shard = self.shard.0, id, "snapshot streamed");
+            self.last_snapshot = id;
+            self.snapshot = None;
+            return false;
+        }
+        true
+    }
+
+    /// Applies what the receiver queued; returns whether more may be waiting.
+    fn apply(&mut self, shard: &mut Shard) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut applied_any = false;
+        let mut budget = 64;
+        while budget > 0 {
+            let Some(inbound) = self.port.inbound.pop() else { break };
+            budget -= 1;
+            applied_any = true;
+            match inbound {
+                Inbound::Batch { first, count, records } => {
+                    for record in wire::snapshot_records(&records) {
+                        apply_record(shard, &record);
+                    }
+                    self.port.recycle(records);
+                    self.applied = LogSeq(first.0 + u64::from(count) - 1);
+                }
+                Inbound::Resume { after } => {
+                    self.in_snapshot = false;
+                    self.applied = after;
+                }
+                Inbound::SnapshotBegin { at } => {
+                    tracing::info!(shard = self.shard.0, at = at.0, "full sync: shard wiped, snapshot follows");
+                    shard.store.clear();
+                    self.in_snapshot = true;
+                    self.applied = at;
+                }
+                Inbound::SnapshotItems(records) => {
+                    for record in wire::snapshot_records(&records) {
+                        apply_record(shard, &record);
+                    }
+                    self.port.recycle(records);
+                }
+                Inbound::SnapshotEnd => {
+                    tracing::info!(shard = self.shard.0, applied = self.applied.0, "full sync of the shard complete");
+                    self.in_snapshot = false;
+                }
+            }
+        }
+        if applied_any {
+            // A half-applied snapshot is not a position anyone can resume from.
+            let published = if self.in_snapshot { 0 } else { self.applied.0 };
+            self.port.applied.store(published, Ordering::Release);
+            self.bell.ring();
+        }
+        budget == 0
+    }
+}
+
+/// Applies one replicated record to a standby's shard.
+fn apply_record(shard: &mut Shard, record: &Record<'_>) {
+    let now = shard.now();
+    let clock = Clock::global();
+    let expiry = |unix: u64| if unix == 0 { crate::clock::Expiry::Never } else { clock.expiry(unix.min(i64::MAX as u64) as i64, now) };
+    match *record {
+        Record::Set { key, flags, expiry: at, cas, value } => shard.store.apply_set(key, flags, expiry(at), cas, value, now),
+        Record::Delete { key } => shard.store.apply_delete(key),
+        Record::Touch { key, expiry: at } => shard.store.apply_touch(key, expiry(at), now),
+        Record::Flush { .. } => shard.store.apply_flush(now),
+    }
+}
+
+/// The replication core's report, for `stats replication`.
+#[derive(Clone)]
+pub enum Report {
+    Active { history: ReplicationId, epoch: Epoch, report: Arc<Mutex<ShipperReport>> },
+    Standby { report: Arc<Mutex<ReceiverReport>> },
+}
+
+/// This node's replication: the thread and what the workers need.
+pub struct Node {
+    pub role: Role,
+    pub mode: Mode,
+    pub report: Report,
+    bell: Arc<Bell>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What [`Node::start`] hands each worker: its replication duties and, on an active, its store's sink.
+pub struct WorkerSide {
+    pub replication: ShardReplication,
+    pub sink: Option<LogSink>,
+}
+
+impl Node {
+    /// Starts the replication core for `shards` shards. `wake` wakes a shard's worker.
+    pub fn start(settings: &ReplicationSettings, shards: usize, wake: Arc<dyn Wake>, cpu: Option<usize>) -> anyhow::Result<(Node, Vec<WorkerSide>)> {
+        let ports: Arc<Vec<Arc<ShardPort>>> = Arc::new((0..shards).map(|_| Arc::new(ShardPort::default())).collect());
+        let history = ReplicationId::random();
+        let epoch = Epoch(1);
+        let (node, sinks, bell) = match settings.role {
+            Role::Active => {
+                let config = LogConfig { backlog_bytes: 0, ..LogConfig::default() };
+                let (producers, consumers): (Vec<_>, Vec<_>) =
+                    (0..shards).map(|s| log::channel(LogShard(s as u16), LogSeq::ZERO, config.clone())).unzip();
+                let shipper_config = ShipperConfig {
+                    listen: settings.listen.expect("checked by the config"),
+                    secret: settings.secret.clone(),
+                    history,
+                    epoch,
+                    mode: settings.mode,
+                    ack: settings.ack,
+                    backlog_bytes: settings.backlog_bytes / shards.max(1),
+                    heartbeat_interval: settings.heartbeat,
+                    peer_timeout: settings.peer_timeout,
+                };
+                let (mut shipper, handle) = Shipper::new(shipper_config, consumers, ports.to_vec(), wake)
+                    .with_context(|| format!("cannot listen for standbys on {}", settings.listen.expect("checked")))?;
+                tracing::info!(listen = %handle.listen, %history, mode = ?settings.mode, "replication: active, shipping to standbys");
+                let thread = spawn("tandem-repl", cpu, move || shipper.run())?;
+                let node = Node {
+                    role: Role::Active,
+                    mode: settings.mode,
+                    report: Report::Active { history, epoch, report: handle.report },
+                    bell: handle.bell.clone(),
+                    stop: handle.stop,
+                    thread: Some(thread),
+                };
+                let sinks = producers.into_iter().map(|producer| Some(LogSink { producer, scratch: Vec::new() })).collect::<Vec<_>>();
+                (node, sinks, handle.bell)
+            }
+            Role::Standby => {
+                let receiver_config = ReceiverConfig {
+                    peers: settings.peers.clone(),
+                    secret: settings.secret.clone(),
+                    shard_count: shards as u16,
+                    heartbeat_interval: settings.heartbeat,
+                    peer_timeout: settings.peer_timeout,
+                    reconnect_delay: std::time::Duration::from_millis(200),
+                };
+                let (mut receiver, handle) = Receiver::new(receiver_config, ports.to_vec(), wake)?;
+                tracing::info!(peers = ?settings.peers, "replication: standby, read-only, following the active");
+                let thread = spawn("tandem-repl", cpu, move || receiver.run())?;
+                let node = Node {
+                    role: Role::Standby,
+                    mode: settings.mode,
+                    report: Report::Standby { report: handle.report },
+                    bell: handle.bell.clone(),
+                    stop: handle.stop,
+                    thread: Some(thread),
+                };
+                (node, (0..shards).map(|_| None).collect(), handle.bell)
+            }
+        };
+        let sides = sinks
+            .into_iter()
+            .enumerate()
+            .map(|(s, sink)| WorkerSide {
+                replication: ShardReplication {
+                    shard: LogShard(s as u16),
+                    role: settings.role,
+                    mode: settings.mode,
+                    port: ports[s].clone(),
+                    ports: ports.clone(),
+                    bell: bell.clone(),
+                    snapshot: None,
+                    last_snapshot: 0,
+                    scratch: Vec::new(),
+                    in_snapshot: false,
+                    applied: LogSeq::ZERO,
+                },
+                sink,
+            })
+            .collect();
+        Ok((node, sides))
+    }
+
+    /// Stops the replication thread and waits for it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.bell.ring_always();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn spawn(name: &str, cpu: Option<usize>, body: impl FnOnce() + Send + 'static) -> anyhow::Result<JoinHandle<()>> {
+    Ok(std::thread::Builder::new().name(name.into()).spawn(move || {
+        if let Some(cpu) = cpu {
+            crate::runtime::pin_to_cpu(cpu);
+        }
+        body();
+    })?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The log a store writes, applied to another store, gives the same contents: every client change
+    //! kind, in random order, through the real log ring and record encoding.
+    use super::*;
+    use crate::clock::Expiry;
+    use crate::config::Settings;
+    use crate::store::{ArithRequest, DeleteRequest, GetOptions, Store, StoreConfig, StoreMode, StoreRequest};
+    use proptest::prelude::*;
+    use replica::log::Drained;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Store(StoreMode, u8, Vec<u8>, u32, i64),
+        Cas(u8, Vec<u8>),
+        Delete(u8),
+        Arith(u8, bool, u64),
+        Touch(u8, i64),
+        Flush,
+        Big(u8, usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let mode = prop_oneof![
+            Just(StoreMode::Set),
+            Just(StoreMode::Add),
+            Just(StoreMode::Replace),
+            Just(StoreMode::Append),
+            Just(StoreMode::Prepend)
+        ];
+        let value = prop_oneof![proptest::collection::vec(any::<u8>(), 0..40), (0u64..1000).prop_map(|n| n.to_string().into_bytes())];
+        let ttl = prop_oneof![Just(0i64), 1i64..5000, Just(-1i64)];
+        prop_oneof![
+            6 => (mode, 0u8..12, value.clone(), any::<u32>(), ttl.clone()).prop_map(|(m, k, v, f, t)| Op::Store(m, k, v, f, t)),
+            1 => (0u8..12, value).prop_map(|(k, v)| Op::Cas(k, v)),
+            2 => (0u8..12).prop_map(Op::Delete),
+            2 => (0u8..12, any::<bool>(), 0u64..2000).prop_map(|(k, i, d)| Op::Arith(k, i, d)),
+            1 => (0u8..12, ttl).prop_map(|(k, t)| Op::Touch(k, t)),
+            1 => Just(Op::Flush),
+            1 => (0u8..12, (1usize << 20)..(3usize << 20)).prop_map(|(k, n)| Op::Big(k, n)),
+        ]
+    }
+
+    fn store() -> Store {
+        Store::new(StoreConfig { memory_bytes: 64 << 20, item_size_max: 4 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false })
+            .unwrap()
+    }
+
+    fn key(k: u8) -> Vec<u8> {
+        format!("key{k}").into_bytes()
+    }
+
+    fn run(shard: &mut Shard, op: &Op) {
+        let now = shard.now();
+        let store = &mut shard.store;
+        match op {
+            Op::Store(mode, k, value, flags, ttl) => {
+                let key = key(*k);
+                let expiry = Clock::global().expiry(*ttl, now);
+                let request = StoreRequest {
+                    key: &key,
+                    value,
+                    client_flags: *flags,
+                    expiry,
+                    mode: *mode,
+                    compare_cas: None,
+                    invalidate: false,
+                    new_cas: None,
+                    vivify_on_miss: None,
+                    key_binary: false,
+                };
+                store.store(&request, now);
+            }
+            Op::Cas(k, value) => {
+                let key = key(*k);
+                let cas = store.peek(&key, now).map(|item| item.cas());
+                let request = StoreRequest {
+                    key: &key,
+                    value,
+                    client_flags: 1,
+                    expiry: Expiry::Never,
+                    mode: StoreMode::Set,
+                    compare_cas: Some(cas.unwrap_or(12345)),
+                    invalidate: false,
+                    new_cas: None,
+                    vivify_on_miss: None,
+                    key_binary: false,
+                };
+                store.store(&request, now);
+            }
+            Op::Delete(k) => {
+                let key = key(*k);
+                store.delete(&DeleteRequest { key: &key, compare_cas: None, invalidate: false, new_expiry: None, new_cas: None }, now);
+            }
+            Op::Arith(k, incr, delta) => {
+                let key = key(*k);
+                let request = ArithRequest { key: &key, incr: *incr, delta: *delta, vivify: None, compare_cas: None, new_expiry: None, new_cas: None };
+                store.arith(&request, now);
+            }
+            Op::Touch(k, ttl) => {
+                let key = key(*k);
+                let options = GetOptions { touch: Some(Clock::global().expiry(*ttl, now)), ..GetOptions::default() };
+                store.get(&key, options, now);
+            }
+            Op::Flush => shard.flush(0),
+            Op::Big(k, len) => {
+                let key = key(*k);
+                let value: Vec<u8> = (0..*len).map(|i| (i % 251) as u8).collect();
+                let request = StoreRequest {
+                    key: &key,
+                    value: &value,
+                    client_flags: 9,
+                    expiry: Expiry::Never,
+                    mode: StoreMode::Set,
+                    compare_cas: None,
+                    invalidate: false,
+                    new_cas: None,
+                    vivify_on_miss: None,
+                    key_binary: false,
+                };
+                store.store(&request, now);
+            }
+        }
+    }
+
+    /// Key, flags, value, CAS and expiry of every live item.
+    type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
+
+    fn contents(store: &Store, now: RelTime) -> Contents {
+        let mut items = Vec::new();
+        store.for_each_live(now, |item| {
+            let mut value = Vec::new();
+            item.copy_value_into(&mut value);
+            items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
+        });
+        items.sort();
+        items
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn applying_the_log_reproduces_the_store(ops in proptest::collection::vec(op(), 1..120)) {
+            let settings = Arc::new(Settings::default());
+            let (producer, mut consumer) = log::channel(LogShard(0), LogSeq::ZERO, LogConfig::default());
+            let mut active = Shard::new(0, store(), settings.clone());
+            active.store.set_change_sink(Box::new(LogSink { producer, scratch: Vec::new() }));
+            let mut standby = Shard::new(0, store(), settings);
+            for op in &ops {
+                run(&mut active, op);
+                active.store.change_sink().unwrap().end_round();
+                let mut out = Vec::new();
+                loop {
+                    out.clear();
+                    match consumer.drain_batch(1 << 20, &mut out) {
+                        Drained::Batch { .. } => {
+                            for record in wire::snapshot_records(&out) {
+                                apply_record(&mut standby, &record);
+                            }
+                        }
+                        Drained::Empty => break,
+                        Drained::ResyncRequired { .. } => panic!("the ring never fills here"),
+                    }
+                }
+            }
+            let now = active.now();
+            prop_assert_eq!(contents(&active.store, now), contents(&standby.store, now));
+        }
+        #[test]
+        fn a_snapshot_taken_in_slices_while_writing_plus_the_log_reproduces_the_store(
+            before in proptest::collection::vec(op(), 0..150),
+            during in proptest::collection::vec((op(), any::<bool>()), 1..150),
+        ) {
+            let settings = Arc::new(Settings::default());
+            let (producer, mut consumer) = log::channel(LogShard(0), LogSeq::ZERO, LogConfig::default());
+            let mut active = Shard::new(0, store(), settings.clone());
+            active.store.set_change_sink(Box::new(LogSink { producer, scratch: Vec::new() }));
+            let mut standby = Shard::new(0, store(), settings);
+            let mut drain = |active: &mut Shard, standby: Option<&mut Shard>| {
+                active.store.change_sink().unwrap().end_round();
+                let mut out = Vec::new();
+                let mut standby = standby;
+                while let Drained::Batch { .. } = consumer.drain_batch(1 << 20, &mut out) {
+                    if let Some(standby) = standby.as_deref_mut() {
+                        for record in wire::snapshot_records(&out) {
+                            apply_record(standby, &record);
+                        }
+                    }
+                    out.clear();
+                }
+            };
+            for op in &before {
+                run(&mut active, op);
+            }
+            // The snapshot begins: what was logged so far is covered by it, not replayed.
+            drain(&mut active, None);
+            let mut cursor = ScanCursor::default();
+            let mut scratch = Vec::new();
+            let mut done = false;
+            for (op, slice) in &during {
+                run(&mut active, op);
+                drain(&mut active, Some(&mut standby));
+                if *slice && !done {
+                    let mut items = Vec::new();
+                    let now = active.now();
+                    done = active.store.scan(&mut cursor, 3, now, |item| encode_item(item, LogShard(0), LogSeq(0), &mut scratch, &mut items));
+                    for record in wire::snapshot_records(&items) {
+                        apply_record(&mut standby, &record);
+                    }
+                }
+            }
+            while !done {
+                let mut items = Vec::new();
+                let now = active.now();
+                done = active.store.scan(&mut cursor, 3, now, |item| encode_item(item, LogShard(0), LogSeq(0), &mut scratch, &mut items));
+                for record in wire::snapshot_records(&items) {
+                    apply_record(&mut standby, &record);
+                }
+            }
+            let now = active.now();
+            prop_assert_eq!(contents(&active.store, now), contents(&standby.store, now));
+        }
+    }
+}

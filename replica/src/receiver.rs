@@ -1,0 +1,501 @@
+//! The standby's replication core: connects to the active, proves itself, and hands every shard's
+//! records to that shard's core, in order; acknowledges what the shards applied.
+//!
+//! One thread runs [`Receiver::run`]. It dials the configured peers in turn until one accepts it as a
+//! standby ([`crate::handshake`]); the handshake tells it, per shard, whether the stream resumes after
+//! what it already applied or starts with a snapshot. Then it reads messages ([`crate::wire`]), checks
+//! them (frames, records and their sequence numbers: a batch that does not continue exactly where the
+//! last one ended ends the connection), and queues them on each shard's [`ShardPort::inbound`]; the
+//! shard's core applies them and publishes [`ShardPort::applied`], which goes back as acks. When a
+//! shard's queue is full the receiver stops reading: back-pressure reaches the active through TCP.
+//!
+//! A lost connection (closed, silent past the peer timeout, or lying) is redialled after a short delay,
+//! presenting the history and what each shard applied, so a standby that was away briefly resumes from
+//! the active's backlog. A shard whose snapshot was cut off presents nothing applied, so it is
+//! resent from its log or snapshotted again, never left half-filled.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::handshake::{Message as Handshake, Nonce, Outcome, ShardStart, StandbyConfig, StandbyHandshake};
+use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
+use crate::port::{Bell, Inbound, ShardPort, Wake};
+use crate::shipper::unix_millis;
+use crate::wire::{self, Kind, Message, MessageReader};
+
+const CONN: Token = Token(0);
+const BELL: Token = Token(1);
+/// Largest message accepted from the active (a batch or a snapshot chunk, with room to spare).
+const MAX_MESSAGE: usize = 80 << 20;
+/// Bytes read per call.
+const READ_CHUNK: usize = 256 << 10;
+
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    /// Where the active may be; tried in turn.
+    pub peers: Vec<SocketAddr>,
+    pub secret: Vec<u8>,
+    pub shard_count: u16,
+    pub heartbeat_interval: Duration,
+    /// An active silent for this long is considered gone (the connection is dropped and redialled).
+    pub peer_timeout: Duration,
+    pub reconnect_delay: Duration,
+}
+
+/// What `stats replication` shows on a standby.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiverReport {
+    /// `connecting`, `handshake`, `full_sync` or `streaming`.
+    pub state: &'static str,
+    pub active: String,
+    pub history: Option<ReplicationId>,
+    pub epoch: Epoch,
+    pub applied: Vec<u64>,
+    pub connects: u64,
+    pub full_syncs: u64,
+    pub partial_syncs: u64,
+    pub refused: u64,
+    pub bytes_received: u64,
+    /// Milliseconds since the active was last heard from.
+    pub last_heard_millis: u64,
+    pub last_error: String,
+}
+
+pub struct ReceiverHandle {
+    pub bell: Arc<Bell>,
+    pub report: Arc<Mutex<ReceiverReport>>,
+    pub stop: Arc<AtomicBool>,
+}
+
+struct Connection {
+    stream: TcpStream,
+    addr: SocketAddr,
+    reader: MessageReader,
+    out: Vec<u8>,
+    written: usize,
+    handshake: Option<StandbyHandshake>,
+    /// Per shard: the last sequence number received; the next batch must start right after it.
+    received: Vec<LogSeq>,
+    /// Per shard: a snapshot is being received.
+    in_snapshot: Vec<bool>,
+    /// Per shard: the last ack sent.
+    acked: Vec<LogSeq>,
+    last_heard: Instant,
+    last_heartbeat: Instant,
+}
+
+pub struct Receiver {
+    config: ReceiverConfig,
+    poll: Poll,
+    bell: Arc<Bell>,
+    stop: Arc<AtomicBool>,
+    ports: Vec<Arc<ShardPort>>,
+    wake: Arc<dyn Wake>,
+    report: Arc<Mutex<ReceiverReport>>,
+    counters: ReceiverReport,
+    history: Option<ReplicationId>,
+    epoch: Epoch,
+    conn: Option<Connection>,
+    next_peer: usize,
+    /// Messages for shards whose queue was full, in arrival order.
+    held: VecDeque<(usize, Inbound)>,
+}
+
+impl Receiver {
+    pub fn new(config: ReceiverConfig, ports: Vec<Arc<ShardPort>>, wake: Arc<dyn Wake>) -> io::Result<(Receiver, ReceiverHandle)> {
+        let poll = Poll::new()?;
+        let bell = Bell::new(mio::Waker::new(poll.registry(), BELL)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(ReceiverReport { state: "connecting", ..Default::default() }));
+        let handle = ReceiverHandle { bell: bell.clone(), report: report.clone(), stop: stop.clone() };
+        let receiver = Receiver {
+            config,
+            poll,
+            bell,
+            stop,
+            ports,
+            wake,
+            report,
+            counters: ReceiverReport { state: "connecting", ..Default::default() },
+            history: None,
+            epoch: Epoch(0),
+            conn: None,
+            next_peer: 0,
+            held: VecDeque::new(),
+        };
+        Ok((receiver, handle))
+    }
+
+    pub fn run(&mut self) {
+        let mut events = Events::with_capacity(64);
+        let mut last_report = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.conn.is_none() && !self.connect() {
+                self.publish_report();
+                self.sleep(self.config.reconnect_delay);
+                continue;
+            }
+            self.deliver_held();
+            self.send_acks();
+            let timeout = if self.held.is_empty() {
+                self.bell.prepare_sleep();
+                self.send_acks();
+                self.config.heartbeat_interval.min(Duration::from_millis(20))
+            } else {
+                Duration::from_millis(1)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "replication poll failed");
+                    return;
+                }
+            }
+            self.bell.awake();
+            if self.held.is_empty() {
+                if let Err(reason) = self.read() {
+                    self.drop_connection(&reason);
+                    continue;
+                }
+            }
+            if let Err(reason) = self.keep_alive() {
+                self.drop_connection(&reason);
+                continue;
+            }
+            if last_report.elapsed() >= Duration::from_millis(50) {
+                last_report = Instant::now();
+                self.publish_report();
+            }
+        }
+    }
+
+    fn sleep(&mut self, duration: Duration) {
+        let mut events = Events::with_capacity(4);
+        let _ = self.poll.poll(&mut events, Some(duration));
+    }
+
+    /// Dials the next peer and sends the Hello. Returns whether a connection is up.
+    fn connect(&mut self) -> bool {
+        if self.config.peers.is_empty() {
+            return false;
+        }
+        // What each shard applied must be final before it is presented: let the shards finish what the
+        // last connection queued.
+        if self.ports.iter().any(|port| !port.inbound.is_empty()) {
+            return false;
+        }
+        let addr = self.config.peers[self.next_peer % self.config.peers.len()];
+        self.next_peer += 1;
+        self.counters.state = "connecting";
+        let stream = match std::net::TcpStream::connect_timeout(&addr, self.config.peer_timeout.max(Duration::from_millis(100))) {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.counters.last_error = format!("connect {addr}: {e}");
+                tracing::debug!(%addr, error = %e, "cannot reach the active");
+                return false;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut stream = TcpStream::from_std(stream);
+        if self.poll.registry().register(&mut stream, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
+            return false;
+        }
+        self.counters.connects += 1;
+        let shard_count = usize::from(self.config.shard_count);
+        let applied: Vec<LogSeq> = self.ports.iter().map(|p| p.applied()).collect();
+        let (handshake, hello) = StandbyHandshake::start(
+            StandbyConfig {
+                secret: self.config.secret.clone(),
+                shard_count: self.config.shard_count,
+                history: self.history,
+                epoch: self.epoch,
+                applied: applied.clone(),
+            },
+            Nonce::random(),
+        );
+        let mut out = Vec::new();
+        let start = wire::begin(Kind::Handshake, &mut out);
+        hello.encode(&mut out);
+        wire::finish(&mut out, start);
+        tracing::info!(%addr, "connected to the active; handshaking");
+        self.counters.state = "handshake";
+        self.counters.active = addr.to_string();
+        self.conn = Some(Connection {
+            stream,
+            addr,
+            reader: MessageReader::new(MAX_MESSAGE),
+            out,
+            written: 0,
+            handshake: Some(handshake),
+            received: applied,
+            in_snapshot: vec![false; shard_count],
+            acked: vec![LogSeq::ZERO; shard_count],
+            last_heard: Instant::now(),
+            last_heartbeat: Instant::now(),
+        });
+        true
+    }
+
+    fn drop_connection(&mut self, reason: &str) {
+        if let Some(mut conn) = self.conn.take() {
+            tracing::warn!(addr = %conn.addr, reason, "replication connection dropped");
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            self.counters.last_error = reason.to_string();
+        }
+        self.counters.state = "connecting";
+        // What was held for the shards came from that connection; the next one resends from what they
+        // applied.
+        self.held.clear();
+    }
+
+    /// Reads what arrived and dispatches it.
+    fn read(&mut self) -> Result<(), String> {
+        let mut budget = 8 * READ_CHUNK;
+        loop {
+            let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+            let buf = conn.reader.spare(READ_CHUNK);
+            let len = buf.len();
+            buf.resize(len + READ_CHUNK, 0);
+            let got = conn.stream.read(&mut buf[len..]);
+            let n = match got {
+                Ok(0) => {
+                    buf.truncate(len);
+                    return Err("closed by the active".into());
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    buf.truncate(len);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => return Err(format!("read: {e}")),
+                    }
+                }
+            };
+            buf.truncate(len + n);
+            conn.last_heard = Instant::now();
+            self.counters.bytes_received += n as u64;
+            self.dispatch()?;
+            if !self.held.is_empty() {
+                break;
+            }
+            budget = budget.saturating_sub(n);
+            if budget == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles every whole message buffered, until a shard's queue is full.
+    fn dispatch(&mut self) -> Result<(), String> {
+        while self.held.is_empty() {
+            let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+            let Some(action) = next_action(conn, &self.ports)? else { return Ok(()) };
+            match action {
+                Action::Handshake(message) => self.handshake(message)?,
+                Action::Deliver(shard, inbound) => {
+                    self.held.push_back((shard, inbound));
+                    self.deliver_held();
+                }
+                Action::Heartbeat(epoch) => self.epoch = self.epoch.max(epoch),
+            }
+        }
+        Ok(())
+    }
+
+    fn handshake(&mut self, message: Handshake) -> Result<(), String> {
+        let conn = self.conn.as_mut().expect("a connection");
+        let handshake = conn.handshake.as_mut().expect("handshaking");
+        let step = handshake.on_message(message);
+        for reply in &step.send {
+            let start = wire::begin(Kind::Handshake, &mut conn.out);
+            reply.encode(&mut conn.out);
+            wire::finish(&mut conn.out, start);
+        }
+        match step.outcome {
+            None => Ok(()),
+            Some(Outcome::Accepted { history, epoch, plan }) => {
+                conn.handshake = None;
+                if self.history != Some(history) {
+                    tracing::info!(%history, %epoch, "following the active's history");
+                }
+                self.history = Some(history);
+                self.epoch = epoch;
+                let full = plan.iter().filter(|s| matches!(s, ShardStart::FullSync)).count();
+                for (shard, start) in plan.iter().enumerate() {
+                    if let ShardStart::Resume { after } = *start {
+                        conn.received[shard] = after;
+                        self.held.push_back((shard, Inbound::Resume { after }));
+                    }
+                }
+                if full > 0 {
+                    self.counters.full_syncs += 1;
+                } else {
+                    self.counters.partial_syncs += 1;
+                }
+                tracing::info!(addr = %conn.addr, full_sync_shards = full, "replication streaming");
+                Ok(())
+            }
+            Some(outcome) => {
+                self.counters.refused += 1;
+                let _ = flush(conn);
+                Err(format!("handshake ended: {outcome:?}"))
+            }
+        }
+    }
+
+    /// Hands held messages to their shards, in order, until one's queue is full.
+    fn deliver_held(&mut self) {
+        let mut woken = 0u64;
+        while let Some((shard, inbound)) = self.held.pop_front() {
+            match self.ports[shard].inbound.push(inbound) {
+                Ok(()) => {
+                    if woken & (1 << (shard % 64)) == 0 {
+                        woken |= 1 << (shard % 64);
+                        self.wake.wake(shard);
+                    }
+                }
+                Err(inbound) => {
+                    self.held.push_front((shard, inbound));
+                    self.wake.wake(shard);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends an ack for every shard whose applied position moved, and flushes output.
+    fn send_acks(&mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        if conn.handshake.is_none() {
+            for (shard, port) in self.ports.iter().enumerate() {
+                let applied = port.applied();
+                if applied > conn.acked[shard] && !conn.in_snapshot[shard] && applied <= conn.received[shard] {
+                    conn.acked[shard] = applied;
+                    wire::encode_ack(ShardId(shard as u16), applied, &mut conn.out);
+                }
+            }
+        }
+        if let Err(e) = flush(conn) {
+            let reason = format!("write: {e}");
+            self.drop_connection(&reason);
+        }
+    }
+
+    fn keep_alive(&mut self) -> Result<(), String> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+        if conn.last_heard.elapsed() > self.config.peer_timeout {
+            return Err(format!("the active was silent for {:?}", conn.last_heard.elapsed()));
+        }
+        if conn.handshake.is_none() && conn.last_heartbeat.elapsed() >= self.config.heartbeat_interval {
+            conn.last_heartbeat = Instant::now();
+            wire::encode_heartbeat(self.epoch, unix_millis(), &mut conn.out);
+            flush(conn).map_err(|e| format!("write: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn publish_report(&mut self) {
+        let mut report = self.counters.clone();
+        report.history = self.history;
+        report.epoch = self.epoch;
+        report.applied = self.ports.iter().map(|p| p.applied().0).collect();
+        if let Some(conn) = self.conn.as_ref().filter(|c| c.handshake.is_none()) {
+            report.state = if conn.in_snapshot.iter().any(|&s| s) { "full_sync" } else { "streaming" };
+        }
+        report.last_heard_millis = self.conn.as_ref().map_or(0, |c| c.last_heard.elapsed().as_millis() as u64);
+        *self.report.lock().unwrap() = report;
+    }
+}
+
+/// What one received message asks for.
+enum Action {
+    Handshake(Handshake),
+    Deliver(usize, Inbound),
+    Heartbeat(Epoch),
+}
+
+/// Decodes and checks the next buffered message against the connection's state.
+fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option<Action>, String> {
+    let Connection { reader, handshake, received, in_snapshot, .. } = conn;
+    let message = match reader.next_message() {
+        Ok(Some(message)) => message,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(format!("bad bytes from the active: {e}")),
+    };
+    if handshake.is_some() {
+        let Message::Handshake(body) = message else {
+            return Err("the active streamed before the handshake ended".into());
+        };
+        return Ok(Some(Action::Handshake(Handshake::decode(body).map_err(|e| format!("bad handshake message: {e}"))?)));
+    }
+    let shard_index = |shard: ShardId| {
+        if shard.index() < received.len() {
+            Ok(shard.index())
+        } else {
+            Err(format!("message for unknown shard {}", shard.0))
+        }
+    };
+    Ok(Some(match message {
+        Message::Batch(frame) => {
+            let shard = shard_index(frame.header.shard)?;
+            if frame.header.first_seq != received[shard].next() {
+                return Err(format!(
+                    "shard {shard}: batch starts at {}, expected {}",
+                    frame.header.first_seq,
+                    received[shard].next()
+                ));
+            }
+            received[shard] = frame.header.last_seq();
+            let records = ports[shard].copy_of(frame.payload);
+            Action::Deliver(shard, Inbound::Batch { first: frame.header.first_seq, count: frame.header.count, records })
+        }
+        Message::SnapshotBegin { shard, at } => {
+            let shard = shard_index(shard)?;
+            received[shard] = at;
+            in_snapshot[shard] = true;
+            Action::Deliver(shard, Inbound::SnapshotBegin { at })
+        }
+        Message::SnapshotItems { shard, records } => {
+            let shard = shard_index(shard)?;
+            if !in_snapshot[shard] {
+                return Err(format!("snapshot items for shard {shard} outside a snapshot"));
+            }
+            Action::Deliver(shard, Inbound::SnapshotItems(ports[shard].copy_of(records)))
+        }
+        Message::SnapshotEnd { shard } => {
+            let shard = shard_index(shard)?;
+            if !std::mem::replace(&mut in_snapshot[shard], false) {
+                return Err(format!("snapshot end for shard {shard} outside a snapshot"));
+            }
+            Action::Deliver(shard, Inbound::SnapshotEnd)
+        }
+        Message::Heartbeat { epoch, .. } => Action::Heartbeat(epoch),
+        Message::Ack { .. } | Message::Handshake(_) => return Err("the active sent a message out of turn".into()),
+    }))
+}
+
+fn flush(conn: &mut Connection) -> io::Result<()> {
+    while conn.written < conn.out.len() {
+        match conn.stream.write(&conn.out[conn.written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => conn.written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    conn.out.clear();
+    conn.written = 0;
+    Ok(())
+}
