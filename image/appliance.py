@@ -5,9 +5,9 @@ Used by `image/run` (demos) and `image/tests` (CI). What it offers:
 - `Network`: a network namespace made for the run, holding a bridge whose address (10.77.0.1/24) plays
   the client, tap devices for the guests, and optionally a DHCP server (dnsmasq) for standalone boots.
   Nothing leaves the namespace: it has no route out.
-- `Appliance`: one qemu guest of the image built by `image/build`, on a copy-on-write overlay of the one
-  disk image (so one image serves every member), booted either through UEFI from the GPT disk
-  (systemd-boot) or directly from the kernel and initrd with an extra command line (identity as
+- `Appliance`: one qemu guest of the image built by `image/build`, on a copy-on-write overlay (nothing
+  of a member's identity is in the image), booted either through UEFI from the GPT disk (systemd-boot)
+  or directly from the kernel, initrd and root filesystem with an extra command line (identity as
   `tandem.*=`). An identity can also come on a config drive (a small vfat disk labelled TANDEMCFG).
   `exec()` runs a command in the guest through qemu-guest-agent (`Agent`: guest-exec over virtio-serial).
 - `Pair`: two appliances on one network, each given its identity (role, address, peer).
@@ -210,7 +210,7 @@ class Appliance:
 
     def __init__(self, name: str, net: Network, boot: str = "uefi", identity: Identity | None = None,
                  identity_via: str = "cmdline", nics: int = 1, memory_mb: int = 1024, cpus: int = 1):
-        for f in ("tandem.raw", "vmlinuz", "initrd.img"):
+        for f in ("tandem.raw", "rootfs.ext4", "vmlinuz", "initrd.img"):
             if not (IMAGE_DIR / f).exists():
                 raise FileNotFoundError(f"{IMAGE_DIR / f} is missing: run image/build first")
         self.name = name
@@ -229,8 +229,11 @@ class Appliance:
             raise
 
     def _start(self, boot, identity, identity_via, nics, memory_mb, cpus) -> None:
+        # A copy-on-write overlay of the built image: the GPT disk for UEFI boots, the bare root
+        # filesystem for direct kernel boots. Both carry the same tree, labelled tandem-root.
         overlay = self.dir / "disk.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(IMAGE_DIR / "tandem.raw"), str(overlay)])
+        backing = IMAGE_DIR / ("tandem.raw" if boot == "uefi" else "rootfs.ext4")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(overlay)])
         accel = os.environ.get("TANDEM_QEMU_ACCEL", "tcg")
         cmd = ["qemu-system-x86_64", "-name", self.name, "-accel", accel, "-cpu", "max", "-m", str(memory_mb),
                "-smp", str(cpus), "-machine", "q35", "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}",
@@ -333,10 +336,11 @@ class Appliance:
 
 
 class Pair:
-    """Two appliances booted together, from the same disk image, each given its identity.
+    """Two appliances of one build booted together, each given its identity at boot.
 
-    Member A ("active") gets its identity on the kernel command line (direct kernel boot), member B
-    ("standby") from a config drive (UEFI boot through systemd-boot): both ways an operator can use.
+    Member A ("active") boots the kernel, initrd and root filesystem directly with its identity on the
+    kernel command line; member B ("standby") boots the GPT disk through UEFI (systemd-boot) with its
+    identity on a config drive: both ways an operator can use, and both outputs of image/build.
     """
 
     def __init__(self, net: Network, a: Identity, b: Identity):

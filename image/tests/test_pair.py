@@ -1,5 +1,6 @@
-"""Two appliances booted together as a pair, from the one disk image: A gets its identity on the kernel
-command line, B from a config drive. Each must take its own name, address and role, serve memcached at
+"""Two appliances booted together as a pair, of one build with no identity baked in: A boots the kernel,
+initrd and root filesystem directly with its identity on the kernel command line, B the GPT disk through
+UEFI with its identity on a config drive. Each must take its own name, address and role, serve memcached at
 its address, and reach its peer; A, the active, replicates to B, the standby, which serves reads and
 refuses writes.
 
