@@ -12,6 +12,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod failover;
 pub mod net;
 pub mod protocol;
 pub mod replication;
