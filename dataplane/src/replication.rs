@@ -461,7 +461,7 @@ impl Node {
                 };
                 let (shipper, handle, sinks) = start.build()?;
                 let report = Report::Active { history, epoch, report: handle.report.clone() };
-                (report, sinks.into_iter().map(Some).collect::<Vec<_>>(), handle.bell.clone(), handle.stop.clone(), Runner::Ship(shipper))
+                (report, sinks.into_iter().map(Some).collect::<Vec<_>>(), handle.bell.clone(), handle.stop.clone(), Runner::Ship(Box::new(shipper)))
             }
             Role::Standby => {
                 let receiver_config = ReceiverConfig {
@@ -546,7 +546,7 @@ impl Node {
 /// What the replication thread runs.
 enum Runner {
     /// An active's shipper.
-    Ship(Shipper),
+    Ship(Box<Shipper>),
     /// A standby's receiver, and what it does if its active dies (with failover configured).
     Follow(Box<Receiver>, Option<Promotion>),
 }
