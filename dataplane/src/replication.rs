@@ -478,13 +478,13 @@ impl Node {
                 receiver.set_epoch(persisted);
                 tracing::info!(peers = ?settings.peers, "replication: standby, read-only, following the active");
                 let report = Report::Standby { report: handle.report.clone() };
-                let promotion = failover.map(|f| Promotion {
+                let promotion = failover.map(|f| Box::new(Promotion {
                     settings: settings.clone(),
                     failover: f.clone(),
                     ports: ports.clone(),
                     wake,
                     epochs: epochs.expect("failover has an epoch file"),
-                });
+                }));
                 (report, (0..shards).map(|_| None).collect(), handle.bell.clone(), handle.stop.clone(), Runner::Follow(Box::new(receiver), promotion))
             }
         };
@@ -548,7 +548,7 @@ enum Runner {
     /// An active's shipper.
     Ship(Box<Shipper>),
     /// A standby's receiver, and what it does if its active dies (with failover configured).
-    Follow(Box<Receiver>, Option<Promotion>),
+    Follow(Box<Receiver>, Option<Box<Promotion>>),
 }
 
 /// What a standby needs to take over when its active dies.
