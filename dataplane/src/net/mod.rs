@@ -2,5 +2,8 @@
 //!
 //! - [`kernel`]: kernel TCP sockets, one SO_REUSEPORT listener per worker, polled with epoll (mio).
 //!   The default; runs anywhere without privileges.
+//! - [`takeover`]: claiming and releasing the service address (netlink) and announcing it with
+//!   gratuitous ARPs (packet socket), in kernel mode.
 
 pub mod kernel;
+pub mod takeover;
