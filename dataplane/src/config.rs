@@ -42,6 +42,8 @@ pub struct Settings {
     pub verbosity: AtomicU32,
     /// `[replication]`, if this node replicates.
     pub replication: Option<ReplicationSettings>,
+    /// `[failover]`, if this node takes over the service address when its active dies.
+    pub failover: Option<FailoverSettings>,
 }
 
 impl Settings {
@@ -67,6 +69,7 @@ impl Default for Settings {
             reqs_per_event: 20,
             verbosity: AtomicU32::new(0),
             replication: None,
+            failover: None,
         }
     }
 }
@@ -130,6 +133,59 @@ pub struct FileConfig {
     #[serde(default)]
     pub server: ServerSection,
     pub replication: Option<ReplicationSection>,
+    pub failover: Option<FailoverSection>,
+}
+
+/// `[failover]` in the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    pub service_ip: Option<String>,
+    pub interface: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub dead_after_ms: Option<u64>,
+    pub witness: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Failover settings, checked.
+#[derive(Clone, Debug)]
+pub struct FailoverSettings {
+    /// The address clients use, and its prefix length.
+    pub service_ip: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    /// Where the service address lives (kernel mode).
+    pub interface: String,
+    /// Where the epoch is kept across restarts.
+    pub state_dir: PathBuf,
+}
+
+/// Heartbeats and the silence that declares the active dead, by default: a median failover under
+/// 250 ms needs detection well under it; 6 missed heartbeats leave room for a busy machine.
+const FAILOVER_HEARTBEAT_MS: u64 = 25;
+const FAILOVER_DEAD_AFTER_MS: u64 = 150;
+
+impl FailoverSettings {
+    fn from_section(section: FailoverSection, replication: &mut ReplicationSettings) -> Result<FailoverSettings, ConfigError> {
+        let text = section.service_ip.ok_or_else(|| invalid("failover.service_ip", "missing: the address clients use, as A.B.C.D/len"))?;
+        let (addr, len) = text.split_once('/').ok_or_else(|| invalid("failover.service_ip", format!("{text:?}: expected A.B.C.D/len")))?;
+        let service_ip = addr.parse().map_err(|_| invalid("failover.service_ip", format!("{addr:?} is not an IPv4 address")))?;
+        let prefix_len: u8 = len.parse().ok().filter(|&n| n <= 32).ok_or_else(|| invalid("failover.service_ip", format!("{len:?} is not a prefix length")))?;
+        let interface = section.interface.ok_or_else(|| invalid("failover.interface", "missing: the interface that carries the service address"))?;
+        if section.witness.is_some() {
+            return Err(invalid("failover.witness", "witness checks are not part of this build yet; remove the key"));
+        }
+        let state_dir = section.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/tandem"));
+        let heartbeat = Duration::from_millis(section.heartbeat_ms.unwrap_or(FAILOVER_HEARTBEAT_MS).max(1));
+        let dead_after = Duration::from_millis(section.dead_after_ms.unwrap_or(FAILOVER_DEAD_AFTER_MS));
+        if dead_after <= heartbeat * 2 {
+            return Err(invalid("failover.dead_after_ms", "must be more than two heartbeats"));
+        }
+        replication.heartbeat = heartbeat;
+        replication.dead_after = Some(dead_after);
+        replication.peer_timeout = replication.peer_timeout.max(dead_after);
+        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir })
+    }
 }
 
 /// `[replication]` in the TOML file.
@@ -170,6 +226,8 @@ pub struct ReplicationSettings {
     pub backlog_bytes: usize,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
+    /// Failover: a synced standby promotes itself after the active is silent this long.
+    pub dead_after: Option<Duration>,
 }
 
 /// Shortest shared secret accepted, in bytes.
@@ -190,6 +248,7 @@ impl ReplicationSettings {
                 .next()
                 .ok_or_else(|| invalid(key, format!("{text:?} names no address")))
         };
+        // A standby may listen too: it ships from there once promoted.
         let listen = section.listen.as_deref().map(|text| addr("replication.listen", text)).transpose()?;
         let peers = section.peers.iter().map(|text| addr("replication.peers", text)).collect::<Result<Vec<_>, _>>()?;
         match role {
@@ -239,6 +298,7 @@ impl ReplicationSettings {
             backlog_bytes: backlog_mb << 20,
             heartbeat,
             peer_timeout,
+            dead_after: None,
         })
     }
 }
@@ -320,7 +380,12 @@ impl Settings {
             None => FileConfig::default(),
         };
         let server = file.server;
-        let replication = file.replication.map(ReplicationSettings::from_section).transpose()?;
+        let mut replication = file.replication.map(ReplicationSettings::from_section).transpose()?;
+        let failover = match (file.failover, replication.as_mut()) {
+            (Some(section), Some(replication)) => Some(FailoverSettings::from_section(section, replication)?),
+            (Some(_), None) => return Err(invalid("failover", "needs a [replication] table: failover promotes a standby")),
+            (None, _) => None,
+        };
         let mut s = Settings { threads: available_cpus(), ..Settings::default() };
 
         if let Some(port) = flags.udp_port {
@@ -377,6 +442,7 @@ impl Settings {
         let verbosity = if flags.verbose > 0 { flags.verbose as u32 } else { server.verbosity.unwrap_or(0) };
         s.verbosity = AtomicU32::new(verbosity);
         s.replication = replication;
+        s.failover = failover;
         Ok(s)
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod failover;
 pub mod net;
 pub mod notify;
 pub mod protocol;

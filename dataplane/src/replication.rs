@@ -11,6 +11,7 @@
 //! - [`Node`]: starts the shipper (active) or receiver (standby) on its own thread, pinned to a spare
 //!   CPU when there is one, and reports for `stats replication`.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -23,7 +24,7 @@ use replica::wire;
 use replica::{Epoch, LogSeq, Record, ReplicationId, ShardId as LogShard};
 
 use crate::clock::{Clock, RelTime};
-use crate::config::{ReplicationSettings, Role};
+use crate::config::{FailoverSettings, ReplicationSettings, Role};
 use crate::shard::Shard;
 use crate::store::{ChangeSink, ItemRef, ItemView, ScanCursor};
 
@@ -298,13 +299,85 @@ pub enum Report {
     Standby { report: Arc<Mutex<ReceiverReport>> },
 }
 
+/// A role change handed to one worker: the log its store now writes to, and the bell of the
+/// replication core that drains it.
+pub struct Handover {
+    sink: LogSink,
+    bell: Arc<Bell>,
+    mode: Mode,
+}
+
+/// What a node's workers and its replication thread share about the node's role.
+pub struct NodeState {
+    report: Mutex<Report>,
+    /// Bumped on every role change; each worker compares it once per round.
+    version: AtomicU64,
+    writable: AtomicBool,
+    handovers: Vec<Mutex<Option<Handover>>>,
+    /// Role changes, with their reasons (the newest last).
+    changes: Mutex<Vec<String>>,
+    /// How to stop whatever the replication thread runs now.
+    stopper: Mutex<(Arc<AtomicBool>, Arc<Bell>)>,
+    stopping: AtomicBool,
+}
+
+impl NodeState {
+    /// The replication report, for `stats replication`.
+    pub fn report(&self) -> Report {
+        self.report.lock().unwrap().clone()
+    }
+
+    /// Role changes so far, oldest first, each with its reason.
+    pub fn changes(&self) -> Vec<String> {
+        self.changes.lock().unwrap().clone()
+    }
+
+    /// The role version a worker last acted on is `seen`: returns the new version if it changed.
+    pub fn changed_since(&self, seen: u64) -> Option<u64> {
+        let now = self.version.load(Ordering::Acquire);
+        (now != seen).then_some(now)
+    }
+
+    /// Whether clients may write now.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Takes the role change waiting for `worker`, if any.
+    pub fn take_handover(&self, worker: usize) -> Option<Handover> {
+        self.handovers[worker].lock().unwrap().take()
+    }
+
+    /// Records a role change or role event with its reason (logged, and listed by `stats replication`).
+    pub fn note(&self, reason: String) {
+        tracing::warn!(%reason, "role change");
+        self.changes.lock().unwrap().push(reason);
+    }
+}
+
+impl ShardReplication {
+    /// This shard's core now belongs to an active: its store logs into `handover`'s sink (installed by
+    /// the caller) and its snapshots and acks go to the new replication core.
+    pub fn become_active(&mut self, handover: &Handover) {
+        self.role = Role::Active;
+        self.mode = handover.mode;
+        self.bell = handover.bell.clone();
+        self.in_snapshot = false;
+        self.snapshot = None;
+    }
+}
+
+impl Handover {
+    /// Installs the handover's log into `shard`'s store and switches `replication` to the active role.
+    pub fn install(self, shard: &mut Shard, replication: &mut ShardReplication) {
+        replication.become_active(&self);
+        shard.store.set_change_sink(Box::new(self.sink));
+    }
+}
+
 /// This node's replication: the thread and what the workers need.
 pub struct Node {
-    pub role: Role,
-    pub mode: Mode,
-    pub report: Report,
-    bell: Arc<Bell>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub state: Arc<NodeState>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -314,42 +387,81 @@ pub struct WorkerSide {
     pub sink: Option<LogSink>,
 }
 
+/// Everything the replication thread needs to ship as an active (at start, or after a promotion).
+struct ActiveStart {
+    settings: ReplicationSettings,
+    ports: Arc<Vec<Arc<ShardPort>>>,
+    wake: Arc<dyn Wake>,
+    history: ReplicationId,
+    epoch: Epoch,
+    previous: Option<replica::handshake::PreviousHistory>,
+    /// Per shard, the last sequence number before the new log.
+    start: Vec<LogSeq>,
+}
+
+impl ActiveStart {
+    /// Binds the shipper and makes the shards' logs. Returns the shipper, its handle, and one sink per
+    /// shard.
+    fn build(self) -> anyhow::Result<(Shipper, replica::shipper::ShipperHandle, Vec<LogSink>)> {
+        let settings = &self.settings;
+        let shards = self.ports.len();
+        let config = LogConfig { backlog_bytes: 0, ..LogConfig::default() };
+        let (producers, consumers): (Vec<_>, Vec<_>) =
+            (0..shards).map(|s| log::channel(LogShard(s as u16), self.start[s], config.clone())).unzip();
+        let listen = settings.listen.context("no replication.listen to ship from")?;
+        let shipper_config = ShipperConfig {
+            listen,
+            secret: settings.secret.clone(),
+            history: self.history,
+            epoch: self.epoch,
+            previous: self.previous,
+            start: self.start,
+            mode: settings.mode,
+            ack: settings.ack,
+            backlog_bytes: settings.backlog_bytes / shards.max(1),
+            heartbeat_interval: settings.heartbeat,
+            peer_timeout: settings.peer_timeout,
+        };
+        let (shipper, handle) = Shipper::new(shipper_config, consumers, self.ports.to_vec(), self.wake)
+            .with_context(|| format!("cannot listen for standbys on {listen}"))?;
+        tracing::info!(listen = %handle.listen, history = %self.history, epoch = %self.epoch, mode = ?settings.mode, "replication: active, shipping to standbys");
+        let sinks = producers.into_iter().map(|producer| LogSink { producer, scratch: Vec::new() }).collect();
+        Ok((shipper, handle, sinks))
+    }
+}
+
 impl Node {
     /// Starts the replication core for `shards` shards. `wake` wakes a shard's worker.
-    pub fn start(settings: &ReplicationSettings, shards: usize, wake: Arc<dyn Wake>, cpu: Option<usize>) -> anyhow::Result<(Node, Vec<WorkerSide>)> {
+    pub fn start(
+        settings: &ReplicationSettings,
+        failover: Option<&FailoverSettings>,
+        shards: usize,
+        wake: Arc<dyn Wake>,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<(Node, Vec<WorkerSide>)> {
         let ports: Arc<Vec<Arc<ShardPort>>> = Arc::new((0..shards).map(|_| Arc::new(ShardPort::default())).collect());
-        let history = ReplicationId::random();
-        let epoch = Epoch(1);
-        let (node, sinks, bell) = match settings.role {
+        let epochs = failover.map(|f| crate::failover::EpochFile::new(&f.state_dir)).transpose()?;
+        let persisted = epochs.as_ref().map_or(Ok(Epoch(0)), |e| e.load())?;
+        let (report, sinks, bell, stop, runner) = match settings.role {
             Role::Active => {
-                let config = LogConfig { backlog_bytes: 0, ..LogConfig::default() };
-                let (producers, consumers): (Vec<_>, Vec<_>) =
-                    (0..shards).map(|s| log::channel(LogShard(s as u16), LogSeq::ZERO, config.clone())).unzip();
-                let shipper_config = ShipperConfig {
-                    listen: settings.listen.expect("checked by the config"),
-                    secret: settings.secret.clone(),
+                // An active starting anew begins a reign no lower than any it knows of.
+                let epoch = Epoch(persisted.0.max(1));
+                if let Some(epochs) = &epochs {
+                    epochs.store(epoch)?;
+                }
+                let history = ReplicationId::random();
+                let start = ActiveStart {
+                    settings: settings.clone(),
+                    ports: ports.clone(),
+                    wake,
                     history,
                     epoch,
-                    mode: settings.mode,
-                    ack: settings.ack,
-                    backlog_bytes: settings.backlog_bytes / shards.max(1),
-                    heartbeat_interval: settings.heartbeat,
-                    peer_timeout: settings.peer_timeout,
+                    previous: None,
+                    start: vec![LogSeq::ZERO; shards],
                 };
-                let (mut shipper, handle) = Shipper::new(shipper_config, consumers, ports.to_vec(), wake)
-                    .with_context(|| format!("cannot listen for standbys on {}", settings.listen.expect("checked")))?;
-                tracing::info!(listen = %handle.listen, %history, mode = ?settings.mode, "replication: active, shipping to standbys");
-                let thread = spawn("tandem-repl", cpu, move || shipper.run())?;
-                let node = Node {
-                    role: Role::Active,
-                    mode: settings.mode,
-                    report: Report::Active { history, epoch, report: handle.report },
-                    bell: handle.bell.clone(),
-                    stop: handle.stop,
-                    thread: Some(thread),
-                };
-                let sinks = producers.into_iter().map(|producer| Some(LogSink { producer, scratch: Vec::new() })).collect::<Vec<_>>();
-                (node, sinks, handle.bell)
+                let (shipper, handle, sinks) = start.build()?;
+                let report = Report::Active { history, epoch, report: handle.report.clone() };
+                (report, sinks.into_iter().map(Some).collect::<Vec<_>>(), handle.bell.clone(), handle.stop.clone(), Runner::Ship(Box::new(shipper)))
             }
             Role::Standby => {
                 let receiver_config = ReceiverConfig {
@@ -358,22 +470,44 @@ impl Node {
                     shard_count: shards as u16,
                     heartbeat_interval: settings.heartbeat,
                     peer_timeout: settings.peer_timeout,
-                    reconnect_delay: std::time::Duration::from_millis(200),
+                    reconnect_delay: std::time::Duration::from_millis(if failover.is_some() { 20 } else { 200 }),
+                    dead_after: failover.and(settings.dead_after),
                 };
-                let (mut receiver, handle) = Receiver::new(receiver_config, ports.to_vec(), wake)?;
+                let (receiver, handle) = Receiver::new(receiver_config, ports.to_vec(), wake.clone())?;
+                let mut receiver = receiver;
+                receiver.set_epoch(persisted);
                 tracing::info!(peers = ?settings.peers, "replication: standby, read-only, following the active");
-                let thread = spawn("tandem-repl", cpu, move || receiver.run())?;
-                let node = Node {
-                    role: Role::Standby,
-                    mode: settings.mode,
-                    report: Report::Standby { report: handle.report },
-                    bell: handle.bell.clone(),
-                    stop: handle.stop,
-                    thread: Some(thread),
-                };
-                (node, (0..shards).map(|_| None).collect(), handle.bell)
+                let report = Report::Standby { report: handle.report.clone() };
+                let promotion = failover.map(|f| Box::new(Promotion {
+                    settings: settings.clone(),
+                    failover: f.clone(),
+                    ports: ports.clone(),
+                    wake,
+                    epochs: epochs.expect("failover has an epoch file"),
+                }));
+                (report, (0..shards).map(|_| None).collect(), handle.bell.clone(), handle.stop.clone(), Runner::Follow(Box::new(receiver), promotion))
             }
         };
+        let state = Arc::new(NodeState {
+            report: Mutex::new(report),
+            version: AtomicU64::new(0),
+            writable: AtomicBool::new(settings.role == Role::Active),
+            handovers: (0..shards).map(|_| Mutex::new(None)).collect(),
+            changes: Mutex::new(Vec::new()),
+            stopper: Mutex::new((stop, bell.clone())),
+            stopping: AtomicBool::new(false),
+        });
+        let thread_state = state.clone();
+        let thread = spawn("tandem-repl", cpu, move || match runner {
+            Runner::Ship(mut shipper) => shipper.run(),
+            Runner::Follow(mut receiver, promotion) => {
+                if receiver.run() == replica::receiver::Exit::ActiveDead {
+                    if let Some(promotion) = promotion {
+                        promotion.run(&mut receiver, &thread_state);
+                    }
+                }
+            }
+        })?;
         let sides = sinks
             .into_iter()
             .enumerate()
@@ -394,16 +528,118 @@ impl Node {
                 sink,
             })
             .collect();
-        Ok((node, sides))
+        Ok((Node { state, thread: Some(thread) }, sides))
     }
 
     /// Stops the replication thread and waits for it.
     pub fn stop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.bell.ring_always();
+        self.state.stopping.store(true, Ordering::SeqCst);
+        let (stop, bell) = self.state.stopper.lock().unwrap().clone();
+        stop.store(true, Ordering::SeqCst);
+        bell.ring_always();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// What the replication thread runs.
+enum Runner {
+    /// An active's shipper.
+    Ship(Box<Shipper>),
+    /// A standby's receiver, and what it does if its active dies (with failover configured).
+    Follow(Box<Receiver>, Option<Box<Promotion>>),
+}
+
+/// What a standby needs to take over when its active dies.
+struct Promotion {
+    settings: ReplicationSettings,
+    failover: FailoverSettings,
+    ports: Arc<Vec<Arc<ShardPort>>>,
+    wake: Arc<dyn Wake>,
+    epochs: crate::failover::EpochFile,
+}
+
+impl Promotion {
+    /// Takes over: a new epoch on disk first, then writes allowed with every change logged, then the
+    /// service address claimed and announced; then ships to whatever standbys connect.
+    fn run(self, receiver: &mut Receiver, state: &NodeState) {
+        let started = std::time::Instant::now();
+        // Let the shards apply everything already received: the new log continues from there.
+        let deadline = started + std::time::Duration::from_secs(1);
+        while self.ports.iter().any(|p| !p.inbound.is_empty()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (history, epoch, applied) = receiver.position();
+        let known = self.epochs.load().unwrap_or(Epoch(0));
+        let epoch = Epoch(epoch.0.max(known.0) + 1);
+        if let Err(e) = self.epochs.store(epoch) {
+            // Acting on an epoch that is not on disk could let two nodes claim the same reign.
+            tracing::error!(error = %e, "cannot persist the new epoch: not promoting");
+            return;
+        }
+        let new_history = ReplicationId::random();
+        let previous = history.map(|history| replica::handshake::PreviousHistory { history, until: applied.clone() });
+        let start = ActiveStart {
+            settings: self.settings.clone(),
+            ports: self.ports.clone(),
+            wake: self.wake.clone(),
+            history: new_history,
+            epoch,
+            previous,
+            start: applied,
+        };
+        let built = if self.settings.listen.is_some() { Some(start.build()) } else { None };
+        let (shipper, sinks, bell, report, stopper) = match built {
+            Some(Ok((shipper, handle, sinks))) => {
+                let report = Report::Active { history: new_history, epoch, report: handle.report.clone() };
+                (Some(shipper), sinks, handle.bell.clone(), report, Some((handle.stop.clone(), handle.bell)))
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "promoted, but cannot ship to standbys");
+                return self.promote_without_shipping(state, epoch, started);
+            }
+            None => return self.promote_without_shipping(state, epoch, started),
+        };
+        for (worker, sink) in sinks.into_iter().enumerate() {
+            *state.handovers[worker].lock().unwrap() = Some(Handover { sink, bell: bell.clone(), mode: self.settings.mode });
+        }
+        *state.report.lock().unwrap() = report;
+        if let Some(stopper) = stopper {
+            *state.stopper.lock().unwrap() = stopper;
+        }
+        self.open_for_writes(state, epoch, started);
+        if let Some(mut shipper) = shipper {
+            if !state.stopping.load(Ordering::SeqCst) {
+                shipper.run();
+            }
+        }
+    }
+
+    /// Promotion for a node with no `replication.listen`: it serves writes and ships to nobody.
+    fn promote_without_shipping(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant) {
+        tracing::warn!("no replication.listen: the promoted node ships to no standby");
+        self.open_for_writes(state, epoch, started);
+        while !state.stopping.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn open_for_writes(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant) {
+        state.writable.store(true, Ordering::SeqCst);
+        state.version.fetch_add(1, Ordering::SeqCst);
+        self.wake.wake(0);
+        let claimed = crate::failover::take_service_address(&self.failover);
+        state.note(format!(
+            "promoted to active at {epoch}: the active was silent past dead_after; service address {}/{} {}; {} ms",
+            self.failover.service_ip,
+            self.failover.prefix_len,
+            match &claimed {
+                Ok(()) => "claimed and announced".to_string(),
+                Err(e) => format!("NOT claimed: {e}"),
+            },
+            started.elapsed().as_millis()
+        ));
     }
 }
 

@@ -47,6 +47,18 @@ pub struct ReceiverConfig {
     /// An active silent for this long is considered gone (the connection is dropped and redialled).
     pub peer_timeout: Duration,
     pub reconnect_delay: Duration,
+    /// Failover: once fully synced, an active not heard from for this long is declared dead and
+    /// [`Receiver::run`] returns [`Exit::ActiveDead`] (None: never).
+    pub dead_after: Option<Duration>,
+}
+
+/// Why [`Receiver::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop.
+    Stopped,
+    /// The active was silent for `dead_after` after this standby had been fully synced.
+    ActiveDead,
 }
 
 /// What `stats replication` shows on a standby.
@@ -85,6 +97,8 @@ struct Connection {
     received: Vec<LogSeq>,
     /// Per shard: a snapshot is being received.
     in_snapshot: Vec<bool>,
+    /// Per shard: the handshake asked for a full sync that has not ended yet.
+    awaiting_snapshot: Vec<bool>,
     /// Per shard: the last ack sent.
     acked: Vec<LogSeq>,
     last_heard: Instant,
@@ -106,6 +120,10 @@ pub struct Receiver {
     next_peer: usize,
     /// Messages for shards whose queue was full, in arrival order.
     held: VecDeque<(usize, Inbound)>,
+    /// Every shard has streamed at least once (a complete copy existed): only then may failover promote.
+    synced_once: bool,
+    /// When the active was last heard from, across connections.
+    last_heard: Instant,
 }
 
 impl Receiver {
@@ -129,14 +147,42 @@ impl Receiver {
             conn: None,
             next_peer: 0,
             held: VecDeque::new(),
+            synced_once: false,
+            last_heard: Instant::now(),
         };
         Ok((receiver, handle))
     }
 
-    pub fn run(&mut self) {
+    /// The history and epoch this standby follows, and what each shard applied.
+    pub fn position(&self) -> (Option<ReplicationId>, Epoch, Vec<LogSeq>) {
+        (self.history, self.epoch, self.ports.iter().map(|p| p.applied()).collect())
+    }
+
+    /// Sets the epoch to present (a restarted standby's persisted epoch).
+    pub fn set_epoch(&mut self, epoch: Epoch) {
+        self.epoch = epoch;
+    }
+
+    pub fn run(&mut self) -> Exit {
         let mut events = Events::with_capacity(64);
         let mut last_report = Instant::now();
-        while !self.stop.load(Ordering::Relaxed) {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Exit::Stopped;
+            }
+            if let Some(conn) = &self.conn {
+                if conn.handshake.is_none() && !conn.awaiting_snapshot.iter().any(|&a| a) {
+                    self.synced_once = true;
+                }
+            }
+            if let Some(dead_after) = self.config.dead_after {
+                if self.synced_once && self.last_heard.elapsed() > dead_after {
+                    tracing::warn!(silent_ms = self.last_heard.elapsed().as_millis() as u64, "the active is dead");
+                    self.drop_connection("the active is dead");
+                    self.publish_report();
+                    return Exit::ActiveDead;
+                }
+            }
             if self.conn.is_none() && !self.connect() {
                 self.publish_report();
                 self.sleep(self.config.reconnect_delay);
@@ -154,7 +200,7 @@ impl Receiver {
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "replication poll failed");
-                    return;
+                    return Exit::Stopped;
                 }
             }
             self.bell.awake();
@@ -193,7 +239,9 @@ impl Receiver {
         let addr = self.config.peers[self.next_peer % self.config.peers.len()];
         self.next_peer += 1;
         self.counters.state = "connecting";
-        let stream = match std::net::TcpStream::connect_timeout(&addr, self.config.peer_timeout.max(Duration::from_millis(100))) {
+        // A dead peer's address may not answer at all: bound the attempt by what failover can wait.
+        let patience = self.config.dead_after.map_or(self.config.peer_timeout, |d| d / 3).max(Duration::from_millis(20));
+        let stream = match std::net::TcpStream::connect_timeout(&addr, patience) {
             Ok(stream) => stream,
             Err(e) => {
                 self.counters.last_error = format!("connect {addr}: {e}");
@@ -238,6 +286,7 @@ impl Receiver {
             handshake: Some(handshake),
             received: applied,
             in_snapshot: vec![false; shard_count],
+            awaiting_snapshot: vec![false; shard_count],
             acked: vec![LogSeq::ZERO; shard_count],
             last_heard: Instant::now(),
             last_heartbeat: Instant::now(),
@@ -283,6 +332,7 @@ impl Receiver {
             };
             buf.truncate(len + n);
             conn.last_heard = Instant::now();
+            self.last_heard = conn.last_heard;
             self.counters.bytes_received += n as u64;
             self.dispatch()?;
             if !self.held.is_empty() {
@@ -333,9 +383,12 @@ impl Receiver {
                 self.epoch = epoch;
                 let full = plan.iter().filter(|s| matches!(s, ShardStart::FullSync)).count();
                 for (shard, start) in plan.iter().enumerate() {
-                    if let ShardStart::Resume { after } = *start {
-                        conn.received[shard] = after;
-                        self.held.push_back((shard, Inbound::Resume { after }));
+                    match *start {
+                        ShardStart::Resume { after } => {
+                            conn.received[shard] = after;
+                            self.held.push_back((shard, Inbound::Resume { after }));
+                        }
+                        ShardStart::FullSync => conn.awaiting_snapshot[shard] = true,
                     }
                 }
                 if full > 0 {
@@ -427,7 +480,7 @@ enum Action {
 
 /// Decodes and checks the next buffered message against the connection's state.
 fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option<Action>, String> {
-    let Connection { reader, handshake, received, in_snapshot, .. } = conn;
+    let Connection { reader, handshake, received, in_snapshot, awaiting_snapshot, .. } = conn;
     let message = match reader.next_message() {
         Ok(Some(message)) => message,
         Ok(None) => return Ok(None),
@@ -478,6 +531,7 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option
             if !std::mem::replace(&mut in_snapshot[shard], false) {
                 return Err(format!("snapshot end for shard {shard} outside a snapshot"));
             }
+            awaiting_snapshot[shard] = false;
             Action::Deliver(shard, Inbound::SnapshotEnd)
         }
         Message::Heartbeat { epoch, .. } => Action::Heartbeat(epoch),

@@ -35,7 +35,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::backlog::Backlog;
 use crate::frame;
-use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonce, Outcome, ShardStart};
+use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonce, Outcome, PreviousHistory, ShardStart};
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
 use crate::port::{Bell, ShardPort, SnapshotChunk, SnapshotPart, Wake, ACKED_ALL};
@@ -75,6 +75,11 @@ pub struct ShipperConfig {
     pub secret: Vec<u8>,
     pub history: ReplicationId,
     pub epoch: Epoch,
+    /// The history this active took over from (after a promotion), so its standbys can resume.
+    pub previous: Option<PreviousHistory>,
+    /// Per shard, the last sequence number before this active's log (zeros for a new history; after
+    /// a promotion, what the new active had applied). Empty means zeros.
+    pub start: Vec<LogSeq>,
     pub mode: Mode,
     pub ack: AckPolicy,
     pub backlog_bytes: usize,
@@ -206,7 +211,13 @@ impl Shipper {
         let bell = Bell::new(mio::Waker::new(poll.registry(), BELL)?);
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(ShipperReport { listen: listen.to_string(), ..Default::default() }));
-        let backlogs = logs.iter().map(|log| Backlog::new(log.shard(), LogSeq::ZERO, config.backlog_bytes)).collect();
+        let backlogs = logs
+            .iter()
+            .map(|log| {
+                let start = config.start.get(log.shard().index()).copied().unwrap_or(LogSeq::ZERO);
+                Backlog::new(log.shard(), start, config.backlog_bytes)
+            })
+            .collect();
         let shards = logs.len();
         let handle = ShipperHandle { bell: bell.clone(), report: report.clone(), stop: stop.clone(), listen };
         let counters = ShipperReport { listen: listen.to_string(), ..Default::default() };
@@ -329,7 +340,7 @@ impl Shipper {
                     shard_count: self.shard_count() as u16,
                     history: self.config.history,
                     epoch: self.config.epoch,
-                    previous: None,
+                    previous: self.config.previous.clone(),
                     newest,
                 },
                 Nonce::random(),

@@ -439,3 +439,48 @@ def test_a_standby_cut_off_during_its_full_sync_converges(start, tmp_path):
         wait_for(lambda: writer.count > 500, "writes after the reconnect")
     final = wait_converged(pair.active, standby, timeout=60)
     assert len(final) > 100_000
+
+
+def test_a_failover_standby_promotes_when_its_active_dies_and_the_others_follow_it(start, tmp_path):
+    """Promotion on loopback (the service address part is tested in test_failover.py, in namespaces)."""
+    pair = Pair(start, tmp_path, mode="sync")
+    promoted_port = harness.free_port()
+    state = tmp_path / "state-b"
+    config = write_config(
+        tmp_path, "b", role="standby", listen=f"127.0.0.1:{promoted_port}", peers=[f"127.0.0.1:{pair.repl_port}"], mode="sync"
+    )
+    config.write_text(
+        config.read_text()
+        + f'[failover]\nservice_ip = "10.254.254.1/32"\ninterface = "tnd-absent0"\nstate_dir = "{state}"\n'
+    )
+    b = start("--config", str(config), "-t", "2")
+    c_config = write_config(tmp_path, "c", role="standby", peers=[f"127.0.0.1:{pair.repl_port}", f"127.0.0.1:{promoted_port}"])
+    c = start("--config", str(c_config), "-t", "2")
+    for standby in (b, c):
+        wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standbys to stream")
+    writer = RawConn(pair.active.host, pair.active.port)
+    for i in range(200):
+        writer.expect(b"set before:%d 0 0 1\r\nx\r\n" % i, b"STORED\r\n")
+    pair.active.process.kill()
+    killed = time.monotonic()
+    w = RawConn(b.host, b.port)
+    deadline = time.monotonic() + 10
+    while True:
+        w.send(b"set after 0 0 1\r\ny\r\n")
+        if w.recv_until(b"\r\n") == b"STORED\r\n":
+            break
+        assert time.monotonic() < deadline, "the standby never took writes"
+        time.sleep(0.01)
+    took_ms = (time.monotonic() - killed) * 1000
+    s = repl_stats(b)
+    assert s["role"] == "active" and s["epoch"] == "2", s
+    assert "promoted" in s["last_role_change"] and "NOT_claimed" in s["last_role_change"], s
+    assert (state / "epoch").read_text().strip() == "2", "the new epoch is on disk"
+    assert len(values(b, [b"before:%d" % i for i in range(200)])) == 200, "every write acknowledged in sync mode survived"
+    # The other standby finds the new active, resumes from its history without a second full sync.
+    wait_for(lambda: repl_stats(c)["active"] == f"127.0.0.1:{promoted_port}" and repl_stats(c)["state"] == "streaming", "c to follow b")
+    final = wait_converged(b, c)
+    assert b"after" in final
+    cs = repl_stats(c)
+    assert cs["full_syncs"] == "1" and int(cs["partial_syncs"]) >= 1 and cs["epoch"] == "2", cs
+    print(f"\npromotion on loopback: kill -> first write on the standby {took_ms:.0f} ms")

@@ -138,11 +138,16 @@ pub fn claim(interface: &str, address: Ipv4Addr, prefix_len: u8) -> Result<Claim
 }
 
 /// Removes `address/prefix_len` from `interface`. Absent is not an error: [`Released::WasAbsent`].
+///
+/// Like [`claim`], this matches the prefix length too: an entry of the same address with another
+/// prefix length (say, from an earlier configuration) is left in place, and if it is the only one
+/// the answer is [`Released::WasAbsent`].
 pub fn release(interface: &str, address: Ipv4Addr, prefix_len: u8) -> Result<Released, TakeoverError> {
     let index = interface_index(interface)?;
     check_prefix_len(prefix_len)?;
     let action = format!("removing {address}/{prefix_len}");
-    let request = address_request(RouteNetlinkMessage::DelAddress, NLM_F_REQUEST | NLM_F_ACK, index, address, prefix_len);
+    let request =
+        address_request(RouteNetlinkMessage::DelAddress, NLM_F_REQUEST | NLM_F_ACK, index, address, prefix_len);
     match netlink_request(&request, &action, interface)? {
         None => Ok(Released::Removed),
         // The kernel's answer for "no such address on this interface".
@@ -167,15 +172,16 @@ pub fn announce(interface: &str, address: Ipv4Addr, count: usize, interval: Dura
         if sent > 0 {
             std::thread::sleep(interval);
         }
-        match socket.send(&frame) {
-            Ok(n) if n == frame.len() => {}
-            Ok(n) => {
-                let cause = io::Error::new(io::ErrorKind::WriteZero, format!("{n} of {} bytes sent", frame.len()));
-                return Err(TakeoverError::os(format!("sending a gratuitous ARP for {address}"), interface, "CAP_NET_RAW", cause));
+        let whole = socket.send(&frame).and_then(|n| {
+            if n == frame.len() {
+                Ok(())
+            } else {
+                Err(io::Error::new(io::ErrorKind::WriteZero, format!("{n} of {} bytes sent", frame.len())))
             }
-            Err(cause) => {
-                return Err(TakeoverError::os(format!("sending a gratuitous ARP for {address}"), interface, "CAP_NET_RAW", cause))
-            }
+        });
+        if let Err(cause) = whole {
+            let action = format!("sending a gratuitous ARP for {address}");
+            return Err(TakeoverError::os(action, interface, "CAP_NET_RAW", cause));
         }
     }
     Ok(count)
@@ -269,7 +275,9 @@ fn interface_index(interface: &str) -> Result<u32, TakeoverError> {
     if index == 0 {
         let cause = io::Error::last_os_error();
         return match cause.raw_os_error() {
-            Some(libc::ENODEV) | Some(libc::ENXIO) => Err(TakeoverError::NoSuchInterface { interface: interface.to_string() }),
+            Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                Err(TakeoverError::NoSuchInterface { interface: interface.to_string() })
+            }
             _ => Err(TakeoverError::os("looking up the interface index", interface, "CAP_NET_ADMIN", cause)),
         };
     }
@@ -315,7 +323,9 @@ fn netlink_request(
     action: &str,
     interface: &str,
 ) -> Result<Option<i32>, TakeoverError> {
-    let os_error = |step: &str, cause: io::Error| TakeoverError::os(format!("{action}: {step}"), interface, "CAP_NET_ADMIN", cause);
+    let os_error = |step: &str, cause: io::Error| {
+        TakeoverError::os(format!("{action}: {step}"), interface, "CAP_NET_ADMIN", cause)
+    };
     let mut socket = NetlinkSocket::new(NETLINK_ROUTE).map_err(|e| os_error("opening a netlink socket", e))?;
     socket.bind_auto().map_err(|e| os_error("binding the netlink socket", e))?;
     socket.connect(&NetlinkAddr::new(0, 0)).map_err(|e| os_error("connecting the netlink socket", e))?;
@@ -327,7 +337,11 @@ fn netlink_request(
     request.serialize(&mut bytes);
     socket.send(&bytes, 0).map_err(|e| os_error("sending the netlink request", e))?;
 
-    let not_understood = |detail: String| TakeoverError::NetlinkAnswer { action: action.to_string(), interface: interface.to_string(), detail };
+    let not_understood = |detail: String| TakeoverError::NetlinkAnswer {
+        action: action.to_string(),
+        interface: interface.to_string(),
+        detail,
+    };
     let mut answer = Vec::with_capacity(8192);
     loop {
         answer.clear();
@@ -376,7 +390,12 @@ fn packet_socket(interface: &str, index: u32) -> Result<Socket, TakeoverError> {
         )
     };
     if rc != 0 {
-        return Err(TakeoverError::os("binding the packet socket", interface, "CAP_NET_RAW", io::Error::last_os_error()));
+        return Err(TakeoverError::os(
+            "binding the packet socket",
+            interface,
+            "CAP_NET_RAW",
+            io::Error::last_os_error(),
+        ));
     }
     Ok(socket)
 }
@@ -434,9 +453,15 @@ mod tests {
 
     #[test]
     fn a_missing_privilege_is_named() {
-        let eperm = TakeoverError::os("adding 10.1.2.3/24", "eth0", "CAP_NET_ADMIN", io::Error::from_raw_os_error(libc::EPERM));
+        let eperm =
+            TakeoverError::os("adding 10.1.2.3/24", "eth0", "CAP_NET_ADMIN", io::Error::from_raw_os_error(libc::EPERM));
         assert_eq!(eperm.to_string(), "adding 10.1.2.3/24 on eth0: not permitted (needs CAP_NET_ADMIN)");
-        let other = TakeoverError::os("sending a gratuitous ARP", "eth0", "CAP_NET_RAW", io::Error::from_raw_os_error(libc::ENETDOWN));
+        let other = TakeoverError::os(
+            "sending a gratuitous ARP",
+            "eth0",
+            "CAP_NET_RAW",
+            io::Error::from_raw_os_error(libc::ENETDOWN),
+        );
         assert!(other.to_string().starts_with("sending a gratuitous ARP on eth0: Network is down"), "{other}");
     }
 }

@@ -47,8 +47,8 @@ pub struct Shared {
     pub open_connections: AtomicUsize,
     pub workers: Vec<OnceLock<WorkerInfo>>,
     pub started: std::time::Instant,
-    /// What the replication core reports, if this node replicates.
-    pub replication: Option<crate::replication::Report>,
+    /// This node's replication role and report, if it replicates.
+    pub replication: Option<Arc<crate::replication::NodeState>>,
 }
 
 impl Shared {
@@ -105,7 +105,7 @@ impl Server {
             Some(config) => {
                 let wake = Arc::new(WakeWorkers(mailboxes.clone()));
                 let cpu = (cpus.len() > threads).then(|| cpus[threads]);
-                let (node, sides) = crate::replication::Node::start(config, threads, wake, cpu)?;
+                let (node, sides) = crate::replication::Node::start(config, settings.failover.as_ref(), threads, wake, cpu)?;
                 (Some(node), sides.into_iter().map(Some).collect())
             }
             None => (None, (0..threads).map(|_| None).collect::<Vec<_>>()),
@@ -116,7 +116,7 @@ impl Server {
             open_connections: AtomicUsize::new(0),
             workers: (0..threads).map(|_| OnceLock::new()).collect(),
             started: std::time::Instant::now(),
-            replication: replication.as_ref().map(|node| node.report.clone()),
+            replication: replication.as_ref().map(|node| node.state.clone()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let mut handles = Vec::new();
@@ -155,6 +155,21 @@ impl Server {
                     return Err(e);
                 }
                 Err(_) => bail!("a worker thread died while starting"),
+            }
+        }
+        // An active with failover serves on the service address from the start.
+        if let (Some(failover), Some(node)) = (&settings.failover, &replication) {
+            if node.state.writable() {
+                let outcome = crate::failover::take_service_address(failover);
+                if let Err(e) = &outcome {
+                    tracing::error!(error = %e, "cannot take the service address");
+                }
+                node.state.note(format!(
+                    "started as active: service address {}/{} {}",
+                    failover.service_ip,
+                    failover.prefix_len,
+                    outcome.map_or_else(|e| format!("NOT claimed: {e}"), |()| "claimed and announced".to_string())
+                ));
             }
         }
         Ok(Server { shared, replication, mailboxes, threads: handles, addrs })

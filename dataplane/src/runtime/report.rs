@@ -39,11 +39,15 @@ fn replication(shared: &Shared) -> Pairs {
     let mut p = Pairs::new();
     let list = |values: &[u64]| values.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     let settings = shared.settings.replication.as_ref();
-    match &shared.replication {
-        None => push(&mut p, "role", "none".to_string()),
-        Some(Report::Active { history, epoch, report }) => {
+    let Some(node) = shared.replication.as_ref() else {
+        push(&mut p, "role", "none".to_string());
+        return p;
+    };
+    let changes = node.changes();
+    match &node.report() {
+        Report::Active { history, epoch, report } => {
             let r = report.lock().unwrap();
-            let config = settings.expect("an active has replication settings");
+            let config = settings.expect("a replicating node has replication settings");
             push(&mut p, "role", "active".to_string());
             push(&mut p, "replication_id", history.to_string());
             push(&mut p, "epoch", epoch.0.to_string());
@@ -73,7 +77,7 @@ fn replication(shared: &Shared) -> Pairs {
                 push(&mut p, name("lag_ms"), peer.lag_millis.to_string());
             }
         }
-        Some(Report::Standby { report }) => {
+        Report::Standby { report } => {
             let r = report.lock().unwrap();
             push(&mut p, "role", "standby".to_string());
             push(&mut p, "state", r.state.to_string());
@@ -90,6 +94,10 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "last_heard_ms", r.last_heard_millis.to_string());
             push(&mut p, "last_error", if r.last_error.is_empty() { "none".to_string() } else { r.last_error.replace(' ', "_") });
         }
+    }
+    push(&mut p, "role_changes", changes.len().to_string());
+    if let Some(last) = changes.last() {
+        push(&mut p, "last_role_change", last.replace(' ', "_"));
     }
     p
 }

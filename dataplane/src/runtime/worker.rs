@@ -74,6 +74,10 @@ pub struct Worker {
     replication: Option<ShardReplication>,
     /// Connections whose output waits for the standby's ack (sync replication).
     held: Vec<usize>,
+    /// The node's role version this worker last acted on, and whether clients may write (a standby's
+    /// do not, until it is promoted). Changed only between rounds, with the store's log.
+    role_version: u64,
+    writable: bool,
 }
 
 /// What a connection needs after a service pass.
@@ -149,6 +153,8 @@ impl Worker {
             scratch: Vec::with_capacity(READ_CHUNK),
             replication,
             held: Vec::new(),
+            role_version: 0,
+            writable: !settings.read_only(),
         })
     }
 
@@ -165,6 +171,7 @@ impl Worker {
                 last_now = now;
                 self.shard.tick();
             }
+            self.follow_role();
             let replicating = match self.replication.as_mut() {
                 Some(replication) => replication.round(&mut self.shard),
                 None => false,
@@ -265,6 +272,19 @@ impl Worker {
         }
     }
 
+    /// Acts on a role change of the node (a promotion): installs the new log and opens for writes.
+    fn follow_role(&mut self) {
+        let Some(node) = self.shared.replication.as_ref() else { return };
+        let Some(version) = node.changed_since(self.role_version) else { return };
+        self.role_version = version;
+        if let (Some(handover), Some(replication)) = (node.take_handover(self.id), self.replication.as_mut()) {
+            handover.install(&mut self.shard, replication);
+        }
+        self.writable = node.writable();
+        self.shard.store.set_read_only(!self.writable);
+        tracing::info!(worker = self.id, writable = self.writable, "worker follows the node's new role");
+    }
+
     /// Serves the connections whose held output the standby has now acknowledged.
     fn release_held(&mut self) {
         let Some(replication) = self.replication.as_ref() else { return };
@@ -296,6 +316,7 @@ impl Worker {
                 counters: &self.counters,
                 limits: self.limits,
                 replication: self.replication.as_ref(),
+                read_only: !self.writable,
             };
             service(&mut ctx, conn, conn_ref, &mut self.scratch)
         };
@@ -377,6 +398,8 @@ struct Ctx<'w> {
     counters: &'w ConnCounters,
     limits: Limits,
     replication: Option<&'w ShardReplication>,
+    /// Refuse writes (a standby).
+    read_only: bool,
 }
 
 impl Ctx<'_> {
@@ -557,7 +580,7 @@ fn process_with<C: Codec>(
 ) -> (usize, bool) {
     let shards = ctx.shared.settings.threads;
     let me = ctx.shard.id;
-    let read_only = ctx.shared.settings.read_only();
+    let read_only = ctx.read_only;
     let mut budget = ctx.shared.settings.reqs_per_event.max(1);
     while pos < input.len() && !conn.closing {
         if budget == 0 || conn.backlog() > OUTPUT_HIGH_WATER {

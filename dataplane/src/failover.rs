@@ -1,0 +1,104 @@
+//! Failover on a node: the epoch kept on disk, and taking over the service address.
+//!
+//! - [`EpochFile`]: the highest epoch this node has known, in `<state_dir>/epoch`, written to a temporary
+//!   file, fsync'd and renamed into place (and the directory fsync'd) before the node acts on it, so a
+//!   crash never leaves a node believing in a lower epoch than it acted in.
+//! - [`take_service_address`]: adds the service address to the configured interface (netlink) and
+//!   announces it with gratuitous ARPs: a burst at once, then repeats, so that neighbours whose caches
+//!   missed the burst still move to this node.
+//!
+//! The decision to promote is made by the replication core ([`crate::replication`]): a standby that
+//! was fully synced and has not heard from its active for `dead_after_ms`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use replica::Epoch;
+
+use crate::config::FailoverSettings;
+use crate::net::takeover;
+
+/// Gratuitous ARPs sent at once when the address is taken, and their spacing.
+const ANNOUNCE_BURST: usize = 3;
+const ANNOUNCE_SPACING: Duration = Duration::from_millis(5);
+/// Later repeats, for neighbours that missed the burst.
+const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
+
+/// The node's epoch on disk.
+pub struct EpochFile {
+    dir: PathBuf,
+}
+
+impl EpochFile {
+    /// Uses `dir`, creating it if needed.
+    pub fn new(dir: &Path) -> anyhow::Result<EpochFile> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        Ok(EpochFile { dir: dir.to_path_buf() })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("epoch")
+    }
+
+    /// The stored epoch (0 when none was ever stored).
+    pub fn load(&self) -> anyhow::Result<Epoch> {
+        match std::fs::read_to_string(self.path()) {
+            Ok(text) => {
+                let value = text.trim().parse().with_context(|| format!("{}: not an epoch: {text:?}", self.path().display()))?;
+                Ok(Epoch(value))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch(0)),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", self.path().display())),
+        }
+    }
+
+    /// Stores `epoch` durably.
+    pub fn store(&self, epoch: Epoch) -> anyhow::Result<()> {
+        let tmp = self.dir.join("epoch.tmp");
+        let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        writeln!(file, "{}", epoch.0)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, self.path())?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Adds the service address to its interface and announces it; repeats the announcement later on a
+/// thread of its own. Errors say what failed (the node serves on regardless).
+pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
+    let (interface, address, prefix) = (failover.interface.clone(), failover.service_ip, failover.prefix_len);
+    takeover::claim(&interface, address, prefix).map_err(|e| e.to_string())?;
+    takeover::announce(&interface, address, ANNOUNCE_BURST, ANNOUNCE_SPACING).map_err(|e| e.to_string())?;
+    let _ = std::thread::Builder::new().name("tandem-garp".into()).spawn(move || {
+        let mut waited = Duration::ZERO;
+        for at in ANNOUNCE_REPEATS {
+            std::thread::sleep(at - waited);
+            waited = at;
+            if let Err(e) = takeover::announce(&interface, address, 1, Duration::ZERO) {
+                tracing::warn!(error = %e, "repeating the service address announcement failed");
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_survives_on_disk_and_starts_at_zero() {
+        let dir = std::env::temp_dir().join(format!("tandem-epoch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = EpochFile::new(&dir).unwrap();
+        assert_eq!(file.load().unwrap(), Epoch(0));
+        file.store(Epoch(7)).unwrap();
+        assert_eq!(EpochFile::new(&dir).unwrap().load().unwrap(), Epoch(7));
+        std::fs::write(dir.join("epoch"), "garbage").unwrap();
+        assert!(file.load().is_err(), "a damaged epoch file is an error, not epoch 0");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

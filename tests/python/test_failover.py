@@ -1,0 +1,224 @@
+"""Failover between real tandemd processes in network namespaces on a bridge (needs root; CI is root).
+
+Topology, all created per test and torn down even on failure: namespaces for a client, an active and a
+standby, each with a veth into one bridge; the service address belongs to whichever node is active.
+"The active dies" is what a machine failure looks like: its tandemd gets SIGKILL and its link goes down
+at the same moment. The client, inside its namespace, writes through the service address in sync mode,
+records every acknowledged write, and measures the time from the kill to the first acknowledged write
+after it; then every acknowledged write must be readable through the service address.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import harness
+from harness import requires_tandem
+
+pytestmark = [
+    requires_tandem("failover is Tandem's own"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces (CI runs as root)"),
+]
+
+SECRET = b"tandem-failover-test-secret-0123"
+RUNS = 5
+
+CLIENT = textwrap.dedent(
+    """
+    import json, socket, sys, time
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    go = sys.argv[4]
+
+    def request(data, expect, timeout=0.05):
+        s = socket.create_connection((host, port), timeout=timeout)
+        try:
+            s.settimeout(0.5)
+            s.sendall(data)
+            got = b""
+            while not got.endswith(expect) and len(got) < 1 << 20:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return got
+        finally:
+            s.close()
+
+    acked = []
+    for i in range(count):
+        if request(b"set pre:%d 0 0 4\\r\\nv%03d\\r\\n" % (i, i % 1000), b"\\r\\n", timeout=1) == b"STORED\\r\\n":
+            acked.append("pre:%d" % i)
+    print(json.dumps({"ready": len(acked)}), flush=True)
+    # Wait for the test to kill the active, then write until the service address answers again.
+    while not __import__("os").path.exists(go):
+        time.sleep(0.001)
+    killed_at = float(open(go).read())
+    first_ok = None
+    attempts = 0
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        attempts += 1
+        try:
+            if request(b"set post 0 0 2\\r\\nok\\r\\n", b"\\r\\n") == b"STORED\\r\\n":
+                first_ok = time.time()
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    missing = []
+    for key in acked:
+        got = request(b"get %s\\r\\n" % key.encode(), b"END\\r\\n", timeout=1)
+        if not got.startswith(b"VALUE"):
+            missing.append(key)
+    print(json.dumps({"failover_ms": None if first_ok is None else (first_ok - killed_at) * 1000,
+                      "attempts": attempts, "acked": len(acked), "missing": missing[:20], "missing_count": len(missing)}), flush=True)
+    """
+)
+
+
+def sh(*args, check=True, **kwargs):
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=30, **kwargs)
+
+
+class Topology:
+    """Three namespaces (client, a, b) on a bridge, named uniquely; removed by close()."""
+
+    def __init__(self, tag):
+        self.tag = tag
+        self.subnet = f"10.{77 + tag % 100}.{tag % 250}"
+        self.bridge = f"tbr{tag}"
+        self.ns = {name: f"tfo-{name}-{tag}" for name in ("c", "a", "b")}
+        self.host_if = {name: f"tfo{name}{tag}" for name in ("c", "a", "b")}
+        self.addr = {"c": f"{self.subnet}.3", "a": f"{self.subnet}.1", "b": f"{self.subnet}.2"}
+        self.service = f"{self.subnet}.100"
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "link", "set", self.bridge, "up")
+        for name, ns in self.ns.items():
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", self.host_if[name], "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", self.host_if[name], "master", self.bridge, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{self.addr[name]}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def close(self):
+        for name, ns in self.ns.items():
+            sh("ip", "netns", "pids", ns, check=False)
+            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            sh("ip", "netns", "del", ns, check=False)
+            sh("ip", "link", "del", self.host_if[name], check=False)
+        sh("ip", "link", "del", self.bridge, check=False)
+
+
+def node_config(tmp_path, topo, name, role, peer, mode="sync"):
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    lines = [
+        "[replication]",
+        f'role = "{role}"',
+        f'listen = "{topo.addr[name]}:11311"',
+        f'peers = ["{topo.addr[peer]}:11311"]',
+        f'mode = "{mode}"',
+        f'secret_file = "{secret}"',
+        "[failover]",
+        f'service_ip = "{topo.service}/24"',
+        'interface = "eth0"',
+        f'state_dir = "{tmp_path}/state-{name}"',
+    ]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_node(tmp_path, topo, name, config):
+    log = open(tmp_path / f"{name}.log", "wb")
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", topo.ns[name], harness.server_binary(), "-p", "11211", "-l", "0.0.0.0", "-t", "2", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = sh("ip", "netns", "exec", topo.ns[name], "ss", "-ltn", "sport = :11211", check=False).stdout
+        if ":11211" in probe:
+            return process
+        assert process.poll() is None, (tmp_path / f"{name}.log").read_text()
+        time.sleep(0.02)
+    pytest.fail(f"{name} did not start")
+
+
+def stats_in(topo, name, group="replication"):
+    out = sh(
+        "ip", "netns", "exec", topo.ns[name], sys.executable, "-c",
+        "import socket;s=socket.create_connection(('127.0.0.1',11211),timeout=2);"
+        f"s.sendall(b'stats {group}\\r\\n');import time;d=b''\n"
+        "while not d.endswith(b'END\\r\\n'): d+=s.recv(65536)\nprint(d.decode())",
+    ).stdout
+    return dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("STAT "))
+
+
+def one_failover(tmp_path, tag):
+    topo = Topology(tag)
+    processes = []
+    try:
+        a = start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b"))
+        processes.append(a)
+        b = start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a"))
+        processes.append(b)
+        deadline = time.monotonic() + 10
+        while stats_in(topo, "b").get("state") != "streaming":
+            assert time.monotonic() < deadline, "the standby never streamed"
+            time.sleep(0.05)
+        script = tmp_path / "client.py"
+        script.write_text(CLIENT)
+        go = tmp_path / f"go-{tag}"
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", topo.ns["c"], sys.executable, str(script), topo.service, "11211", "300", str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        ready = json.loads(client.stdout.readline())
+        assert ready["ready"] == 300, ready
+        # Machine death: the process killed and its link cut together.
+        killed_at = time.time()
+        a.send_signal(signal.SIGKILL)
+        sh("ip", "link", "set", topo.host_if["a"], "down")
+        go.write_text(repr(killed_at))
+        result = json.loads(client.stdout.readline())
+        client.wait(timeout=30)
+        b_stats = stats_in(topo, "b")
+        return result, b_stats
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        topo.close()
+
+
+def test_kill_the_active_the_standby_serves_every_acknowledged_write(tmp_path):
+    times = []
+    for run in range(RUNS):
+        run_dir = tmp_path / f"run{run}"
+        run_dir.mkdir()
+        result, b_stats = one_failover(run_dir, os.getpid() % 1000 * 10 + run)
+        assert result["failover_ms"] is not None, f"the service address never answered again: {result}"
+        assert result["missing_count"] == 0, f"acknowledged writes lost in sync mode: {result}"
+        assert b_stats["role"] == "active" and b_stats["epoch"] == "2", b_stats
+        assert "claimed_and_announced" in b_stats["last_role_change"], b_stats
+        times.append(result["failover_ms"])
+    median = statistics.median(times)
+    print(f"\nfailover (kill + link down -> first acknowledged write on the service address), {RUNS} runs: "
+          f"median {median:.0f} ms, all {[round(t) for t in times]}")
