@@ -85,24 +85,6 @@ pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_epoch_survives_on_disk_and_starts_at_zero() {
-        let dir = std::env::temp_dir().join(format!("tandem-epoch-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let file = EpochFile::new(&dir).unwrap();
-        assert_eq!(file.load().unwrap(), Epoch(0));
-        file.store(Epoch(7)).unwrap();
-        assert_eq!(EpochFile::new(&dir).unwrap().load().unwrap(), Epoch(7));
-        std::fs::write(dir.join("epoch"), "garbage").unwrap();
-        assert!(file.load().is_err(), "a damaged epoch file is an error, not epoch 0");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
 /// Decides the role this node really starts in. A node configured as active first asks its peers: if
 /// one of them is an active this node would follow (it took over while this node was away, so its
 /// epoch is at least ours), this node starts as a standby of it instead of taking the service address.
@@ -138,4 +120,22 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
         }
     }
     notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_survives_on_disk_and_starts_at_zero() {
+        let dir = std::env::temp_dir().join(format!("tandem-epoch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = EpochFile::new(&dir).unwrap();
+        assert_eq!(file.load().unwrap(), Epoch(0));
+        file.store(Epoch(7)).unwrap();
+        assert_eq!(EpochFile::new(&dir).unwrap().load().unwrap(), Epoch(7));
+        std::fs::write(dir.join("epoch"), "garbage").unwrap();
+        assert!(file.load().is_err(), "a damaged epoch file is an error, not epoch 0");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
