@@ -85,6 +85,43 @@ pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
     Ok(())
 }
 
+/// Decides the role this node really starts in. A node configured as active first asks its peers: if
+/// one of them is an active this node would follow (it took over while this node was away, so its
+/// epoch is at least ours), this node starts as a standby of it instead of taking the service address.
+/// A node that starts as a standby removes the service address from its interface if it is there (left
+/// by a crash: its kernel would otherwise keep answering ARP for it). Returns what was decided, for the
+/// role-change log.
+pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String> {
+    use crate::config::Role;
+    let mut notes = Vec::new();
+    let threads = settings.threads as u16;
+    let (Some(failover), Some(replication)) = (settings.failover.as_ref(), settings.replication.as_mut()) else {
+        return notes;
+    };
+    if replication.role == Role::Active && !replication.peers.is_empty() {
+        let epoch = EpochFile::new(&failover.state_dir).and_then(|f| f.load()).unwrap_or(Epoch(0));
+        let patience = replication.dead_after.unwrap_or(Duration::from_millis(500)).max(Duration::from_millis(200));
+        if let Some(found) = replica::receiver::probe_for_active(&replication.peers, &replication.secret, threads, epoch, patience) {
+            replication.role = Role::Standby;
+            notes.push(format!(
+                "started as standby, not active: {} is the active at {} (ours: {epoch})",
+                found.addr, found.epoch
+            ));
+        }
+    }
+    if replication.role == Role::Standby {
+        match takeover::release(&failover.interface, failover.service_ip, failover.prefix_len) {
+            Ok(takeover::Released::Removed) => notes.push(format!(
+                "removed the service address {}/{} left on {} (this node is a standby)",
+                failover.service_ip, failover.prefix_len, failover.interface
+            )),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check the service address on a standby"),
+        }
+    }
+    notes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -553,3 +553,63 @@ fn flush(conn: &mut Connection) -> io::Result<()> {
     conn.written = 0;
     Ok(())
 }
+
+/// An active found by [`probe_for_active`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveFound {
+    pub addr: SocketAddr,
+    pub epoch: Epoch,
+}
+
+/// Asks each of `peers` in turn, with the full authenticated handshake, whether it is an active that
+/// would accept this node as a standby; returns the first that does. A node configured as active calls
+/// this at start: if another node already is the active (it took over while this one was away), this
+/// one must not take the service address but follow it. Each attempt is bounded by `timeout`.
+pub fn probe_for_active(peers: &[SocketAddr], secret: &[u8], shard_count: u16, epoch: Epoch, timeout: Duration) -> Option<ActiveFound> {
+    peers.iter().find_map(|&addr| match probe_one(addr, secret, shard_count, epoch, timeout) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "no active there");
+            None
+        }
+    })
+}
+
+fn probe_one(addr: SocketAddr, secret: &[u8], shard_count: u16, epoch: Epoch, timeout: Duration) -> io::Result<Option<ActiveFound>> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let config = StandbyConfig { secret: secret.to_vec(), shard_count, history: None, epoch, applied: vec![LogSeq::ZERO; usize::from(shard_count)] };
+    let (mut handshake, hello) = StandbyHandshake::start(config, Nonce::random());
+    let mut out = Vec::new();
+    let start = wire::begin(Kind::Handshake, &mut out);
+    hello.encode(&mut out);
+    wire::finish(&mut out, start);
+    stream.write_all(&out)?;
+    let mut reader = MessageReader::new(MAX_MESSAGE);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        reader.feed(&buf[..n]);
+        while let Some(message) = reader.next_message().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            let Message::Handshake(body) = message else { return Ok(None) };
+            let message = Handshake::decode(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let step = handshake.on_message(message);
+            let mut out = Vec::new();
+            for reply in &step.send {
+                let start = wire::begin(Kind::Handshake, &mut out);
+                reply.encode(&mut out);
+                wire::finish(&mut out, start);
+            }
+            stream.write_all(&out)?;
+            match step.outcome {
+                None => {}
+                Some(Outcome::Accepted { epoch, .. }) => return Ok(Some(ActiveFound { addr, epoch })),
+                Some(_) => return Ok(None),
+            }
+        }
+    }
+}

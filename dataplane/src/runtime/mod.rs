@@ -70,6 +70,8 @@ pub struct Server {
 impl Server {
     /// Starts `settings.threads` workers and waits until each has its store and listeners.
     pub fn start(settings: Settings) -> anyhow::Result<Server> {
+        let mut settings = settings;
+        let start_notes = crate::failover::resolve_start_role(&mut settings);
         let settings = Arc::new(settings);
         let threads = settings.threads;
         if threads == 0 {
@@ -155,6 +157,11 @@ impl Server {
                     return Err(e);
                 }
                 Err(_) => bail!("a worker thread died while starting"),
+            }
+        }
+        if let Some(node) = &replication {
+            for note in start_notes {
+                node.state.note(note);
             }
         }
         // An active with failover serves on the service address from the start.
