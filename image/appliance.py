@@ -353,6 +353,15 @@ class Pair:
             self.close()
             raise
 
+    def boot_again(self, member: int, name: str) -> Appliance:
+        """Boots a member again (a new machine of the same build, same identity, same boot path) and
+        returns it; the old one must be closed or dead."""
+        old = self.members[member]
+        via = "cmdline" if member == 0 else "drive"
+        box = Appliance(name, self.net, boot="direct" if member == 0 else "uefi", identity=old.identity, identity_via=via)
+        self.members.append(box)
+        return box
+
     def wait_up(self, timeout: float = BOOT_TIMEOUT) -> list[str]:
         return [m.wait_system_up(timeout) for m in self.members]
 

@@ -3,7 +3,8 @@ initrd and root filesystem directly with its identity on the kernel command line
 UEFI with its identity on a config drive. Each must take its own name, address and role, serve memcached at
 its address, and reach its peer; A, the active, holds the service address and replicates to B, the
 standby, which serves reads and refuses writes. Last, A's VM is killed (kill -9 of its qemu): B must take
-over the service address and answer there with the data written before.
+over the service address and answer there with the data written before; and A, booted again with the
+same identity, must find B active and rejoin as its standby without taking the address back.
 """
 
 import subprocess
@@ -142,3 +143,23 @@ def test_killing_the_active_vm_moves_the_service_ip_and_its_data_to_the_standby(
     assert replication["role"] == "active", replication
     assert memcached_call(pair.net, SERVICE_IP, b"set after 0 0 2\r\nok\r\n") == b"STORED\r\n"
     assert f"inet {SERVICE_IP}/24 " in b.sh("ip -4 -o addr show").out
+
+
+def test_the_old_active_boots_again_and_rejoins_as_standby(pair):
+    a, b = pair.members[0], pair.members[1]
+    assert a.qemu is None or a.qemu.poll() is not None, "runs after the failover test"
+    a.close()
+    again = pair.boot_again(0, "a-again")
+    again.wait_system_up()
+    deadline = time.monotonic() + 120
+    while (state := stats_replication(pair, again)).get("role") != "standby" or state.get("state") != "streaming":
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    assert stats_replication(pair, b)["role"] == "active"
+    assert f"inet {SERVICE_IP}/24 " not in again.sh("ip -4 -o addr show").out
+    # It holds what the new active holds, including the write made after the failover.
+    deadline = time.monotonic() + 60
+    while memcached_call(pair.net, again.identity.ip, b"get after fo-7\r\n") != b"VALUE after 0 2\r\nok\r\nVALUE fo-7 0 4\r\nv007\r\nEND\r\n":
+        assert time.monotonic() < deadline, memcached_call(pair.net, again.identity.ip, b"get after fo-7\r\n")
+        time.sleep(1)
+    assert memcached_call(pair.net, SERVICE_IP, b"get after\r\n") == b"VALUE after 0 2\r\nok\r\nEND\r\n"
