@@ -17,8 +17,9 @@ step "build (release)"
 cargo build --release --workspace --bins
 
 step "unit, property and Rust integration tests"
-cargo test --release --workspace -- --include-ignored 2>&1 | tee /tmp/tandem-cargo-test.log
-grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4; f+=$6} END {print "cargo tests: " p " passed, " f " failed"}'
+cargo_log=$(mktemp /tmp/tandem-cargo-test.XXXXXX)  # per run: CI runs may overlap on one machine
+cargo test --release --workspace -- --include-ignored 2>&1 | tee "$cargo_log"
+grep -E '^test result:' "$cargo_log" | awk '{p+=$4; f+=$6} END {print "cargo tests: " p " passed, " f " failed"}'
 
 step "python integration suite against $target_dir/release/tandemd"
 venv=${TANDEM_VENV:-$root/.venv}
@@ -52,4 +53,4 @@ for target in $(cd dataplane/fuzz && cargo +nightly fuzz list); do
 done
 
 step "all tests passed"
-echo "$(grep -E '^test result:' /tmp/tandem-cargo-test.log | awk '{p+=$4} END {print p}') cargo tests, the python suite, the appliance tests and $(cd dataplane/fuzz && cargo +nightly fuzz list | wc -l) fuzz targets: 0 failed"
+echo "$(grep -E '^test result:' "$cargo_log" | awk '{p+=$4} END {print p}') cargo tests, the python suite, the appliance tests and $(cd dataplane/fuzz && cargo +nightly fuzz list | wc -l) fuzz targets: 0 failed"
