@@ -70,7 +70,9 @@ impl EpochFile {
 /// thread of its own. Errors say what failed (the node serves on regardless).
 pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
     let (interface, address, prefix) = (failover.interface.clone(), failover.service_ip, failover.prefix_len);
-    takeover::claim(&interface, address, prefix).map_err(|e| e.to_string())?;
+    if takeover::claim(&interface, address, prefix).map_err(|e| e.to_string())? == takeover::Claimed::AlreadyHeld {
+        tracing::info!(%interface, %address, "the service address was already on the interface");
+    }
     takeover::announce(&interface, address, ANNOUNCE_BURST, ANNOUNCE_SPACING).map_err(|e| e.to_string())?;
     let _ = std::thread::Builder::new().name("tandem-garp".into()).spawn(move || {
         let mut waited = Duration::ZERO;
