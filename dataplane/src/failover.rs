@@ -27,6 +27,7 @@ const ANNOUNCE_SPACING: Duration = Duration::from_millis(5);
 const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
 
 /// The node's epoch on disk.
+#[derive(Clone)]
 pub struct EpochFile {
     dir: PathBuf,
 }

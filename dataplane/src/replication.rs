@@ -25,6 +25,7 @@ use replica::{Epoch, LogSeq, Record, ReplicationId, ShardId as LogShard};
 
 use crate::clock::{Clock, RelTime};
 use crate::config::{FailoverSettings, ReplicationSettings, Role};
+use crate::net::takeover;
 use crate::shard::Shard;
 use crate::store::{ChangeSink, ItemRef, ItemView, ScanCursor};
 
@@ -299,12 +300,12 @@ pub enum Report {
     Standby { report: Arc<Mutex<ReceiverReport>> },
 }
 
-/// A role change handed to one worker: the log its store now writes to, and the bell of the
-/// replication core that drains it.
-pub struct Handover {
-    sink: LogSink,
-    bell: Arc<Bell>,
-    mode: Mode,
+/// A role change handed to one worker.
+pub enum Handover {
+    /// Promoted: the log the store now writes to, and the bell of the replication core that drains it.
+    Active { sink: LogSink, bell: Arc<Bell>, mode: Mode },
+    /// Stepped down: no more log; what arrives is applied, and the receiver's bell is rung.
+    Standby { bell: Arc<Bell> },
 }
 
 /// What a node's workers and its replication thread share about the node's role.
@@ -319,6 +320,8 @@ pub struct NodeState {
     /// How to stop whatever the replication thread runs now.
     stopper: Mutex<(Arc<AtomicBool>, Arc<Bell>)>,
     stopping: AtomicBool,
+    /// What the replication thread runs once its current runner returns (a node that stepped down).
+    next: Mutex<Option<Runner>>,
 }
 
 impl NodeState {
@@ -355,23 +358,26 @@ impl NodeState {
     }
 }
 
-impl ShardReplication {
-    /// This shard's core now belongs to an active: its store logs into `handover`'s sink (installed by
-    /// the caller) and its snapshots and acks go to the new replication core.
-    pub fn become_active(&mut self, handover: &Handover) {
-        self.role = Role::Active;
-        self.mode = handover.mode;
-        self.bell = handover.bell.clone();
-        self.in_snapshot = false;
-        self.snapshot = None;
-    }
-}
-
 impl Handover {
-    /// Installs the handover's log into `shard`'s store and switches `replication` to the active role.
+    /// Switches `shard` and its `replication` duties to the handover's role.
     pub fn install(self, shard: &mut Shard, replication: &mut ShardReplication) {
-        replication.become_active(&self);
-        shard.store.set_change_sink(Box::new(self.sink));
+        replication.in_snapshot = false;
+        replication.snapshot = None;
+        match self {
+            Handover::Active { sink, bell, mode } => {
+                replication.role = Role::Active;
+                replication.mode = mode;
+                replication.bell = bell;
+                shard.store.set_change_sink(Box::new(sink));
+            }
+            Handover::Standby { bell } => {
+                replication.role = Role::Standby;
+                replication.bell = bell;
+                replication.applied = LogSeq::ZERO;
+                replication.port.applied.store(0, Ordering::Release);
+                shard.store.clear_change_sink();
+            }
+        }
     }
 }
 
@@ -442,6 +448,16 @@ impl Node {
         let ports: Arc<Vec<Arc<ShardPort>>> = Arc::new((0..shards).map(|_| Arc::new(ShardPort::default())).collect());
         let epochs = failover.map(|f| crate::failover::EpochFile::new(&f.state_dir)).transpose()?;
         let persisted = epochs.as_ref().map_or(Ok(Epoch(0)), |e| e.load())?;
+        let context = failover.map(|f| -> anyhow::Result<Promotion> {
+            Ok(Promotion {
+                settings: settings.clone(),
+                failover: f.clone(),
+                ports: ports.clone(),
+                wake: wake.clone(),
+                epochs: crate::failover::EpochFile::new(&f.state_dir)?,
+            })
+        });
+        let context = context.transpose()?;
         let (report, sinks, bell, stop, runner) = match settings.role {
             Role::Active => {
                 // An active starting anew begins a reign no lower than any it knows of.
@@ -478,13 +494,7 @@ impl Node {
                 receiver.set_epoch(persisted);
                 tracing::info!(peers = ?settings.peers, "replication: standby, read-only, following the active");
                 let report = Report::Standby { report: handle.report.clone() };
-                let promotion = failover.map(|f| Box::new(Promotion {
-                    settings: settings.clone(),
-                    failover: f.clone(),
-                    ports: ports.clone(),
-                    wake,
-                    epochs: epochs.expect("failover has an epoch file"),
-                }));
+                let promotion = context.clone().map(Box::new);
                 (report, (0..shards).map(|_| None).collect(), handle.bell.clone(), handle.stop.clone(), Runner::Follow(Box::new(receiver), promotion))
             }
         };
@@ -496,18 +506,13 @@ impl Node {
             changes: Mutex::new(Vec::new()),
             stopper: Mutex::new((stop, bell.clone())),
             stopping: AtomicBool::new(false),
+            next: Mutex::new(None),
         });
+        if let (Role::Active, Some(context)) = (settings.role, context) {
+            context.watch_for_a_newer_active(state.clone(), Epoch(persisted.0.max(1)));
+        }
         let thread_state = state.clone();
-        let thread = spawn("tandem-repl", cpu, move || match runner {
-            Runner::Ship(mut shipper) => shipper.run(),
-            Runner::Follow(mut receiver, promotion) => {
-                if receiver.run() == replica::receiver::Exit::ActiveDead {
-                    if let Some(promotion) = promotion {
-                        promotion.run(&mut receiver, &thread_state);
-                    }
-                }
-            }
-        })?;
+        let thread = spawn("tandem-repl", cpu, move || drive(runner, &thread_state))?;
         let sides = sinks
             .into_iter()
             .enumerate()
@@ -543,6 +548,32 @@ impl Node {
     }
 }
 
+/// Runs the replication thread's runners one after another: a standby that is promoted goes on as the
+/// shipper; an active that steps down goes on as a receiver.
+fn drive(mut runner: Runner, state: &Arc<NodeState>) {
+    loop {
+        runner = match runner {
+            Runner::Ship(mut shipper) => {
+                shipper.run();
+                match state.next.lock().unwrap().take() {
+                    Some(next) => next,
+                    None => return,
+                }
+            }
+            Runner::Follow(mut receiver, promotion) => {
+                if receiver.run() != replica::receiver::Exit::ActiveDead {
+                    return;
+                }
+                let Some(promotion) = promotion else { return };
+                match promotion.run(&mut receiver, state) {
+                    Some(shipper) => Runner::Ship(shipper),
+                    None => return,
+                }
+            }
+        }
+    }
+}
+
 /// What the replication thread runs.
 enum Runner {
     /// An active's shipper.
@@ -551,7 +582,9 @@ enum Runner {
     Follow(Box<Receiver>, Option<Box<Promotion>>),
 }
 
-/// What a standby needs to take over when its active dies.
+/// What a node with failover needs to change role: take over when its active dies, or step down
+/// when it meets an active of a higher epoch.
+#[derive(Clone)]
 struct Promotion {
     settings: ReplicationSettings,
     failover: FailoverSettings,
@@ -563,7 +596,7 @@ struct Promotion {
 impl Promotion {
     /// Takes over: a new epoch on disk first, then writes allowed with every change logged, then the
     /// service address claimed and announced; then ships to whatever standbys connect.
-    fn run(self, receiver: &mut Receiver, state: &NodeState) {
+    fn run(self, receiver: &mut Receiver, state: &Arc<NodeState>) -> Option<Box<Shipper>> {
         let started = std::time::Instant::now();
         // Let the shards apply everything already received: the new log continues from there.
         let deadline = started + std::time::Duration::from_secs(1);
@@ -576,7 +609,7 @@ impl Promotion {
         if let Err(e) = self.epochs.store(epoch) {
             // Acting on an epoch that is not on disk could let two nodes claim the same reign.
             tracing::error!(error = %e, "cannot persist the new epoch: not promoting");
-            return;
+            return None;
         }
         let new_history = ReplicationId::random();
         let previous = history.map(|history| replica::handshake::PreviousHistory { history, until: applied.clone() });
@@ -597,23 +630,24 @@ impl Promotion {
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "promoted, but cannot ship to standbys");
-                return self.promote_without_shipping(state, epoch, started);
+                self.promote_without_shipping(state, epoch, started);
+                return None;
             }
-            None => return self.promote_without_shipping(state, epoch, started),
+            None => {
+                self.promote_without_shipping(state, epoch, started);
+                return None;
+            }
         };
         for (worker, sink) in sinks.into_iter().enumerate() {
-            *state.handovers[worker].lock().unwrap() = Some(Handover { sink, bell: bell.clone(), mode: self.settings.mode });
+            *state.handovers[worker].lock().unwrap() = Some(Handover::Active { sink, bell: bell.clone(), mode: self.settings.mode });
         }
         *state.report.lock().unwrap() = report;
         if let Some(stopper) = stopper {
             *state.stopper.lock().unwrap() = stopper;
         }
         self.open_for_writes(state, epoch, started);
-        if let Some(mut shipper) = shipper {
-            if !state.stopping.load(Ordering::SeqCst) {
-                shipper.run();
-            }
-        }
+        self.clone().watch_for_a_newer_active(state.clone(), epoch);
+        shipper.filter(|_| !state.stopping.load(Ordering::SeqCst)).map(Box::new)
     }
 
     /// Promotion for a node with no `replication.listen`: it serves writes and ships to nobody.
@@ -623,6 +657,77 @@ impl Promotion {
         while !state.stopping.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+
+    /// While this node is active, asks its peers every half second whether one of them is an active of a
+    /// higher epoch (it took over while this node was cut off); if so, steps down.
+    fn watch_for_a_newer_active(self, state: Arc<NodeState>, epoch: Epoch) {
+        if self.settings.peers.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("tandem-watch".into()).spawn(move || {
+            let shards = self.ports.len() as u16;
+            let patience = self.settings.dead_after.unwrap_or(std::time::Duration::from_millis(500));
+            while !state.stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let found = replica::receiver::probe_for_active(&self.settings.peers, &self.settings.secret, shards, epoch, patience);
+                if let Some(found) = found.filter(|found| found.epoch > epoch) {
+                    self.step_down(&state, epoch, found);
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot watch for a newer active");
+        }
+    }
+
+    /// Steps down to a standby of `found`: stop taking writes, give up the service address, stop
+    /// shipping, and follow the newer active (a full sync: what this node took meanwhile is not theirs).
+    fn step_down(&self, state: &Arc<NodeState>, epoch: Epoch, found: replica::receiver::ActiveFound) {
+        if let Err(e) = self.epochs.store(found.epoch) {
+            tracing::error!(error = %e, "cannot persist the newer epoch");
+        }
+        let receiver_config = ReceiverConfig {
+            peers: self.settings.peers.clone(),
+            secret: self.settings.secret.clone(),
+            shard_count: self.ports.len() as u16,
+            heartbeat_interval: self.settings.heartbeat,
+            peer_timeout: self.settings.peer_timeout,
+            reconnect_delay: std::time::Duration::from_millis(20),
+            dead_after: self.settings.dead_after,
+        };
+        let (mut receiver, handle) = match Receiver::new(receiver_config, self.ports.to_vec(), self.wake.clone()) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot step down: no receiver");
+                return;
+            }
+        };
+        receiver.set_epoch(found.epoch);
+        state.writable.store(false, Ordering::SeqCst);
+        for (worker, port) in self.ports.iter().enumerate() {
+            *state.handovers[worker].lock().unwrap() = Some(Handover::Standby { bell: handle.bell.clone() });
+            // Replies held for a standby's ack are released: this node's writes are not kept.
+            port.acked.store(replica::port::ACKED_ALL, Ordering::Release);
+        }
+        state.version.fetch_add(1, Ordering::SeqCst);
+        self.wake.wake(0);
+        let released = takeover::release(&self.failover.interface, self.failover.service_ip, self.failover.prefix_len);
+        *state.report.lock().unwrap() = Report::Standby { report: handle.report.clone() };
+        *state.next.lock().unwrap() = Some(Runner::Follow(Box::new(receiver), Some(Box::new(self.clone()))));
+        let (old_stop, old_bell) = std::mem::replace(&mut *state.stopper.lock().unwrap(), (handle.stop.clone(), handle.bell.clone()));
+        old_stop.store(true, Ordering::SeqCst);
+        old_bell.ring_always();
+        state.note(format!(
+            "stepped down to standby: {} is the active at {} (ours was {epoch}); service address {}",
+            found.addr,
+            found.epoch,
+            match released {
+                Ok(_) => "released".to_string(),
+                Err(e) => format!("NOT released: {e}"),
+            }
+        ));
     }
 
     fn open_for_writes(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant) {

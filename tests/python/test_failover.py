@@ -262,3 +262,55 @@ def test_kill_the_active_the_standby_serves_every_acknowledged_write(tmp_path):
     median = statistics.median(times)
     print(f"\nfailover (kill + link down -> first acknowledged write on the service address), {RUNS} runs: "
           f"median {median:.0f} ms, all {[round(t) for t in times]}")
+
+
+def test_an_active_cut_off_steps_down_when_it_meets_the_new_active(tmp_path):
+    topo = Topology(os.getpid() % 1000 * 10 + 9)
+    processes = []
+    try:
+        processes.append(start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b")))
+        processes.append(start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a")))
+        deadline = time.monotonic() + 10
+        while stats_in(topo, "b").get("state") != "streaming":
+            assert time.monotonic() < deadline, "the standby never streamed"
+            time.sleep(0.05)
+        assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
+        # Cut the active off (it keeps running): the standby takes over.
+        sh("ip", "link", "set", topo.host_if["a"], "down")
+        deadline = time.monotonic() + 10
+        while stats_in(topo, "b").get("role") != "active":
+            assert time.monotonic() < deadline, "the standby never took over"
+            time.sleep(0.05)
+        assert stats_in(topo, "a")["role"] == "active", "the cut-off active does not know yet"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if request_in(topo, "c", topo.service, b"set during 0 0 1\r\ny\r\n") == b"STORED\r\n":
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            assert time.monotonic() < deadline, "clients never reached the new active"
+            time.sleep(0.05)
+        # The link comes back: the old active sees the higher epoch and steps down.
+        sh("ip", "link", "set", topo.host_if["a"], "up")
+        deadline = time.monotonic() + 15
+        while stats_in(topo, "a").get("role") != "standby":
+            assert time.monotonic() < deadline, "the old active never stepped down"
+            time.sleep(0.05)
+        a_stats = stats_in(topo, "a")
+        assert "stepped_down" in a_stats["last_role_change"] and "released" in a_stats["last_role_change"], a_stats
+        addresses = sh("ip", "-n", topo.ns["a"], "-o", "-4", "addr", "show", "dev", "eth0").stdout
+        assert topo.service not in addresses, f"the old active kept the service address: {addresses}"
+        assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\nz\r\n") == b"STORED\r\n"
+        deadline = time.monotonic() + 20
+        while request_in(topo, "c", topo.addr["a"], b"get before during after\r\n", b"END\r\n").count(b"VALUE") != 3:
+            assert time.monotonic() < deadline, "the old active did not converge to the new one"
+            time.sleep(0.1)
+        b_stats = stats_in(topo, "b")
+        assert b_stats["role"] == "active" and b_stats["epoch"] == "2", b_stats
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        topo.close()

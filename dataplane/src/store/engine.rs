@@ -1055,6 +1055,11 @@ impl Store {
         self.changes = Some(sink);
     }
 
+    /// Stops reporting changes (a node that stepped down to standby).
+    pub fn clear_change_sink(&mut self) {
+        self.changes = None;
+    }
+
     /// The change sink, for its owner's per-round work.
     pub fn change_sink(&mut self) -> Option<&mut (dyn ChangeSink + 'static)> {
         self.changes.as_deref_mut()
