@@ -158,6 +158,8 @@ pub struct FailoverSettings {
     pub interface: String,
     /// Where the epoch is kept across restarts.
     pub state_dir: PathBuf,
+    /// A standby promotes only while this address answers (ICMP echo), if set.
+    pub witness: Option<std::net::Ipv4Addr>,
 }
 
 /// Heartbeats and the silence that declares the active dead, by default: a median failover under
@@ -172,9 +174,10 @@ impl FailoverSettings {
         let service_ip = addr.parse().map_err(|_| invalid("failover.service_ip", format!("{addr:?} is not an IPv4 address")))?;
         let prefix_len: u8 = len.parse().ok().filter(|&n| n <= 32).ok_or_else(|| invalid("failover.service_ip", format!("{len:?} is not a prefix length")))?;
         let interface = section.interface.ok_or_else(|| invalid("failover.interface", "missing: the interface that carries the service address"))?;
-        if section.witness.is_some() {
-            return Err(invalid("failover.witness", "witness checks are not part of this build yet; remove the key"));
-        }
+        let witness = section
+            .witness
+            .map(|text| text.parse().map_err(|_| invalid("failover.witness", format!("{text:?} is not an IPv4 address"))))
+            .transpose()?;
         let state_dir = section.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/tandem"));
         let heartbeat = Duration::from_millis(section.heartbeat_ms.unwrap_or(FAILOVER_HEARTBEAT_MS).max(1));
         let dead_after = Duration::from_millis(section.dead_after_ms.unwrap_or(FAILOVER_DEAD_AFTER_MS));
@@ -184,7 +187,7 @@ impl FailoverSettings {
         replication.heartbeat = heartbeat;
         replication.dead_after = Some(dead_after);
         replication.peer_timeout = replication.peer_timeout.max(dead_after);
-        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir })
+        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir, witness })
     }
 }
 

@@ -561,8 +561,22 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                 }
             }
             Runner::Follow(mut receiver, promotion) => {
-                if receiver.run() != replica::receiver::Exit::ActiveDead {
-                    return;
+                let mut refused_once = false;
+                // After the witness failed to answer, it must answer at two checks a dead_after apart,
+                // with the active still silent in between, before this standby promotes: a standby whose
+                // own link just came back first gets the time to hear from its active again.
+                let mut answered_before = true;
+                loop {
+                    if receiver.run() != replica::receiver::Exit::ActiveDead {
+                        return;
+                    }
+                    let Some(promotion) = promotion.as_ref() else { return };
+                    let answers = promotion.witness_answers(state, &mut refused_once);
+                    if answers && answered_before {
+                        break;
+                    }
+                    answered_before = answers;
+                    receiver.grace();
                 }
                 let Some(promotion) = promotion else { return };
                 match promotion.run(&mut receiver, state) {
@@ -656,6 +670,26 @@ impl Promotion {
         self.open_for_writes(state, epoch, started);
         while !state.stopping.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Whether a standby whose active went silent may promote: always without a witness; with one, only
+    /// while it answers (an isolated standby cannot tell a dead active from its own isolation).
+    fn witness_answers(&self, state: &NodeState, refused_once: &mut bool) -> bool {
+        let Some(witness) = self.failover.witness else { return true };
+        match crate::net::witness::answers(witness, 3, std::time::Duration::from_millis(30)) {
+            Ok(true) => true,
+            outcome => {
+                if !*refused_once {
+                    *refused_once = true;
+                    let why = match outcome {
+                        Err(e) => format!("cannot ask it: {e}"),
+                        _ => "no answer".to_string(),
+                    };
+                    state.note(format!("not promoting: the active is silent but so is the witness {witness} ({why}); staying standby"));
+                }
+                false
+            }
         }
     }
 

@@ -158,6 +158,11 @@ impl Receiver {
         (self.history, self.epoch, self.ports.iter().map(|p| p.applied()).collect())
     }
 
+    /// Gives the active another `dead_after` to be heard from (its silence was not acted on).
+    pub fn grace(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
     /// Sets the epoch to present (a restarted standby's persisted epoch).
     pub fn set_epoch(&mut self, epoch: Epoch) {
         self.epoch = epoch;

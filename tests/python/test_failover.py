@@ -101,6 +101,9 @@ class Topology:
         self.service = f"{self.subnet}.100"
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "link", "set", self.bridge, "up")
+        # The bridge's own address is the witness (it stands for the network the clients are on).
+        self.witness = f"{self.subnet}.254"
+        sh("ip", "addr", "add", f"{self.witness}/24", "dev", self.bridge)
         for name, ns in self.ns.items():
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "add", self.host_if[name], "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -122,7 +125,7 @@ class Topology:
         sh("ip", "link", "del", self.bridge, check=False)
 
 
-def node_config(tmp_path, topo, name, role, peer, mode="sync"):
+def node_config(tmp_path, topo, name, role, peer, mode="sync", witness=False):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     lines = [
@@ -136,7 +139,7 @@ def node_config(tmp_path, topo, name, role, peer, mode="sync"):
         f'service_ip = "{topo.service}/24"',
         'interface = "eth0"',
         f'state_dir = "{tmp_path}/state-{name}"',
-    ]
+    ] + ([f'witness = "{topo.witness}"'] if witness else [])
     path = tmp_path / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -209,9 +212,9 @@ def one_failover(tmp_path, tag, rejoin=False):
     topo = Topology(tag)
     processes = []
     try:
-        a = start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b"))
+        a = start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b", witness=True))
         processes.append(a)
-        b = start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a"))
+        b = start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a", witness=True))
         processes.append(b)
         deadline = time.monotonic() + 10
         while stats_in(topo, "b").get("state") != "streaming":
@@ -308,6 +311,42 @@ def test_an_active_cut_off_steps_down_when_it_meets_the_new_active(tmp_path):
             time.sleep(0.1)
         b_stats = stats_in(topo, "b")
         assert b_stats["role"] == "active" and b_stats["epoch"] == "2", b_stats
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        topo.close()
+
+
+def test_a_standby_cut_off_from_everything_does_not_promote(tmp_path):
+    topo = Topology(os.getpid() % 1000 * 10 + 8)
+    processes = []
+    try:
+        processes.append(start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b", witness=True)))
+        processes.append(start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a", witness=True)))
+        deadline = time.monotonic() + 10
+        while stats_in(topo, "b").get("state") != "streaming":
+            assert time.monotonic() < deadline, "the standby never streamed"
+            time.sleep(0.05)
+        # The standby loses its link: it hears neither the active nor the witness.
+        sh("ip", "link", "set", topo.host_if["b"], "down")
+        time.sleep(1.5)
+        b_stats = stats_in(topo, "b")
+        assert b_stats["role"] == "standby", b_stats
+        assert "not_promoting" in b_stats.get("last_role_change", ""), b_stats
+        addresses = sh("ip", "-n", topo.ns["b"], "-o", "-4", "addr", "show", "dev", "eth0").stdout
+        assert topo.service not in addresses, "an isolated standby took the service address"
+        # Its link returns: it follows the active again, which never stepped down.
+        sh("ip", "link", "set", topo.host_if["b"], "up")
+        deadline = time.monotonic() + 10
+        while stats_in(topo, "b").get("state") != "streaming":
+            assert time.monotonic() < deadline, "the standby did not reconnect"
+            time.sleep(0.05)
+        time.sleep(1.0)  # longer than the active's half-second check for a newer active
+        a_stats, b_stats = stats_in(topo, "a"), stats_in(topo, "b")
+        assert a_stats["role"] == "active" and b_stats["role"] == "standby", (a_stats, b_stats)
+        assert request_in(topo, "c", topo.service, b"set still 0 0 1\r\nx\r\n") == b"STORED\r\n"
     finally:
         for process in processes:
             if process.poll() is None:

@@ -4,6 +4,8 @@
 //!   The default; runs anywhere without privileges.
 //! - [`takeover`]: claiming and releasing the service address (netlink) and announcing it with
 //!   gratuitous ARPs (packet socket), in kernel mode.
+//! - [`witness`]: whether the failover witness answers (ICMP echo).
 
 pub mod kernel;
 pub mod takeover;
+pub mod witness;
