@@ -2,7 +2,7 @@
 
 Used by `image/run` (demos) and `image/tests` (CI). What it offers:
 
-- `Network`: a network namespace made for the run, holding a bridge whose address (10.77.0.1/24) plays
+- `Network`: a network namespace made for the run (named after it and this process), holding a bridge whose address (10.77.0.1/24) plays
   the client, tap devices for the guests, and optionally a DHCP server (dnsmasq) for standalone boots.
   Nothing leaves the namespace: it has no route out.
 - `Appliance`: one qemu guest of the image built by `image/build`, on a copy-on-write overlay (nothing
@@ -66,7 +66,9 @@ class Network:
     """A namespace with a bridge for the guests; the bridge's address is the client."""
 
     def __init__(self, name: str, dhcp: bool = False):
-        self.ns = f"tandem-{name}"
+        # Unique per process: two runs on one machine (a developer's and CI's) must not share or delete
+        # each other's namespace.
+        self.ns = f"tandem-{name}-{os.getpid()}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.ns}-"))
         self.taps: list[str] = []
         self.dnsmasq: subprocess.Popen | None = None
