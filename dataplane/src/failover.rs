@@ -26,6 +26,9 @@ const ANNOUNCE_SPACING: Duration = Duration::from_millis(5);
 /// Later repeats, for neighbours that missed the burst.
 const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
 
+/// Attempts a node configured as active makes to find an active peer before it takes the address.
+const START_PROBES: usize = 4;
+
 /// The node's epoch on disk.
 #[derive(Clone)]
 pub struct EpochFile {
@@ -103,8 +106,16 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
     };
     if replication.role == Role::Active && !replication.peers.is_empty() {
         let epoch = EpochFile::new(&failover.state_dir).and_then(|f| f.load()).unwrap_or(Epoch(0));
-        let patience = replication.dead_after.unwrap_or(Duration::from_millis(500)).max(Duration::from_millis(200));
-        if let Some(found) = replica::receiver::probe_for_active(&replication.peers, &replication.secret, threads, epoch, patience) {
+        // Taking the address while another node holds it is worse than starting a little later: a node
+        // whose link just came back may need a few attempts to reach its peers.
+        let patience = replication.dead_after.unwrap_or(Duration::from_millis(500)).max(Duration::from_millis(300));
+        let found = (0..START_PROBES).find_map(|attempt| {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            replica::receiver::probe_for_active(&replication.peers, &replication.secret, threads, epoch, patience)
+        });
+        if let Some(found) = found {
             replication.role = Role::Standby;
             notes.push(format!(
                 "started as standby, not active: {} is the active at {} (ours: {epoch})",
