@@ -418,6 +418,15 @@ impl Ctx<'_> {
         }
     }
 
+    /// Mails a request to `owner`'s core: reserves the connection's reply slot and sends the frame
+    /// `write` produces (the request's own bytes, or a one-key frame when `key_only`).
+    fn mail(&mut self, conn: &mut Conn, conn_ref: ConnRef, owner: ShardId, proto: Proto, key_only: bool, write: impl FnOnce(&mut Vec<u8>)) {
+        let slot = conn.reserve_slot();
+        let mut frame = self.postbox.buffer();
+        write(&mut frame);
+        self.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only, frame });
+    }
+
     /// Whether the connection's output may be written now (sync replication holds it until acked).
     fn may_write(&self, conn: &mut Conn) -> bool {
         match self.replication {
@@ -615,10 +624,7 @@ fn process_with<C: Codec>(
                 if owner == me {
                     ctx.run_local(conn, |shard, out| C::execute(shard, &request, out));
                 } else {
-                    let slot = conn.reserve_slot();
-                    let mut bytes = ctx.postbox.buffer();
-                    bytes.extend_from_slice(frame);
-                    ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: false, frame: bytes });
+                    ctx.mail(conn, conn_ref, owner, proto, false, |bytes| bytes.extend_from_slice(frame));
                     ctx.counters.cross_shard_requests.incr();
                 }
             }
@@ -628,10 +634,7 @@ fn process_with<C: Codec>(
                     if owner == me {
                         ctx.run_local(conn, |shard, out| C::execute_key(shard, &request, index, out));
                     } else {
-                        let slot = conn.reserve_slot();
-                        let mut bytes = ctx.postbox.buffer();
-                        C::key_frame(&request, index, &mut bytes);
-                        ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: true, frame: bytes });
+                        ctx.mail(conn, conn_ref, owner, proto, true, |bytes| C::key_frame(&request, index, bytes));
                         ctx.counters.cross_shard_requests.incr();
                     }
                 }
@@ -642,10 +645,7 @@ fn process_with<C: Codec>(
                     if owner == me {
                         ctx.run_local(conn, |shard, out| C::execute(shard, &request, out));
                     } else {
-                        let slot = conn.reserve_slot();
-                        let mut bytes = ctx.postbox.buffer();
-                        bytes.extend_from_slice(frame);
-                        ctx.postbox.send(owner, Msg::Request { conn: conn_ref, slot, proto, key_only: false, frame: bytes });
+                        ctx.mail(conn, conn_ref, owner, proto, false, |bytes| bytes.extend_from_slice(frame));
                     }
                 }
                 emit(conn, ctx.postbox, |out| C::finish_keys(&request, out));
