@@ -110,7 +110,7 @@ impl ChangeSink for LogSink {
     }
 
     fn end_round(&mut self) -> bool {
-        let pending = self.producer.stats().outstanding_bytes > 0;
+        let pending = self.producer.has_unflushed();
         self.producer.flush();
         pending
     }
@@ -446,24 +446,25 @@ impl Node {
         cpu: Option<usize>,
     ) -> anyhow::Result<(Node, Vec<WorkerSide>)> {
         let ports: Arc<Vec<Arc<ShardPort>>> = Arc::new((0..shards).map(|_| Arc::new(ShardPort::default())).collect());
-        let epochs = failover.map(|f| crate::failover::EpochFile::new(&f.state_dir)).transpose()?;
-        let persisted = epochs.as_ref().map_or(Ok(Epoch(0)), |e| e.load())?;
-        let context = failover.map(|f| -> anyhow::Result<Promotion> {
-            Ok(Promotion {
-                settings: settings.clone(),
-                failover: f.clone(),
-                ports: ports.clone(),
-                wake: wake.clone(),
-                epochs: crate::failover::EpochFile::new(&f.state_dir)?,
+        // With failover: what a role change needs, the epoch file included.
+        let context = failover
+            .map(|f| -> anyhow::Result<Promotion> {
+                Ok(Promotion {
+                    settings: settings.clone(),
+                    failover: f.clone(),
+                    ports: ports.clone(),
+                    wake: wake.clone(),
+                    epochs: crate::failover::EpochFile::new(&f.state_dir)?,
+                })
             })
-        });
-        let context = context.transpose()?;
+            .transpose()?;
+        let persisted = context.as_ref().map_or(Ok(Epoch(0)), |c| c.epochs.load())?;
         let (report, sinks, bell, stop, runner) = match settings.role {
             Role::Active => {
                 // An active starting anew begins a reign no lower than any it knows of.
                 let epoch = Epoch(persisted.0.max(1));
-                if let Some(epochs) = &epochs {
-                    epochs.store(epoch)?;
+                if let Some(context) = &context {
+                    context.epochs.store(epoch)?;
                 }
                 let history = ReplicationId::random();
                 let start = ActiveStart {

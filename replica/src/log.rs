@@ -250,6 +250,11 @@ impl LogProducer {
         Ok(Appended::Logged(seq))
     }
 
+    /// Whether records appended since the last successful [`LogProducer::flush`] wait here.
+    pub fn has_unflushed(&self) -> bool {
+        !self.current.is_empty()
+    }
+
     /// Hands the records appended so far to the consumer (call once per poll round). Returns whether
     /// everything is handed over: if the hand-over queue is full the records stay here (still counted
     /// against the ring) and go with the next flush.
