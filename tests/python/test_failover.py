@@ -89,10 +89,12 @@ def sh(*args, check=True, **kwargs):
 
 
 class Topology:
-    """Three namespaces (client, a, b) on a bridge, named uniquely; removed by close()."""
+    """Three namespaces (client, a, b) on a bridge, named uniquely. Used as a context manager: the nodes
+    it started are killed and everything is removed on exit, failures included."""
 
     def __init__(self, tag):
         self.tag = tag
+        self.processes = []
         self.subnet = f"10.{77 + tag % 100}.{tag % 250}"
         self.bridge = f"tbr{tag}"
         self.ns = {name: f"tfo-{name}-{tag}" for name in ("c", "a", "b")}
@@ -112,9 +114,35 @@ class Topology:
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self, tmp_path, name, config):
+        """Starts tandemd in namespace ``name`` (see start_node); stopped by close()."""
+        process = start_node(tmp_path, self, name, config)
+        self.processes.append(process)
+        return process
+
+    def start_pair(self, tmp_path, witness=False):
+        """Node a active, node b its standby; returns once b streams."""
+        a = self.start(tmp_path, "a", node_config(tmp_path, self, "a", "active", "b", witness=witness))
+        b = self.start(tmp_path, "b", node_config(tmp_path, self, "b", "standby", "a", witness=witness))
+        wait_until(lambda: stats_in(self, "b").get("state") == "streaming", "the standby to stream")
+        return a, b
+
+    def service_address_on(self, name):
+        """Whether node ``name``'s interface holds the service address."""
+        return self.service in sh("ip", "-n", self.ns[name], "-o", "-4", "addr", "show", "dev", "eth0").stdout
+
     def close(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
         for name, ns in self.ns.items():
-            sh("ip", "netns", "pids", ns, check=False)
             for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
@@ -162,6 +190,13 @@ def start_node(tmp_path, topo, name, config):
     pytest.fail(f"{name} did not start")
 
 
+def wait_until(predicate, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def stats_in(topo, name, group="replication"):
     out = sh(
         "ip", "netns", "exec", topo.ns[name], sys.executable, "-c",
@@ -185,41 +220,28 @@ def request_in(topo, name, host, data, expect=b"\r\n"):
     return eval(in_ns(topo, name, code))
 
 
-def rejoin_old_active(tmp_path, topo, processes):
+def rejoin_old_active(tmp_path, topo):
     """The old active's machine comes back (link up, tandemd started with its unchanged config)."""
     sh("ip", "link", "set", topo.host_if["a"], "up")
-    a = start_node(tmp_path, topo, "a", tmp_path / "a.toml")
-    processes.append(a)
-    deadline = time.monotonic() + 20
-    while stats_in(topo, "a").get("state") != "streaming":
-        assert time.monotonic() < deadline, "the old active never followed the new one"
-        time.sleep(0.05)
+    topo.start(tmp_path, "a", tmp_path / "a.toml")
+    wait_until(lambda: stats_in(topo, "a").get("state") == "streaming", "the old active to follow the new one", 20)
     a_stats = stats_in(topo, "a")
     assert a_stats["role"] == "standby", a_stats
     assert "started_as_standby" in a_stats["last_role_change"] or "removed_the_service_address" in a_stats["last_role_change"], a_stats
-    addresses = sh("ip", "-n", topo.ns["a"], "-o", "-4", "addr", "show", "dev", "eth0").stdout
-    assert topo.service not in addresses, f"the old active still holds the service address: {addresses}"
+    assert not topo.service_address_on("a"), "the old active still holds the service address"
     # Clients still reach the new active through the service address, and the old one caught up.
     assert request_in(topo, "c", topo.service, b"set back 0 0 1\r\nz\r\n") == b"STORED\r\n"
-    deadline = time.monotonic() + 20
-    while request_in(topo, "c", topo.addr["a"], b"get back\r\n", b"END\r\n") != b"VALUE back 0 1\r\nz\r\nEND\r\n":
-        assert time.monotonic() < deadline, "the old active did not converge"
-        time.sleep(0.05)
+    wait_until(
+        lambda: request_in(topo, "c", topo.addr["a"], b"get back\r\n", b"END\r\n") == b"VALUE back 0 1\r\nz\r\nEND\r\n",
+        "the old active to converge",
+        20,
+    )
     return a_stats
 
 
 def one_failover(tmp_path, tag, rejoin=False):
-    topo = Topology(tag)
-    processes = []
-    try:
-        a = start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b", witness=True))
-        processes.append(a)
-        b = start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a", witness=True))
-        processes.append(b)
-        deadline = time.monotonic() + 10
-        while stats_in(topo, "b").get("state") != "streaming":
-            assert time.monotonic() < deadline, "the standby never streamed"
-            time.sleep(0.05)
+    with Topology(tag) as topo:
+        a, _ = topo.start_pair(tmp_path, witness=True)
         script = tmp_path / "client.py"
         script.write_text(CLIENT)
         go = tmp_path / f"go-{tag}"
@@ -240,14 +262,8 @@ def one_failover(tmp_path, tag, rejoin=False):
         b_stats = stats_in(topo, "b")
         if rejoin:
             a.wait(timeout=10)
-            rejoin_old_active(tmp_path, topo, processes)
+            rejoin_old_active(tmp_path, topo)
         return result, b_stats
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-        topo.close()
 
 
 def test_kill_the_active_the_standby_serves_every_acknowledged_write(tmp_path):
@@ -268,22 +284,12 @@ def test_kill_the_active_the_standby_serves_every_acknowledged_write(tmp_path):
 
 
 def test_an_active_cut_off_steps_down_when_it_meets_the_new_active(tmp_path):
-    topo = Topology(os.getpid() % 1000 * 10 + 9)
-    processes = []
-    try:
-        processes.append(start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b")))
-        processes.append(start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a")))
-        deadline = time.monotonic() + 10
-        while stats_in(topo, "b").get("state") != "streaming":
-            assert time.monotonic() < deadline, "the standby never streamed"
-            time.sleep(0.05)
+    with Topology(os.getpid() % 1000 * 10 + 9) as topo:
+        topo.start_pair(tmp_path)
         assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
         # Cut the active off (it keeps running): the standby takes over.
         sh("ip", "link", "set", topo.host_if["a"], "down")
-        deadline = time.monotonic() + 10
-        while stats_in(topo, "b").get("role") != "active":
-            assert time.monotonic() < deadline, "the standby never took over"
-            time.sleep(0.05)
+        wait_until(lambda: stats_in(topo, "b").get("role") == "active", "the standby to take over")
         assert stats_in(topo, "a")["role"] == "active", "the cut-off active does not know yet"
         deadline = time.monotonic() + 10
         while True:
@@ -296,60 +302,34 @@ def test_an_active_cut_off_steps_down_when_it_meets_the_new_active(tmp_path):
             time.sleep(0.05)
         # The link comes back: the old active sees the higher epoch and steps down.
         sh("ip", "link", "set", topo.host_if["a"], "up")
-        deadline = time.monotonic() + 15
-        while stats_in(topo, "a").get("role") != "standby":
-            assert time.monotonic() < deadline, "the old active never stepped down"
-            time.sleep(0.05)
+        wait_until(lambda: stats_in(topo, "a").get("role") == "standby", "the old active to step down", 15)
         a_stats = stats_in(topo, "a")
         assert "stepped_down" in a_stats["last_role_change"] and "released" in a_stats["last_role_change"], a_stats
-        addresses = sh("ip", "-n", topo.ns["a"], "-o", "-4", "addr", "show", "dev", "eth0").stdout
-        assert topo.service not in addresses, f"the old active kept the service address: {addresses}"
+        assert not topo.service_address_on("a"), "the old active kept the service address"
         assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\nz\r\n") == b"STORED\r\n"
-        deadline = time.monotonic() + 20
-        while request_in(topo, "c", topo.addr["a"], b"get before during after\r\n", b"END\r\n").count(b"VALUE") != 3:
-            assert time.monotonic() < deadline, "the old active did not converge to the new one"
-            time.sleep(0.1)
+        wait_until(
+            lambda: request_in(topo, "c", topo.addr["a"], b"get before during after\r\n", b"END\r\n").count(b"VALUE") == 3,
+            "the old active to converge to the new one",
+            20,
+        )
         b_stats = stats_in(topo, "b")
         assert b_stats["role"] == "active" and b_stats["epoch"] == "2", b_stats
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-        topo.close()
 
 
 def test_a_standby_cut_off_from_everything_does_not_promote(tmp_path):
-    topo = Topology(os.getpid() % 1000 * 10 + 8)
-    processes = []
-    try:
-        processes.append(start_node(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b", witness=True)))
-        processes.append(start_node(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a", witness=True)))
-        deadline = time.monotonic() + 10
-        while stats_in(topo, "b").get("state") != "streaming":
-            assert time.monotonic() < deadline, "the standby never streamed"
-            time.sleep(0.05)
+    with Topology(os.getpid() % 1000 * 10 + 8) as topo:
+        topo.start_pair(tmp_path, witness=True)
         # The standby loses its link: it hears neither the active nor the witness.
         sh("ip", "link", "set", topo.host_if["b"], "down")
         time.sleep(1.5)
         b_stats = stats_in(topo, "b")
         assert b_stats["role"] == "standby", b_stats
         assert "not_promoting" in b_stats.get("last_role_change", ""), b_stats
-        addresses = sh("ip", "-n", topo.ns["b"], "-o", "-4", "addr", "show", "dev", "eth0").stdout
-        assert topo.service not in addresses, "an isolated standby took the service address"
+        assert not topo.service_address_on("b"), "an isolated standby took the service address"
         # Its link returns: it follows the active again, which never stepped down.
         sh("ip", "link", "set", topo.host_if["b"], "up")
-        deadline = time.monotonic() + 10
-        while stats_in(topo, "b").get("state") != "streaming":
-            assert time.monotonic() < deadline, "the standby did not reconnect"
-            time.sleep(0.05)
+        wait_until(lambda: stats_in(topo, "b").get("state") == "streaming", "the standby to reconnect")
         time.sleep(1.0)  # longer than the active's half-second check for a newer active
         a_stats, b_stats = stats_in(topo, "a"), stats_in(topo, "b")
         assert a_stats["role"] == "active" and b_stats["role"] == "standby", (a_stats, b_stats)
         assert request_in(topo, "c", topo.service, b"set still 0 0 1\r\nx\r\n") == b"STORED\r\n"
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-        topo.close()
