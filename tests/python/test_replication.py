@@ -291,6 +291,16 @@ def test_sync_mode_acknowledged_writes_are_on_the_standby(start, tmp_path):
         writer.expect(b"set sync:%d 0 0 %d\r\n%s\r\n" % (i, len(value), value), b"STORED\r\n")
         # Acknowledged to the client: it must be readable on the standby right now.
         reader.expect(b"get sync:%d\r\n" % i, b"VALUE sync:%d 0 %d\r\n%s\r\nEND\r\n" % (i, len(value), value))
+    # The hold is real, not a race won: with the standby frozen, an acknowledgement does not come (it
+    # would at once in async mode); it comes once the standby applies the write.
+    os.kill(standby.pid, signal.SIGSTOP)
+    try:
+        writer.send(b"set frozen 0 0 1\r\nf\r\n")
+        assert writer.recv_available(0.3) == b"", "a sync write was acknowledged before the standby had it"
+    finally:
+        os.kill(standby.pid, signal.SIGCONT)
+    assert writer.recv_until(b"\r\n") == b"STORED\r\n"
+    reader.expect(b"get frozen\r\n", b"VALUE frozen 0 1\r\nf\r\nEND\r\n")
     # Pipelined writes across both shards are held together and released on the ack.
     writer.send(b"".join(b"set pipe:%d 0 0 1\r\nx\r\n" % i for i in range(100)))
     assert writer.recv_until_count(b"\r\n", 100).count(b"STORED") == 100
