@@ -44,6 +44,8 @@ pub struct Settings {
     pub replication: Option<ReplicationSettings>,
     /// `[failover]`, if this node takes over the service address when its active dies.
     pub failover: Option<FailoverSettings>,
+    /// `[net]`: kernel sockets, or a userspace stack per worker.
+    pub net: NetBackend,
 }
 
 impl Settings {
@@ -70,6 +72,7 @@ impl Default for Settings {
             verbosity: AtomicU32::new(0),
             replication: None,
             failover: None,
+            net: NetBackend::Kernel,
         }
     }
 }
@@ -134,6 +137,156 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub replication: Option<ReplicationSection>,
     pub failover: Option<FailoverSection>,
+    pub net: Option<NetSection>,
+}
+
+/// `[net]` in the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetSection {
+    /// "kernel" (the default), "dpdk" or "tap".
+    pub backend: Option<String>,
+    pub dpdk: Option<StackSection>,
+    pub tap: Option<StackSection>,
+}
+
+/// `[net.dpdk]` or `[net.tap]`: the userspace stack's address and sizes, and how to reach the device.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StackSection {
+    /// DPDK only: EAL arguments, e.g. ["--in-memory", "--vdev=net_af_packet0,iface=eth1"].
+    pub eal_args: Option<Vec<String>>,
+    /// DPDK only: the port to use (default: the first one available).
+    pub port_id: Option<u16>,
+    /// tap only: the tap device's name (created if missing; needs CAP_NET_ADMIN).
+    pub name: Option<String>,
+    /// "A.B.C.D/len": the node's address on this network.
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    /// "02:00:00:00:00:01" (default: the port's own MAC; for tap, a fixed local address).
+    pub mac: Option<String>,
+    pub backlog: Option<usize>,
+    pub max_half_open: Option<usize>,
+    pub rx_buffer_kb: Option<usize>,
+    pub tx_buffer_kb: Option<usize>,
+    /// Spin this long after the last activity before sleeping (0: sleep at once).
+    pub idle_spin_us: Option<u64>,
+    /// Longest sleep between device polls while idle.
+    pub idle_sleep_us: Option<u64>,
+}
+
+/// Where a worker's bytes come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NetBackend {
+    /// Kernel TCP sockets (the default).
+    Kernel,
+    /// smoltcp per worker, each on its own queue of one DPDK port.
+    Dpdk(StackSettings),
+    /// smoltcp on a Linux tap device: one worker, for trying the userspace stack without DPDK.
+    Tap(StackSettings),
+}
+
+/// The userspace stack's settings, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackSettings {
+    pub eal_args: Vec<String>,
+    pub port_id: Option<u16>,
+    pub tap_name: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub mac: Option<[u8; 6]>,
+    pub backlog: usize,
+    pub max_half_open: usize,
+    pub rx_buffer: usize,
+    pub tx_buffer: usize,
+    pub idle_spin: Duration,
+    pub idle_sleep: Duration,
+}
+
+/// Parses "A.B.C.D/len".
+fn parse_cidr(key: &'static str, text: &str) -> Result<(std::net::Ipv4Addr, u8), ConfigError> {
+    let (addr, len) = text.split_once('/').ok_or_else(|| invalid(key, format!("{text:?}: expected A.B.C.D/len")))?;
+    let addr = addr.parse().map_err(|_| invalid(key, format!("{addr:?} is not an IPv4 address")))?;
+    let len = len.parse().ok().filter(|&n: &u8| (1..=32).contains(&n)).ok_or_else(|| invalid(key, format!("{len:?} is not a prefix length")))?;
+    Ok((addr, len))
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff" into a unicast MAC.
+fn parse_mac(key: &'static str, text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || invalid(key, format!("{text:?} is not a MAC address like 02:00:00:00:00:01"));
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(invalid(key, format!("{text:?} is not a unicast address")));
+    }
+    Ok(mac)
+}
+
+impl NetBackend {
+    fn from_section(section: NetSection) -> Result<NetBackend, ConfigError> {
+        let backend = section.backend.as_deref().unwrap_or("kernel");
+        let (stack, prefix) = match backend {
+            "kernel" => {
+                if section.dpdk.is_some() || section.tap.is_some() {
+                    return Err(invalid("net.backend", "is \"kernel\", but a [net.dpdk] or [net.tap] table is set; say which backend to use"));
+                }
+                return Ok(NetBackend::Kernel);
+            }
+            "dpdk" => (section.dpdk.ok_or_else(|| invalid("net.dpdk", "missing: the dpdk backend needs eal_args and address"))?, "dpdk"),
+            "tap" => (section.tap.ok_or_else(|| invalid("net.tap", "missing: the tap backend needs name and address"))?, "tap"),
+            other => return Err(invalid("net.backend", format!("{other:?} is not \"kernel\", \"dpdk\" or \"tap\""))),
+        };
+        let key = |dpdk: &'static str, tap: &'static str| if prefix == "dpdk" { dpdk } else { tap };
+        let text = stack.address.ok_or_else(|| invalid(key("net.dpdk.address", "net.tap.address"), "missing: A.B.C.D/len"))?;
+        let (address, prefix_len) = parse_cidr(key("net.dpdk.address", "net.tap.address"), &text)?;
+        let gateway = stack
+            .gateway
+            .map(|g| g.parse().map_err(|_| invalid(key("net.dpdk.gateway", "net.tap.gateway"), format!("{g:?} is not an IPv4 address"))))
+            .transpose()?;
+        let mac = stack.mac.map(|m| parse_mac(key("net.dpdk.mac", "net.tap.mac"), &m)).transpose()?;
+        let kb = |v: Option<usize>, name: &'static str| -> Result<usize, ConfigError> {
+            match v.unwrap_or(64) {
+                n @ 1..=16384 => Ok(n << 10),
+                n => Err(invalid(name, format!("{n} is not between 1 and 16384"))),
+            }
+        };
+        let settings = StackSettings {
+            eal_args: stack.eal_args.clone().unwrap_or_default(),
+            port_id: stack.port_id,
+            tap_name: stack.name.clone().unwrap_or_else(|| "tandem0".into()),
+            address,
+            prefix_len,
+            gateway,
+            mac,
+            backlog: stack.backlog.unwrap_or(16).max(1),
+            max_half_open: stack.max_half_open.unwrap_or(1024).max(1),
+            rx_buffer: kb(stack.rx_buffer_kb, key("net.dpdk.rx_buffer_kb", "net.tap.rx_buffer_kb"))?,
+            tx_buffer: kb(stack.tx_buffer_kb, key("net.dpdk.tx_buffer_kb", "net.tap.tx_buffer_kb"))?,
+            idle_spin: Duration::from_micros(stack.idle_spin_us.unwrap_or(200)),
+            idle_sleep: Duration::from_micros(stack.idle_sleep_us.unwrap_or(500).clamp(1, 1_000_000)),
+        };
+        if prefix == "dpdk" {
+            if stack.name.is_some() {
+                return Err(invalid("net.dpdk.name", "is for [net.tap]; a DPDK port is named by eal_args and port_id"));
+            }
+            if settings.eal_args.is_empty() {
+                return Err(invalid("net.dpdk.eal_args", "missing: e.g. [\"--in-memory\", \"--vdev=net_af_packet0,iface=eth1\"]"));
+            }
+            Ok(NetBackend::Dpdk(settings))
+        } else {
+            if stack.eal_args.is_some() || stack.port_id.is_some() {
+                return Err(invalid("net.tap.eal_args", "eal_args and port_id are for [net.dpdk]"));
+            }
+            Ok(NetBackend::Tap(settings))
+        }
+    }
 }
 
 /// `[failover]` in the TOML file.
@@ -383,13 +536,14 @@ impl Settings {
             None => FileConfig::default(),
         };
         let server = file.server;
+        let net = file.net.map(NetBackend::from_section).transpose()?.unwrap_or(NetBackend::Kernel);
         let mut replication = file.replication.map(ReplicationSettings::from_section).transpose()?;
         let failover = match (file.failover, replication.as_mut()) {
             (Some(section), Some(replication)) => Some(FailoverSettings::from_section(section, replication)?),
             (Some(_), None) => return Err(invalid("failover", "needs a [replication] table: failover promotes a standby")),
             (None, _) => None,
         };
-        let mut s = Settings { threads: available_cpus(), ..Settings::default() };
+        let mut s = Settings { threads: available_cpus(), net, ..Settings::default() };
 
         if let Some(port) = flags.udp_port {
             if port != 0 {
@@ -407,6 +561,14 @@ impl Settings {
         }
         s.memory_limit = memory_mb.checked_mul(1 << 20).ok_or_else(|| invalid("memory_mb", "too large"))?;
         s.threads = flags.threads.or(server.threads).unwrap_or(s.threads);
+        if let NetBackend::Tap(_) = s.net {
+            // A tap device has one queue, so one worker serves it.
+            match flags.threads.or(server.threads) {
+                None => s.threads = 1,
+                Some(1) => {}
+                Some(n) => return Err(invalid("threads", format!("{n}: the tap backend serves one worker; use threads = 1"))),
+            }
+        }
         if s.threads == 0 || s.threads > 256 {
             return Err(invalid("threads", format!("{} is not between 1 and 256", s.threads)));
         }
@@ -498,6 +660,45 @@ mod tests {
         std::fs::write(&path, "[server]\nlisten = \"127.0.0.2\"\nmemory_mb = 32\nthreads = 2\nmax_connections = 50\nmax_item_size = \"512k\"\n").unwrap();
         let s = Settings::from_flags(&flags(&["--config", path.to_str().unwrap(), "-c", "60"])).unwrap();
         assert_eq!((s.listen.as_str(), s.memory_limit, s.threads, s.max_connections, s.item_size_max), ("127.0.0.2", 32 << 20, 2, 60, 512 << 10));
+    }
+
+    #[test]
+    fn net_settings_are_checked_and_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("tandem-config-net-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("net.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Settings::from_flags(&flags(&["--config", path.to_str().unwrap()]))
+        };
+        let s = load("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"--in-memory\"]\naddress = \"10.1.0.2/24\"\ngateway = \"10.1.0.1\"\nmac = \"02:00:00:00:00:05\"\nrx_buffer_kb = 16\n").unwrap();
+        let NetBackend::Dpdk(dpdk) = &s.net else { panic!("{:?}", s.net) };
+        assert_eq!((dpdk.address, dpdk.prefix_len), ("10.1.0.2".parse().unwrap(), 24));
+        assert_eq!(dpdk.gateway, Some("10.1.0.1".parse().unwrap()));
+        assert_eq!(dpdk.mac, Some([2, 0, 0, 0, 0, 5]));
+        assert_eq!((dpdk.rx_buffer, dpdk.tx_buffer), (16 << 10, 64 << 10));
+        assert_eq!(dpdk.eal_args, vec!["--in-memory".to_string()]);
+
+        let s = load("[net]\nbackend = \"tap\"\n[net.tap]\nname = \"t0\"\naddress = \"10.1.0.2/24\"\n").unwrap();
+        assert!(matches!(&s.net, NetBackend::Tap(t) if t.tap_name == "t0"));
+        assert_eq!(s.threads, 1, "a tap backend defaults to one worker");
+        assert!(load("[server]\nthreads = 2\n[net]\nbackend = \"tap\"\n[net.tap]\naddress = \"10.1.0.2/24\"\n").unwrap_err().to_string().contains("threads"));
+
+        for (text, key) in [
+            ("[net]\nbackend = \"dpdk\"\n", "net.dpdk"),
+            ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\naddress = \"10.1.0.2/24\"\n", "net.dpdk.eal_args"),
+            ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"x\"]\n", "net.dpdk.address"),
+            ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"x\"]\naddress = \"10.1.0.2\"\n", "net.dpdk.address"),
+            ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"x\"]\naddress = \"10.1.0.2/24\"\nmac = \"01:00:00:00:00:01\"\n", "net.dpdk.mac"),
+            ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"x\"]\naddress = \"10.1.0.2/24\"\ngateway = \"x\"\n", "net.dpdk.gateway"),
+            ("[net]\nbackend = \"rdma\"\n", "net.backend"),
+            ("[net]\n[net.dpdk]\n", "net.backend"),
+            ("[net]\nbackend = \"tap\"\n[net.tap]\naddress = \"10.1.0.2/24\"\neal_args = []\n", "net.tap.eal_args"),
+            ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"x\"]\naddress = \"10.1.0.2/24\"\nspeed = 1\n", "speed"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -4,11 +4,112 @@
 //! them by a hash of the 4-tuple, so accepting needs no shared state and a connection lives its whole
 //! life on the core that accepted it.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{Ready, Transport};
+
+/// The poller token of the worker's cross-core waker.
+pub const WAKER: Token = Token(usize::MAX - 1);
+/// Listener tokens count down from here.
+const LISTENER_BASE: usize = usize::MAX - 2;
+
+/// One worker's kernel sockets: its SO_REUSEPORT listeners and connections, polled with epoll.
+pub struct KernelTransport {
+    poll: Poll,
+    events: Events,
+    listeners: Vec<TcpListener>,
+}
+
+impl KernelTransport {
+    /// Binds one listener per address on `poll`, whose waker (token [`WAKER`]) is the worker's doorbell.
+    pub fn new(poll: Poll, addrs: &[SocketAddr]) -> io::Result<KernelTransport> {
+        let mut listeners = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let mut l = reuseport_listener(*addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            poll.registry().register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            listeners.push(l);
+        }
+        Ok(KernelTransport { poll, events: Events::with_capacity(1024), listeners })
+    }
+}
+
+impl Transport for KernelTransport {
+    type Stream = TcpStream;
+
+    fn poll(&mut self, timeout: Duration, ready: &mut Vec<Ready>) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            other => other?,
+        }
+        let listeners = self.listeners.len();
+        for event in self.events.iter() {
+            match event.token() {
+                WAKER => {}
+                Token(t) if t > LISTENER_BASE - listeners && t <= LISTENER_BASE => ready.push(Ready::Listener(LISTENER_BASE - t)),
+                Token(index) => ready.push(Ready::Conn(index)),
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, listener: usize) -> io::Result<Option<(TcpStream, Option<SocketAddr>)>> {
+        match self.listeners[listener].accept() {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(Some((stream, Some(peer))))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn register(&mut self, stream: &mut TcpStream, index: usize) -> io::Result<()> {
+        self.poll.registry().register(stream, Token(index), Interest::READABLE | Interest::WRITABLE)
+    }
+
+    fn close(&mut self, mut stream: TcpStream) {
+        let _ = self.poll.registry().deregister(&mut stream);
+    }
+
+    fn read(&mut self, stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+        read_into_spare(stream, buf)
+    }
+
+    fn write(&mut self, stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+        stream.write(bytes)
+    }
+
+    fn stream_id(&self, stream: &TcpStream) -> i32 {
+        stream.as_raw_fd()
+    }
+
+    fn listeners(&self) -> Vec<(i32, SocketAddr)> {
+        self.listeners.iter().filter_map(|l| Some((l.as_raw_fd(), l.local_addr().ok()?))).collect()
+    }
+}
+
+/// Reads from the socket into `buf`'s spare capacity (no zero-filling first: a read is usually a few
+/// dozen bytes into a 64 KiB buffer) and extends `buf` by what arrived.
+fn read_into_spare(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: read(2) writes at most `spare.len()` bytes into memory we own and does not read it.
+    let n = unsafe { libc::read(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
 
 /// memcached's default listen backlog.
 pub const LISTEN_BACKLOG: i32 = 1024;

@@ -77,29 +77,8 @@ impl Server {
         if threads == 0 {
             bail!("-t must be at least 1");
         }
-        let mut addrs = Vec::new();
-        for host in settings.listen.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-            addrs.extend(crate::net::kernel::resolve(host, settings.port).with_context(|| format!("bad -l address {host:?}"))?);
-        }
-        // A plain bind (no SO_REUSEPORT) fails if anything, another tandemd included, already listens
-        // there; without this probe a second server would silently share the port. With -p 0 the probe
-        // also picks the port every listener then uses.
-        let probe = std::net::TcpListener::bind(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
-        let port = probe.local_addr()?.port();
-        for addr in &mut addrs {
-            addr.set_port(port);
-        }
-        for addr in &addrs[1..] {
-            drop(std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?);
-        }
-        drop(probe);
-
-        let pollers = (0..threads).map(|_| mio::Poll::new()).collect::<Result<Vec<_>, _>>()?;
-        let mut doorbells = Vec::new();
-        for poll in &pollers {
-            let waker = mio::Waker::new(poll.registry(), worker::WAKER)?;
-            doorbells.push(Arc::new(mailbox::Doorbell::new(Box::new(PollWaker(waker)))));
-        }
+        let (mut nets, addrs) = WorkerNet::prepare(&settings)?;
+        let doorbells = nets.iter().map(WorkerNet::doorbell).collect::<anyhow::Result<Vec<_>>>()?;
         let mailboxes = mailbox::Mailboxes::new(doorbells);
         let cpus = allowed_cpus();
         // The replication core gets a CPU of its own when there is one beyond the workers'.
@@ -122,27 +101,16 @@ impl Server {
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let mut handles = Vec::new();
-        for (id, poll) in pollers.into_iter().enumerate() {
-            let shared = shared.clone();
-            let mailboxes = mailboxes.clone();
-            let addrs = addrs.clone();
-            let cpu = cpus.get(id % cpus.len().max(1)).copied();
-            let ready = ready_tx.clone();
-            let side = sides[id].take();
-            let handle = std::thread::Builder::new().name(format!("tandem-w{id}")).spawn(move || {
-                if let Some(cpu) = cpu {
-                    pin_to_cpu(cpu);
-                }
-                match worker::Worker::new(id, poll, &addrs, shared, mailboxes, side) {
-                    Ok(mut w) => {
-                        let _ = ready.send(Ok(()));
-                        w.run();
-                    }
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                    }
-                }
-            })?;
+        for (id, net) in nets.drain(..).enumerate() {
+            let start = WorkerStart {
+                id,
+                shared: shared.clone(),
+                mailboxes: mailboxes.clone(),
+                side: sides[id].take(),
+                cpu: cpus.get(id % cpus.len().max(1)).copied(),
+                ready: ready_tx.clone(),
+            };
+            let handle = std::thread::Builder::new().name(format!("tandem-w{id}")).spawn(move || net.run(start))?;
             handles.push(handle);
         }
         drop(ready_tx);
@@ -198,6 +166,149 @@ impl Server {
         if let Some(mut node) = self.replication.take() {
             node.stop();
         }
+    }
+}
+
+/// What a worker thread needs besides its network.
+struct WorkerStart {
+    id: usize,
+    shared: Arc<Shared>,
+    mailboxes: Arc<mailbox::Mailboxes>,
+    side: Option<crate::replication::WorkerSide>,
+    cpu: Option<usize>,
+    ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
+}
+
+impl WorkerStart {
+    /// Pins the thread, builds the worker on it (its store, then its network), reports, and serves.
+    fn run<T: crate::net::Transport>(self, net: impl FnOnce() -> anyhow::Result<T>) {
+        if let Some(cpu) = self.cpu {
+            pin_to_cpu(cpu);
+        }
+        match worker::Worker::new(self.id, net, self.shared, self.mailboxes, self.side) {
+            Ok(mut w) => {
+                let _ = self.ready.send(Ok(()));
+                w.run();
+            }
+            Err(e) => {
+                let _ = self.ready.send(Err(e));
+            }
+        }
+    }
+}
+
+/// One worker's network, chosen by `[net]`, prepared before its thread starts.
+enum WorkerNet {
+    Kernel { poll: mio::Poll, addrs: Vec<SocketAddr> },
+    Tap { name: String, config: crate::net::stack::StackConfig, bell: Arc<crate::net::stack::ThreadBell> },
+}
+
+impl WorkerNet {
+    /// Checks the addresses (kernel) and prepares one network per worker; returns them with the
+    /// addresses served.
+    fn prepare(settings: &Settings) -> anyhow::Result<(Vec<WorkerNet>, Vec<SocketAddr>)> {
+        use crate::config::NetBackend;
+        let threads = settings.threads;
+        match &settings.net {
+            NetBackend::Kernel => {
+                let addrs = kernel_addresses(settings)?;
+                let nets = (0..threads)
+                    .map(|_| Ok(WorkerNet::Kernel { poll: mio::Poll::new()?, addrs: addrs.clone() }))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok((nets, addrs))
+            }
+            NetBackend::Tap(stack) => {
+                if threads != 1 {
+                    bail!("the tap backend serves one worker; use threads = 1");
+                }
+                if settings.port == 0 {
+                    bail!("-p 0 (pick a free port) works with kernel sockets only; give the userspace stack a port");
+                }
+                if settings.failover.is_some() {
+                    bail!("[failover] takes over a kernel interface's address; it does not work with the tap backend yet");
+                }
+                let config = stack_config(stack, settings.port, stack.mac.unwrap_or_else(|| local_mac(stack.address)), 0);
+                let addr = SocketAddr::new(stack.address.into(), settings.port);
+                let net = WorkerNet::Tap { name: stack.tap_name.clone(), config, bell: Default::default() };
+                Ok((vec![net], vec![addr]))
+            }
+            NetBackend::Dpdk(_) => bail!(
+                "[net] backend = \"dpdk\": this tandemd was built without DPDK; build with `cargo build --release -p dataplane --features dpdk`"
+            ),
+        }
+    }
+
+    /// The doorbell other cores ring to wake this worker.
+    fn doorbell(&self) -> anyhow::Result<Arc<mailbox::Doorbell>> {
+        Ok(match self {
+            WorkerNet::Kernel { poll, .. } => {
+                let waker = mio::Waker::new(poll.registry(), crate::net::kernel::WAKER)?;
+                Arc::new(mailbox::Doorbell::new(Box::new(PollWaker(waker))))
+            }
+            WorkerNet::Tap { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(SharedBell(bell.clone())))),
+        })
+    }
+
+    /// Runs on the worker's own thread.
+    fn run(self, start: WorkerStart) {
+        match self {
+            WorkerNet::Kernel { poll, addrs } => start.run(move || Ok(crate::net::kernel::KernelTransport::new(poll, &addrs)?)),
+            WorkerNet::Tap { name, config, bell } => start.run(move || {
+                let phy = crate::net::phy::tap::TapPhy::open(&name)?;
+                tracing::info!(tap = %name, address = %config.address, port = config.port, "serving through the userspace stack on a tap device");
+                Ok(crate::net::stack::StackTransport::new(phy, config, bell))
+            }),
+        }
+    }
+}
+
+/// The kernel backend's listen addresses, checked free (and the port picked, with `-p 0`).
+fn kernel_addresses(settings: &Settings) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addrs = Vec::new();
+    for host in settings.listen.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        addrs.extend(crate::net::kernel::resolve(host, settings.port).with_context(|| format!("bad -l address {host:?}"))?);
+    }
+    // A plain bind (no SO_REUSEPORT) fails if anything, another tandemd included, already listens
+    // there; without this probe a second server would silently share the port. With -p 0 the probe
+    // also picks the port every listener then uses.
+    let probe = std::net::TcpListener::bind(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
+    let port = probe.local_addr()?.port();
+    for addr in &mut addrs {
+        addr.set_port(port);
+    }
+    for addr in &addrs[1..] {
+        drop(std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?);
+    }
+    drop(probe);
+    Ok(addrs)
+}
+
+/// A worker's stack settings from `[net.*]`.
+fn stack_config(stack: &crate::config::StackSettings, port: u16, mac: [u8; 6], worker: usize) -> crate::net::stack::StackConfig {
+    let mut config = crate::net::stack::StackConfig::new(stack.address, stack.prefix_len, mac, port);
+    config.gateway = stack.gateway;
+    config.backlog = stack.backlog;
+    config.max_half_open = stack.max_half_open;
+    config.rx_buffer = stack.rx_buffer;
+    config.tx_buffer = stack.tx_buffer;
+    config.idle = crate::net::stack::IdlePolicy { spin: stack.idle_spin, sleep: stack.idle_sleep };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    config.seed = nanos ^ ((worker as u64) << 56) ^ std::process::id() as u64;
+    config
+}
+
+/// A locally administered MAC made from the address, for devices that bring none of their own.
+fn local_mac(address: std::net::Ipv4Addr) -> [u8; 6] {
+    let a = address.octets();
+    [0x02, 0x7a, a[0], a[1], a[2], a[3]]
+}
+
+/// A stack worker's doorbell, shared with its transport.
+struct SharedBell(Arc<crate::net::stack::ThreadBell>);
+
+impl mailbox::Wake for SharedBell {
+    fn wake(&self) {
+        mailbox::Wake::wake(&*self.0);
     }
 }
 

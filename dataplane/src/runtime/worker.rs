@@ -7,21 +7,19 @@
 //! their client is not reading) are revisited next round without waiting.
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, OUTPUT_HIGH_WATER};
 use super::mailbox::{ConnRef, Mailboxes, Msg, Postbox, Proto};
 use super::report;
 use super::{Shared, WorkerInfo};
 use crate::clock::Clock;
+use crate::net::{Ready, Transport};
 use crate::protocol::binary::BinaryCodec;
 use crate::protocol::text::TextCodec;
 use crate::protocol::{Admin, AdminReply, After, Codec, Limits, Parse, Route};
@@ -30,11 +28,6 @@ use crate::route::{shard_for, ShardId};
 use crate::shard::Shard;
 use crate::stats::ConnCounters;
 use crate::store::{Store, StoreConfig};
-
-/// The poller token of the cross-core waker.
-pub const WAKER: Token = Token(usize::MAX - 1);
-/// Listener tokens count down from here.
-const LISTENER_BASE: usize = usize::MAX - 2;
 
 /// Bytes read from one connection per round before others get their turn.
 const READ_BUDGET: usize = 1 << 20;
@@ -52,15 +45,14 @@ fn input_limit(limits: &Limits) -> usize {
 /// memcached's reply to a connection over `-c`.
 const TOO_MANY_CONNECTIONS: &[u8] = b"ERROR Too many open connections\r\n";
 
-pub struct Worker {
+pub struct Worker<T: Transport> {
     id: ShardId,
-    poll: Poll,
-    listeners: Vec<TcpListener>,
+    net: T,
     shard: Shard,
     postbox: Postbox,
     shared: Arc<Shared>,
     counters: Arc<ConnCounters>,
-    conns: Vec<Option<Conn>>,
+    conns: Vec<Option<Conn<T::Stream>>>,
     free: Vec<usize>,
     next_generation: u32,
     /// Connections to revisit without waiting for an event.
@@ -87,15 +79,15 @@ enum Next {
     Close,
 }
 
-impl Worker {
+impl<T: Transport> Worker<T> {
+    /// Builds this worker's store on the calling thread, then serves through `net`.
     pub fn new(
         id: ShardId,
-        poll: Poll,
-        addrs: &[std::net::SocketAddr],
+        net: impl FnOnce() -> anyhow::Result<T>,
         shared: Arc<Shared>,
         mailboxes: Arc<Mailboxes>,
         replication: Option<WorkerSide>,
-    ) -> anyhow::Result<Worker> {
+    ) -> anyhow::Result<Worker<T>> {
         let settings = shared.settings.clone();
         let threads = settings.threads;
         let share = settings.memory_limit / threads;
@@ -117,14 +109,7 @@ impl Worker {
             }
             side.replication
         });
-        let mut listeners = Vec::new();
-        let mut listener_info = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let mut l = crate::net::kernel::reuseport_listener(*addr).with_context(|| format!("cannot listen on {addr}"))?;
-            poll.registry().register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
-            listener_info.push((l.as_raw_fd(), *addr));
-            listeners.push(l);
-        }
+        let net = net()?;
         let counters = Arc::new(ConnCounters::default());
         let info = WorkerInfo {
             commands: shard.counters.clone(),
@@ -132,14 +117,13 @@ impl Worker {
             conns: counters.clone(),
             backing,
             conn_list: Default::default(),
-            listeners: listener_info,
+            listeners: net.listeners(),
             rounds: Default::default(),
         };
         let _ = shared.workers[id].set(info);
         Ok(Worker {
             id,
-            poll,
-            listeners,
+            net,
             shard,
             postbox: Postbox::new(id, mailboxes),
             limits: Limits { item_size_max: settings.item_size_max },
@@ -160,7 +144,7 @@ impl Worker {
 
     /// Runs until the server shuts down.
     pub fn run(&mut self) {
-        let mut events = Events::with_capacity(1024);
+        let mut ready = Vec::with_capacity(1024);
         let clock = Clock::global();
         let mut last_now = 0;
         let mut mail_held = false;
@@ -189,18 +173,16 @@ impl Worker {
             } else {
                 Duration::from_secs(1)
             };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!(worker = self.id, error = %e, "poll failed");
-                    break;
-                }
+            ready.clear();
+            if let Err(e) = self.net.poll(timeout, &mut ready) {
+                tracing::error!(worker = self.id, error = %e, "poll failed");
+                break;
             }
             self.postbox.awake();
-            for event in events.iter() {
-                match event.token() {
-                    WAKER => {}
-                    Token(t) if t > LISTENER_BASE - self.listeners.len() && t <= LISTENER_BASE => self.accept(LISTENER_BASE - t),
-                    Token(index) => self.serve(index),
+            for &event in &ready {
+                match event {
+                    Ready::Listener(which) => self.accept(which),
+                    Ready::Conn(index) => self.serve(index),
                 }
             }
             for _ in 0..self.pending.len() {
@@ -211,6 +193,7 @@ impl Worker {
             self.handle_mail();
             // A full ring keeps this round's batch here: retry next round without sleeping.
             mail_held = self.postbox.flush();
+            self.net.end_round();
             if let Some(info) = self.shared.workers[self.id].get() {
                 info.rounds.fetch_add(1, Ordering::Relaxed);
             }
@@ -220,9 +203,9 @@ impl Worker {
 
     fn accept(&mut self, which: usize) {
         loop {
-            let (mut stream, peer) = match self.listeners[which].accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            let (mut stream, peer) = match self.net.accept(which) {
+                Ok(Some(pair)) => pair,
+                Ok(None) => return,
                 Err(e) => {
                     // EMFILE and friends: log and try again next round.
                     tracing::warn!(worker = self.id, error = %e, "accept failed");
@@ -233,36 +216,37 @@ impl Worker {
             if open >= self.shared.settings.max_connections {
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
                 self.counters.rejected_connections.incr();
-                let _ = stream.write(TOO_MANY_CONNECTIONS);
+                let _ = self.net.write(&mut stream, TOO_MANY_CONNECTIONS);
+                self.net.close(stream);
                 continue;
             }
-            let _ = stream.set_nodelay(true);
             let index = self.free.pop().unwrap_or_else(|| {
                 self.conns.push(None);
                 self.conns.len() - 1
             });
-            if let Err(e) = self.poll.registry().register(&mut stream, Token(index), Interest::READABLE | Interest::WRITABLE) {
+            if let Err(e) = self.net.register(&mut stream, index) {
                 tracing::warn!(error = %e, "cannot register connection");
+                self.net.close(stream);
                 self.free.push(index);
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             self.next_generation = self.next_generation.wrapping_add(1);
             if let Some(info) = self.shared.workers[self.id].get() {
-                info.conn_list.lock().unwrap().push((stream.as_raw_fd(), Some(peer)));
+                info.conn_list.lock().unwrap().push((self.net.stream_id(&stream), peer));
             }
-            tracing::debug!(worker = self.id, %peer, "new connection");
-            self.conns[index] = Some(Conn::new(stream, Some(peer), self.next_generation));
+            tracing::debug!(worker = self.id, ?peer, "new connection");
+            self.conns[index] = Some(Conn::new(stream, peer, self.next_generation));
             self.counters.curr_connections.incr();
             self.counters.total_connections.incr();
         }
     }
 
     fn close(&mut self, index: usize) {
-        if let Some(mut conn) = self.conns[index].take() {
-            let fd = conn.stream.as_raw_fd();
+        if let Some(conn) = self.conns[index].take() {
+            let fd = self.net.stream_id(&conn.stream);
             tracing::debug!(worker = self.id, peer = ?conn.peer, "connection closed");
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            self.net.close(conn.stream);
             if let Some(info) = self.shared.workers[self.id].get() {
                 info.conn_list.lock().unwrap().retain(|(f, _)| *f != fd);
             }
@@ -318,7 +302,7 @@ impl Worker {
                 replication: self.replication.as_ref(),
                 read_only: !self.writable,
             };
-            service(&mut ctx, conn, conn_ref, &mut self.scratch)
+            service(&mut ctx, &mut self.net, conn, conn_ref, &mut self.scratch)
         };
         if !conn.holds.is_empty() && !self.held.contains(&index) {
             self.held.push(index);
@@ -405,7 +389,7 @@ struct Ctx<'w> {
 impl Ctx<'_> {
     /// Runs `run` on this core's shard and emits its reply; in sync replication, holds the connection's
     /// output until the standby acknowledges what `run` logged.
-    fn run_local(&mut self, conn: &mut Conn, run: impl FnOnce(&mut Shard, &mut Vec<u8>)) {
+    fn run_local<S>(&mut self, conn: &mut Conn<S>, run: impl FnOnce(&mut Shard, &mut Vec<u8>)) {
         let sync = self.replication.is_some_and(ShardReplication::sync);
         let before = if sync { log_position(self.shard) } else { 0 };
         let shard = &mut *self.shard;
@@ -420,7 +404,7 @@ impl Ctx<'_> {
 
     /// Mails a request to `owner`'s core: reserves the connection's reply slot and sends the frame
     /// `write` produces (the request's own bytes, or a one-key frame when `key_only`).
-    fn mail(&mut self, conn: &mut Conn, conn_ref: ConnRef, owner: ShardId, proto: Proto, key_only: bool, write: impl FnOnce(&mut Vec<u8>)) {
+    fn mail<S>(&mut self, conn: &mut Conn<S>, conn_ref: ConnRef, owner: ShardId, proto: Proto, key_only: bool, write: impl FnOnce(&mut Vec<u8>)) {
         let slot = conn.reserve_slot();
         let mut frame = self.postbox.buffer();
         write(&mut frame);
@@ -428,7 +412,7 @@ impl Ctx<'_> {
     }
 
     /// Whether the connection's output may be written now (sync replication holds it until acked).
-    fn may_write(&self, conn: &mut Conn) -> bool {
+    fn may_write<S>(&self, conn: &mut Conn<S>) -> bool {
         match self.replication {
             Some(replication) if !conn.holds.is_empty() => conn.release_holds(|shard, seq| replication.acked(shard, seq)),
             _ => true,
@@ -437,8 +421,8 @@ impl Ctx<'_> {
 }
 
 /// One pass over a connection: write what is queued, run held-back input, read and run, write.
-fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut Vec<u8>) -> Next {
-    if ctx.may_write(conn) && write_out(ctx, conn).is_err() {
+fn service<T: Transport>(ctx: &mut Ctx<'_>, net: &mut T, conn: &mut Conn<T::Stream>, conn_ref: ConnRef, scratch: &mut Vec<u8>) -> Next {
+    if ctx.may_write(conn) && write_out(ctx, net, conn).is_err() {
         return Next::Close;
     }
     let mut yielded = false;
@@ -462,7 +446,7 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        let got = read_into_spare(&conn.stream, buf);
+        let got = net.read(&mut conn.stream, buf);
         match got {
             Ok(0) => conn.closing = true,
             Ok(n) => {
@@ -494,7 +478,7 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
         emit(conn, ctx.postbox, |out| out.extend_from_slice(REQUEST_TOO_LARGE));
         conn.closing = true;
     }
-    if ctx.may_write(conn) && write_out(ctx, conn).is_err() {
+    if ctx.may_write(conn) && write_out(ctx, net, conn).is_err() {
         return Next::Close;
     }
     if conn.closing {
@@ -512,25 +496,10 @@ fn service(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, scratch: &mut 
     }
 }
 
-/// Reads from the socket into `buf`'s spare capacity (no zero-filling first: a read is usually a few
-/// dozen bytes into a 64 KiB buffer) and extends `buf` by what arrived.
-fn read_into_spare(stream: &mio::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: read(2) writes at most `spare.len()` bytes into memory we own and does not read it.
-    let n = unsafe { libc::read(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
-}
-
 /// Writes queued output; Err when the connection is broken.
-fn write_out(ctx: &mut Ctx<'_>, conn: &mut Conn) -> io::Result<()> {
+fn write_out<T: Transport>(ctx: &mut Ctx<'_>, net: &mut T, conn: &mut Conn<T::Stream>) -> io::Result<()> {
     while conn.written < conn.output.len() {
-        match conn.stream.write(&conn.output[conn.written..]) {
+        match net.write(&mut conn.stream, &conn.output[conn.written..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 conn.written += n;
@@ -551,7 +520,7 @@ fn write_out(ctx: &mut Ctx<'_>, conn: &mut Conn) -> io::Result<()> {
 
 /// Runs the requests at the front of `input`, up to `-R` of them. Returns the bytes used and whether
 /// it stopped early (with complete requests possibly left).
-fn process(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, input: &[u8]) -> (usize, bool) {
+fn process<S>(ctx: &mut Ctx<'_>, conn: &mut Conn<S>, conn_ref: ConnRef, input: &[u8]) -> (usize, bool) {
     let mut pos = 0;
     if conn.swallow > 0 {
         let drop = conn.swallow.min(input.len());
@@ -563,13 +532,13 @@ fn process(ctx: &mut Ctx<'_>, conn: &mut Conn, conn_ref: ConnRef, input: &[u8]) 
     }
     let proto = *conn.proto.get_or_insert(if input[pos] == crate::protocol::binary::wire::REQUEST_MAGIC { Proto::Binary } else { Proto::Text });
     match proto {
-        Proto::Text => process_with::<TextCodec>(ctx, conn, conn_ref, input, pos, Proto::Text),
-        Proto::Binary => process_with::<BinaryCodec>(ctx, conn, conn_ref, input, pos, Proto::Binary),
+        Proto::Text => process_with::<TextCodec, S>(ctx, conn, conn_ref, input, pos, Proto::Text),
+        Proto::Binary => process_with::<BinaryCodec, S>(ctx, conn, conn_ref, input, pos, Proto::Binary),
     }
 }
 
 /// Writes a reply produced here: straight to the output when nothing waits before it, else in a slot.
-fn emit(conn: &mut Conn, postbox: &mut Postbox, write: impl FnOnce(&mut Vec<u8>)) {
+fn emit<S>(conn: &mut Conn<S>, postbox: &mut Postbox, write: impl FnOnce(&mut Vec<u8>)) {
     if conn.in_order() {
         write(&mut conn.output);
     } else {
@@ -579,9 +548,9 @@ fn emit(conn: &mut Conn, postbox: &mut Postbox, write: impl FnOnce(&mut Vec<u8>)
     }
 }
 
-fn process_with<C: Codec>(
+fn process_with<C: Codec, S>(
     ctx: &mut Ctx<'_>,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     conn_ref: ConnRef,
     input: &[u8],
     mut pos: usize,
@@ -657,14 +626,14 @@ fn process_with<C: Codec>(
                     conn.closing = true;
                 }
             }
-            Route::Admin(admin) => admin_request::<C>(ctx, conn, &request, admin),
+            Route::Admin(admin) => admin_request::<C, S>(ctx, conn, &request, admin),
         }
     }
     (pos, false)
 }
 
 /// Answers requests about the whole server.
-fn admin_request<C: Codec>(ctx: &mut Ctx<'_>, conn: &mut Conn, request: &C::Request<'_>, admin: Admin<'_>) {
+fn admin_request<C: Codec, S>(ctx: &mut Ctx<'_>, conn: &mut Conn<S>, request: &C::Request<'_>, admin: Admin<'_>) {
     let settings = &ctx.shared.settings;
     match admin {
         Admin::Flush { delay } => {

@@ -1,0 +1,744 @@
+//! A userspace TCP/IP stack per worker: smoltcp over one [`Phy`] (a DPDK queue pair), as a [`Transport`].
+//!
+//! Each worker owns one smoltcp `Interface` with the node's address and MAC, the sockets of its
+//! connections, and a pool of listening sockets on the service port. smoltcp has no `accept`: a listening
+//! socket *becomes* the connection, so whenever one leaves `Listen` it is handed to the worker and a fresh
+//! one takes its place; the pool is the listen backlog.
+//!
+//! Readiness follows the active connections, not all of them: every connection's socket carries a waker
+//! (smoltcp's `async` wakers) that records its index when data arrives, buffer space frees up or its
+//! state changes. A socket's waker is one-shot; it is armed again when the worker reads or writes until
+//! the socket has nothing more to give or take, which makes readiness edge-triggered like epoll's.
+//!
+//! A round: [`Transport::poll`] receives frames and runs the stack, then reports ready connections; the
+//! worker serves them; [`Transport::end_round`] lets the stack transmit what was written and flushes the
+//! device's burst. With nothing to do the worker spins for a while, then sleeps in short steps (a
+//! doorbell from another core ends the sleep at once): see [`IdlePolicy`].
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant as StdInstant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::{Duration as NetDuration, Instant};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
+
+use super::{Ready, Transport};
+
+/// A network device one worker drives: smoltcp's `Device`, plus the end of a round.
+pub trait Phy: Device {
+    /// Sends the frames queued this round (a NIC queue transmits in bursts).
+    fn flush(&mut self) {}
+}
+
+/// When to spin and when to sleep with nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdlePolicy {
+    /// Keep polling the device this long after the last frame or request before sleeping.
+    pub spin: Duration,
+    /// Sleep in steps of at most this long (the device is polled after each; a doorbell cuts it short).
+    pub sleep: Duration,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> IdlePolicy {
+        IdlePolicy { spin: Duration::from_micros(200), sleep: Duration::from_micros(500) }
+    }
+}
+
+/// A worker's stack: its address, port and sizes.
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub mac: [u8; 6],
+    pub port: u16,
+    /// Sockets kept in `Listen`, topped up after every SYN, so a burst of connections is not refused.
+    pub backlog: usize,
+    /// Half-open connections (SYN received, handshake unfinished) allowed at once: beyond it SYNs are
+    /// refused (a SYN flood cannot eat the memory of established clients).
+    pub max_half_open: usize,
+    /// Per-connection receive and send buffers, in bytes.
+    pub rx_buffer: usize,
+    pub tx_buffer: usize,
+    pub idle: IdlePolicy,
+    /// Seeds the stack's initial sequence numbers and ephemeral choices; differ per worker and boot.
+    pub seed: u64,
+}
+
+impl StackConfig {
+    /// Defaults for `address/prefix_len` on `mac`, serving `port`.
+    pub fn new(address: Ipv4Addr, prefix_len: u8, mac: [u8; 6], port: u16) -> StackConfig {
+        StackConfig {
+            address,
+            prefix_len,
+            gateway: None,
+            mac,
+            port,
+            backlog: 16,
+            max_half_open: 1024,
+            rx_buffer: 64 * 1024,
+            tx_buffer: 64 * 1024,
+            idle: IdlePolicy::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Wakes a worker thread that sleeps in [`StackTransport::poll`]: the doorbell of a stack worker.
+#[derive(Default)]
+pub struct ThreadBell {
+    thread: OnceLock<Thread>,
+}
+
+impl ThreadBell {
+    /// Called once on the worker thread before it sleeps for the first time.
+    pub fn bind_current(&self) {
+        let _ = self.thread.set(std::thread::current());
+    }
+}
+
+impl crate::runtime::mailbox::Wake for ThreadBell {
+    fn wake(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// What smoltcp's wakers recorded during a poll: indices of connections whose sockets woke, and
+/// whether a listening socket changed state (a SYN arrived, a handshake finished).
+#[derive(Default)]
+struct WokenList {
+    conns: Mutex<Vec<usize>>,
+    listening: AtomicBool,
+}
+
+/// The index a listening socket's waker records.
+const LISTENING: usize = usize::MAX;
+
+struct SocketWaker {
+    index: usize,
+    woken: Arc<WokenList>,
+}
+
+impl Wake for SocketWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.index == LISTENING {
+            self.woken.listening.store(true, Ordering::Relaxed);
+        } else {
+            self.woken.conns.lock().unwrap().push(self.index);
+        }
+    }
+}
+
+/// A connection's handle: its socket and the waker that reports it.
+pub struct StackStream {
+    handle: SocketHandle,
+    id: i32,
+    waker: Option<Waker>,
+}
+
+/// Closed sockets are kept until their FIN exchange ends, at most this long.
+const LINGER: Duration = Duration::from_secs(30);
+/// A connection that stops acknowledging data is reset after this long.
+const RETRANSMIT_TIMEOUT: NetDuration = NetDuration::from_secs(60);
+
+/// What the stack counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackCounters {
+    pub accepted: u64,
+    /// Times the half-open limit was reached (further SYNs were refused until handshakes finished).
+    pub half_open_full: u64,
+    /// Connections reset because they lingered past [`LINGER`] after close.
+    pub linger_aborts: u64,
+}
+
+/// One worker's userspace stack over `P`.
+pub struct StackTransport<P: Phy> {
+    phy: P,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    config: StackConfig,
+    /// Sockets listening on the port or in the middle of a handshake.
+    listening: Vec<SocketHandle>,
+    /// Sockets that left `Listen`, waiting for the worker to accept them.
+    accepted: Vec<SocketHandle>,
+    /// Sockets the worker closed, draining their FIN exchange: (handle, when closed).
+    closing: Vec<(SocketHandle, StdInstant)>,
+    woken: Arc<WokenList>,
+    listen_waker: Waker,
+    next_id: i32,
+    bell: Arc<ThreadBell>,
+    /// When a frame, a request or a doorbell last showed up (for [`IdlePolicy::spin`]).
+    last_activity: StdInstant,
+    pub counters: StackCounters,
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+impl<P: Phy> StackTransport<P> {
+    /// A stack on `phy`; `bell` is the worker's doorbell (its thread is bound on the first poll).
+    pub fn new(mut phy: P, config: StackConfig, bell: Arc<ThreadBell>) -> StackTransport<P> {
+        let mac = EthernetAddress(config.mac);
+        let mut iface_config = Config::new(HardwareAddress::Ethernet(mac));
+        iface_config.random_seed = config.seed;
+        let mut iface = Interface::new(iface_config, &mut phy, now());
+        let a = config.address.octets();
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::v4(a[0], a[1], a[2], a[3]), config.prefix_len));
+        });
+        if let Some(gw) = config.gateway {
+            let g = gw.octets();
+            let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(g[0], g[1], g[2], g[3]));
+        }
+        let woken = Arc::new(WokenList::default());
+        let listen_waker = Waker::from(Arc::new(SocketWaker { index: LISTENING, woken: woken.clone() }));
+        let mut stack = StackTransport {
+            phy,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            listening: Vec::new(),
+            accepted: Vec::new(),
+            closing: Vec::new(),
+            woken,
+            listen_waker,
+            next_id: 1,
+            bell,
+            last_activity: StdInstant::now(),
+            counters: StackCounters::default(),
+            config,
+        };
+        stack.tend_listening();
+        stack
+    }
+
+    /// The device, for its counters.
+    pub fn phy(&self) -> &P {
+        &self.phy
+    }
+
+    /// Opens one more listening socket on the port.
+    fn listen_socket(&mut self) -> SocketHandle {
+        let rx = tcp::SocketBuffer::new(vec![0; self.config.rx_buffer]);
+        let tx = tcp::SocketBuffer::new(vec![0; self.config.tx_buffer]);
+        let mut socket = tcp::Socket::new(rx, tx);
+        // Request/response: no Nagle, no delayed ACK (FIELD-NOTES: 40 ms stalls otherwise).
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        socket.set_timeout(Some(RETRANSMIT_TIMEOUT));
+        socket.listen(self.config.port).expect("a listening socket on a nonzero port");
+        socket.register_recv_waker(&self.listen_waker);
+        self.sockets.add(socket)
+    }
+
+    /// Runs the stack once: frames in, timers, frames out. Returns whether sockets may have changed.
+    /// Frames are taken one at a time so the listening pool is topped up between SYNs.
+    fn run_stack(&mut self) -> bool {
+        use smoltcp::iface::{PollIngressSingleResult, PollResult};
+        let now = now();
+        let mut changed = false;
+        loop {
+            match self.iface.poll_ingress_single(now, &mut self.phy, &mut self.sockets) {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => changed = true,
+            }
+            if self.woken.listening.swap(false, Ordering::Relaxed) {
+                self.tend_listening();
+            }
+        }
+        while self.iface.poll_egress(now, &mut self.phy, &mut self.sockets) == PollResult::SocketStateChanged {
+            changed = true;
+        }
+        if self.woken.listening.swap(false, Ordering::Relaxed) {
+            self.tend_listening();
+        }
+        changed
+    }
+
+    /// Hands sockets whose handshake finished to `accepted`, and keeps `backlog` sockets in `Listen`
+    /// (within the half-open limit).
+    fn tend_listening(&mut self) {
+        let mut listen = 0;
+        let mut i = 0;
+        while i < self.listening.len() {
+            let handle = self.listening[i];
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            match socket.state() {
+                State::Listen | State::SynReceived => {
+                    if socket.state() == State::Listen {
+                        listen += 1;
+                    }
+                    socket.register_recv_waker(&self.listen_waker);
+                    i += 1;
+                }
+                _ => {
+                    self.listening.swap_remove(i);
+                    self.accepted.push(handle);
+                }
+            }
+        }
+        let half_open = self.listening.len() - listen;
+        let want = self.config.backlog.max(1).saturating_sub(listen);
+        let room = self.config.max_half_open.saturating_sub(half_open);
+        if want > room {
+            self.counters.half_open_full += 1;
+        }
+        for _ in 0..want.min(room) {
+            let fresh = self.listen_socket();
+            self.listening.push(fresh);
+        }
+    }
+
+    /// Forgets closed sockets whose exchange ended, or that lingered too long.
+    fn reap_closing(&mut self) {
+        let now = StdInstant::now();
+        let sockets = &mut self.sockets;
+        let counters = &mut self.counters;
+        self.closing.retain(|&(handle, since)| {
+            let socket = sockets.get_mut::<tcp::Socket>(handle);
+            let done = matches!(socket.state(), State::Closed | State::TimeWait);
+            if done {
+                sockets.remove(handle);
+                return false;
+            }
+            if now.duration_since(since) > LINGER {
+                socket.abort();
+                counters.linger_aborts += 1;
+                // Stays one more round so the RST goes out; then it is Closed.
+            }
+            true
+        });
+    }
+
+    /// Moves what the wakers recorded into `ready`; true if anything was.
+    fn take_woken(&mut self, ready: &mut Vec<Ready>) -> bool {
+        let mut found = false;
+        if !self.accepted.is_empty() {
+            ready.push(Ready::Listener(0));
+            found = true;
+        }
+        let mut woken = self.woken.conns.lock().unwrap();
+        if woken.is_empty() {
+            return found;
+        }
+        woken.sort_unstable();
+        woken.dedup();
+        ready.extend(woken.iter().map(|&index| Ready::Conn(index)));
+        woken.clear();
+        true
+    }
+
+    fn arm_recv(&mut self, stream: &StackStream) {
+        if let Some(waker) = &stream.waker {
+            self.sockets.get_mut::<tcp::Socket>(stream.handle).register_recv_waker(waker);
+        }
+    }
+
+    fn arm_send(&mut self, stream: &StackStream) {
+        if let Some(waker) = &stream.waker {
+            self.sockets.get_mut::<tcp::Socket>(stream.handle).register_send_waker(waker);
+        }
+    }
+}
+
+impl<P: Phy> Transport for StackTransport<P> {
+    type Stream = StackStream;
+
+    fn poll(&mut self, timeout: Duration, ready: &mut Vec<Ready>) -> io::Result<()> {
+        let start = StdInstant::now();
+        self.bell.bind_current();
+        loop {
+            let changed = self.run_stack();
+            if !self.closing.is_empty() {
+                self.reap_closing();
+            }
+            let found = self.take_woken(ready);
+            let now = StdInstant::now();
+            if found || changed {
+                self.last_activity = now;
+                return Ok(());
+            }
+            let waited = now.duration_since(start);
+            if waited >= timeout {
+                return Ok(());
+            }
+            let idle = now.duration_since(self.last_activity);
+            if idle < self.config.idle.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Sleep, but not past the stack's next timer (a retransmission, say) or the caller's limit.
+            let mut nap = self.config.idle.sleep.min(timeout - waited);
+            if let Some(delay) = self.iface.poll_delay(smoltcp::time::Instant::now(), &self.sockets) {
+                nap = nap.min(Duration::from_micros(delay.total_micros()));
+            }
+            if !nap.is_zero() {
+                std::thread::park_timeout(nap);
+            }
+            // A doorbell (mail from another core) unparks us: let the worker look at its rings.
+            if StdInstant::now().duration_since(now) < nap {
+                self.last_activity = StdInstant::now();
+                let _ = self.run_stack();
+                self.take_woken(ready);
+                return Ok(());
+            }
+        }
+    }
+
+    fn accept(&mut self, _listener: usize) -> io::Result<Option<(StackStream, Option<SocketAddr>)>> {
+        let Some(handle) = self.accepted.pop() else { return Ok(None) };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let peer = socket.remote_endpoint().map(endpoint_addr);
+        self.counters.accepted += 1;
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        Ok(Some((StackStream { handle, id, waker: None }, peer)))
+    }
+
+    fn register(&mut self, stream: &mut StackStream, index: usize) -> io::Result<()> {
+        stream.waker = Some(Waker::from(Arc::new(SocketWaker { index, woken: self.woken.clone() })));
+        // Reads arm the receive waker again when they run dry, writes the send waker when the socket
+        // takes less than offered; a state change wakes both.
+        self.arm_recv(stream);
+        // Data (or a FIN) may have arrived with the handshake, before any waker was set.
+        self.woken.conns.lock().unwrap().push(index);
+        Ok(())
+    }
+
+    fn close(&mut self, stream: StackStream) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(stream.handle);
+        match socket.state() {
+            State::Closed | State::TimeWait => {
+                self.sockets.remove(stream.handle);
+            }
+            _ => {
+                socket.close();
+                self.closing.push((stream.handle, StdInstant::now()));
+            }
+        }
+    }
+
+    fn read(&mut self, stream: &mut StackStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let socket = self.sockets.get_mut::<tcp::Socket>(stream.handle);
+        let mut total = 0;
+        // The receive ring may wrap: take both pieces.
+        for _ in 0..2 {
+            let room = buf.capacity() - buf.len();
+            if room == 0 {
+                break;
+            }
+            match socket.recv(|data| {
+                let n = data.len().min(room);
+                buf.extend_from_slice(&data[..n]);
+                (n, n)
+            }) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                // Finished: the peer sent FIN and everything before it was read.
+                Err(tcp::RecvError::Finished) => return Ok(total),
+                Err(tcp::RecvError::InvalidState) => {
+                    return if total > 0 { Ok(total) } else { Err(io::ErrorKind::ConnectionReset.into()) };
+                }
+            }
+        }
+        if total > 0 {
+            return Ok(total);
+        }
+        self.arm_recv(stream);
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn write(&mut self, stream: &mut StackStream, bytes: &[u8]) -> io::Result<usize> {
+        let socket = self.sockets.get_mut::<tcp::Socket>(stream.handle);
+        if !socket.may_send() {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let sent = socket.send_slice(bytes).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        if sent < bytes.len() {
+            self.arm_send(stream);
+        }
+        if sent == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(sent)
+    }
+
+    fn end_round(&mut self) {
+        // What the worker wrote goes out now, not at the next poll.
+        let _ = self.iface.poll_egress(now(), &mut self.phy, &mut self.sockets);
+        self.phy.flush();
+    }
+
+    fn stream_id(&self, stream: &StackStream) -> i32 {
+        stream.id
+    }
+
+    fn listeners(&self) -> Vec<(i32, SocketAddr)> {
+        vec![(0, SocketAddr::V4(SocketAddrV4::new(self.config.address, self.config.port)))]
+    }
+}
+
+fn endpoint_addr(endpoint: IpEndpoint) -> SocketAddr {
+    match endpoint.addr {
+        IpAddress::Ipv4(a) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(a.octets()), endpoint.port)),
+    }
+}
+
+/// An in-memory Ethernet wire between two [`Phy`] ends, for tests and benchmarks: what one end
+/// transmits the other receives, in order, with nothing lost.
+pub mod memory {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+
+    use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
+    use smoltcp::time::Instant;
+
+    type Queue = Rc<RefCell<VecDeque<Vec<u8>>>>;
+
+    /// One end of the wire.
+    pub struct MemoryPhy {
+        rx: Queue,
+        tx: Queue,
+        /// Frames handed to the other end.
+        pub sent: u64,
+    }
+
+    /// Both ends of a new wire.
+    pub fn wire() -> (MemoryPhy, MemoryPhy) {
+        let a: Queue = Default::default();
+        let b: Queue = Default::default();
+        (MemoryPhy { rx: a.clone(), tx: b.clone(), sent: 0 }, MemoryPhy { rx: b, tx: a, sent: 0 })
+    }
+
+    impl super::Phy for MemoryPhy {}
+
+    pub struct Rx(Vec<u8>);
+    pub struct Tx<'a>(&'a mut MemoryPhy);
+
+    impl phy::RxToken for Rx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+
+    impl phy::TxToken for Tx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut frame = vec![0; len];
+            let r = f(&mut frame);
+            self.0.tx.borrow_mut().push_back(frame);
+            self.0.sent += 1;
+            r
+        }
+    }
+
+    impl phy::Device for MemoryPhy {
+        type RxToken<'a> = Rx;
+        type TxToken<'a> = Tx<'a>;
+
+        fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+            let frame = self.rx.borrow_mut().pop_front()?;
+            Some((Rx(frame), Tx(self)))
+        }
+
+        fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+            Some(Tx(self))
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ethernet;
+            caps.max_transmission_unit = 1514;
+            // Nothing on this wire corrupts frames: skip computing and checking checksums.
+            caps.checksum.ipv4 = Checksum::None;
+            caps.checksum.tcp = Checksum::None;
+            caps.checksum.icmpv4 = Checksum::None;
+            caps
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::{wire, MemoryPhy};
+    use super::*;
+
+    /// A smoltcp client on the other end of the wire.
+    struct Client {
+        iface: Interface,
+        phy: MemoryPhy,
+        sockets: SocketSet<'static>,
+    }
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+
+    impl Client {
+        fn new(phy: MemoryPhy) -> Client {
+            let mut phy = phy;
+            let mut iface = Interface::new(Config::new(EthernetAddress([2, 0, 0, 0, 0, 2]).into()), &mut phy, now());
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::new(IpAddress::v4(10, 9, 0, 2), 24));
+            });
+            Client { iface, phy, sockets: SocketSet::new(Vec::new()) }
+        }
+
+        fn connect(&mut self, local_port: u16) -> SocketHandle {
+            let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
+            socket.set_nagle_enabled(false);
+            socket.set_ack_delay(None);
+            let cx = self.iface.context();
+            socket.connect(cx, (IpAddress::v4(10, 9, 0, 1), 11211), local_port).unwrap();
+            self.sockets.add(socket)
+        }
+
+        fn poll(&mut self) {
+            self.iface.poll(now(), &mut self.phy, &mut self.sockets);
+        }
+    }
+
+    fn server(phy: MemoryPhy) -> StackTransport<MemoryPhy> {
+        let mut config = StackConfig::new(SERVER, 24, [2, 0, 0, 0, 0, 1], 11211);
+        config.backlog = 4;
+        config.idle = IdlePolicy { spin: Duration::ZERO, sleep: Duration::from_micros(10) };
+        StackTransport::new(phy, config, Arc::new(ThreadBell::default()))
+    }
+
+    /// Runs both ends until the server reports something ready or `rounds` pass.
+    fn exchange(server: &mut StackTransport<MemoryPhy>, client: &mut Client, rounds: usize) -> Vec<Ready> {
+        let mut ready = Vec::new();
+        for _ in 0..rounds {
+            client.poll();
+            server.poll(Duration::ZERO, &mut ready).unwrap();
+            server.end_round();
+            client.poll();
+            if !ready.is_empty() {
+                break;
+            }
+        }
+        ready
+    }
+
+    #[test]
+    fn accepts_echoes_and_closes_in_order() {
+        let (a, b) = wire();
+        let mut server = server(a);
+        let mut client = Client::new(b);
+        let h = client.connect(40000);
+        let ready = exchange(&mut server, &mut client, 20);
+        assert_eq!(ready, vec![Ready::Listener(0)], "the handshake completes and is reported once");
+        let (mut stream, peer) = server.accept(0).unwrap().expect("a connection");
+        assert_eq!(peer, Some("10.9.0.2:40000".parse().unwrap()));
+        assert!(server.accept(0).unwrap().is_none());
+        server.register(&mut stream, 7).unwrap();
+        let mut buf = Vec::with_capacity(4096);
+        assert_eq!(server.read(&mut stream, &mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+
+        client.sockets.get_mut::<tcp::Socket>(h).send_slice(b"get k\r\n").unwrap();
+        let ready = exchange(&mut server, &mut client, 20);
+        assert!(ready.contains(&Ready::Conn(7)), "data wakes the connection: {ready:?}");
+        assert_eq!(server.read(&mut stream, &mut buf).unwrap(), 7);
+        assert_eq!(buf, b"get k\r\n");
+        assert_eq!(server.write(&mut stream, b"END\r\n").unwrap(), 5);
+
+        // Nothing else to read: the waker is armed again, and a quiet round reports nothing.
+        assert_eq!(server.read(&mut stream, &mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let ready = exchange(&mut server, &mut client, 3);
+        assert!(ready.is_empty(), "{ready:?}");
+        let mut got = Vec::new();
+        client.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
+            got.extend_from_slice(d);
+            (d.len(), ())
+        }).unwrap();
+        assert_eq!(got, b"END\r\n");
+
+        // The client closes: the server reads end of stream, closes, and the socket is reaped.
+        client.sockets.get_mut::<tcp::Socket>(h).close();
+        let ready = exchange(&mut server, &mut client, 20);
+        assert!(ready.contains(&Ready::Conn(7)));
+        buf.clear();
+        assert_eq!(server.read(&mut stream, &mut buf).unwrap(), 0);
+        let handle = stream.handle;
+        server.close(stream);
+        exchange(&mut server, &mut client, 10);
+        assert!(server.closing.is_empty(), "the closed socket is reaped");
+        assert!(server.sockets.iter().all(|(h, _)| h != handle));
+        assert_eq!(server.listening.len(), 4, "the backlog is refilled");
+        assert_eq!(server.counters.accepted, 1);
+    }
+
+    #[test]
+    fn more_connections_than_the_backlog_are_all_accepted() {
+        let (a, b) = wire();
+        let mut server = server(a);
+        let mut client = Client::new(b);
+        let handles: Vec<_> = (0..20).map(|i| client.connect(41000 + i)).collect();
+        let mut accepted = Vec::new();
+        for _ in 0..200 {
+            let mut ready = Vec::new();
+            client.poll();
+            server.poll(Duration::ZERO, &mut ready).unwrap();
+            while let Some((mut s, _)) = server.accept(0).unwrap() {
+                let index = accepted.len();
+                server.register(&mut s, index).unwrap();
+                accepted.push(s);
+            }
+            server.end_round();
+            client.poll();
+            if accepted.len() == handles.len() {
+                break;
+            }
+        }
+        assert_eq!(accepted.len(), 20, "a backlog of 4 still accepts 20 clients, a few at a time (SYNs are retried)");
+    }
+
+    #[test]
+    fn a_large_reply_flows_as_the_client_reads() {
+        let (a, b) = wire();
+        let mut server = server(a);
+        let mut client = Client::new(b);
+        let h = client.connect(42000);
+        exchange(&mut server, &mut client, 20);
+        let (mut stream, _) = server.accept(0).unwrap().unwrap();
+        server.register(&mut stream, 1).unwrap();
+        let reply: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut written = 0;
+        let mut got = Vec::new();
+        for _ in 0..100_000 {
+            let mut ready = Vec::new();
+            server.poll(Duration::ZERO, &mut ready).unwrap();
+            while written < reply.len() {
+                match server.write(&mut stream, &reply[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            server.end_round();
+            client.poll();
+            let _ = client.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
+                got.extend_from_slice(d);
+                (d.len(), ())
+            });
+            if got.len() == reply.len() {
+                break;
+            }
+        }
+        assert_eq!(got.len(), reply.len());
+        assert!(got == reply, "the bytes arrive intact and in order");
+    }
+}
