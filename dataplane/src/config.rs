@@ -173,6 +173,8 @@ pub struct StackSection {
     pub idle_spin_us: Option<u64>,
     /// Longest sleep between device polls while idle.
     pub idle_sleep_us: Option<u64>,
+    /// Fault injection for tests: lose this share of frames each way (default 0).
+    pub drop_percent: Option<u8>,
 }
 
 /// Where a worker's bytes come from.
@@ -202,6 +204,7 @@ pub struct StackSettings {
     pub tx_buffer: usize,
     pub idle_spin: Duration,
     pub idle_sleep: Duration,
+    pub drop_percent: u8,
 }
 
 /// Parses "A.B.C.D/len".
@@ -271,7 +274,11 @@ impl NetBackend {
             tx_buffer: kb(stack.tx_buffer_kb, key("net.dpdk.tx_buffer_kb", "net.tap.tx_buffer_kb"))?,
             idle_spin: Duration::from_micros(stack.idle_spin_us.unwrap_or(200)),
             idle_sleep: Duration::from_micros(stack.idle_sleep_us.unwrap_or(500).clamp(1, 1_000_000)),
+            drop_percent: stack.drop_percent.unwrap_or(0),
         };
+        if settings.drop_percent > 50 {
+            return Err(invalid(key("net.dpdk.drop_percent", "net.tap.drop_percent"), "must be between 0 and 50"));
+        }
         if prefix == "dpdk" {
             if stack.name.is_some() {
                 return Err(invalid("net.dpdk.name", "is for [net.tap]; a DPDK port is named by eal_args and port_id"));

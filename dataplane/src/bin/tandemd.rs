@@ -33,7 +33,10 @@ fn run() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
-    raise_fd_limit(settings.max_connections)?;
+    // Kernel sockets take a file descriptor per connection; the userspace stack's connections take none.
+    if settings.net == dataplane::config::NetBackend::Kernel {
+        raise_fd_limit(settings.max_connections)?;
+    }
     // Workers inherit this mask, so SIGTERM and SIGINT reach only the wait below.
     let signals = block_signals(&[libc::SIGTERM, libc::SIGINT]);
     let notifier = Notifier::from_env();

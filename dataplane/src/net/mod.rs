@@ -65,4 +65,7 @@ pub trait Transport {
 
     /// Listeners for `stats conns`: (id, address).
     fn listeners(&self) -> Vec<(i32, SocketAddr)>;
+
+    /// Counters for `stats net`, as (name, value); summed over workers by name.
+    fn counters(&self, _out: &mut Vec<(&'static str, u64)>) {}
 }

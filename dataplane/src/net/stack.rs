@@ -35,6 +35,9 @@ use super::{Ready, Transport};
 pub trait Phy: Device {
     /// Sends the frames queued this round (a NIC queue transmits in bursts).
     fn flush(&mut self) {}
+
+    /// The device's counters for `stats net`.
+    fn counters(&self, _out: &mut Vec<(&'static str, u64)>) {}
 }
 
 /// When to spin and when to sleep with nothing to do.
@@ -490,6 +493,17 @@ impl<P: Phy> Transport for StackTransport<P> {
 
     fn listeners(&self) -> Vec<(i32, SocketAddr)> {
         vec![(0, SocketAddr::V4(SocketAddrV4::new(self.config.address, self.config.port)))]
+    }
+
+    fn counters(&self, out: &mut Vec<(&'static str, u64)>) {
+        let c = &self.counters;
+        out.extend([
+            ("tcp_accepted", c.accepted),
+            ("tcp_half_open_limit_hits", c.half_open_full),
+            ("tcp_linger_aborts", c.linger_aborts),
+            ("tcp_sockets", self.sockets.iter().count() as u64),
+        ]);
+        self.phy.counters(out);
     }
 }
 

@@ -33,6 +33,8 @@ pub struct WorkerInfo {
     /// Open connections: fd and peer (for `stats conns`). Touched on accept and close only.
     pub conn_list: Mutex<Vec<(i32, Option<SocketAddr>)>>,
     pub listeners: Vec<(i32, SocketAddr)>,
+    /// The network backend's counters (`stats net`), copied from the transport once a second.
+    pub net: Mutex<Vec<(&'static str, u64)>>,
     /// Poll rounds finished; only this worker writes it. The systemd watchdog is fed only while every
     /// worker's count moves (an idle worker still finishes a round per second: its poll timeout).
     pub rounds: AtomicU64,
@@ -200,7 +202,7 @@ impl WorkerStart {
 /// One worker's network, chosen by `[net]`, prepared before its thread starts.
 enum WorkerNet {
     Kernel { poll: mio::Poll, addrs: Vec<SocketAddr> },
-    Tap { name: String, config: crate::net::stack::StackConfig, bell: Arc<crate::net::stack::ThreadBell> },
+    Tap { name: String, config: crate::net::stack::StackConfig, drop_percent: u8, bell: Arc<crate::net::stack::ThreadBell> },
 }
 
 impl WorkerNet {
@@ -229,7 +231,7 @@ impl WorkerNet {
                 }
                 let config = stack_config(stack, settings.port, stack.mac.unwrap_or_else(|| local_mac(stack.address)), 0);
                 let addr = SocketAddr::new(stack.address.into(), settings.port);
-                let net = WorkerNet::Tap { name: stack.tap_name.clone(), config, bell: Default::default() };
+                let net = WorkerNet::Tap { name: stack.tap_name.clone(), config, drop_percent: stack.drop_percent, bell: Default::default() };
                 Ok((vec![net], vec![addr]))
             }
             NetBackend::Dpdk(_) => bail!(
@@ -253,8 +255,9 @@ impl WorkerNet {
     fn run(self, start: WorkerStart) {
         match self {
             WorkerNet::Kernel { poll, addrs } => start.run(move || Ok(crate::net::kernel::KernelTransport::new(poll, &addrs)?)),
-            WorkerNet::Tap { name, config, bell } => start.run(move || {
+            WorkerNet::Tap { name, config, drop_percent, bell } => start.run(move || {
                 let phy = crate::net::phy::tap::TapPhy::open(&name)?;
+                let phy = crate::net::phy::lossy::Lossy::new(phy, drop_percent, config.seed);
                 tracing::info!(tap = %name, address = %config.address, port = config.port, "serving through the userspace stack on a tap device");
                 Ok(crate::net::stack::StackTransport::new(phy, config, bell))
             }),

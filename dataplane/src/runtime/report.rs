@@ -27,6 +27,7 @@ pub fn stats(shared: &Shared, group: Option<&str>) -> Option<Pairs> {
         Some("slabs") => Some(slabs(shared)),
         Some("sizes") => Some(vec![("sizes_status".into(), "disabled".into())]),
         Some("conns") => Some(conns(shared)),
+        Some("net") => Some(net(shared)),
         Some("replication") => Some(replication(shared)),
         _ => None,
     }
@@ -275,6 +276,30 @@ fn slabs(shared: &Shared) -> Pairs {
     }
     push(&mut p, "active_slabs", active);
     push(&mut p, "total_malloced", total);
+    p
+}
+
+/// `stats net`: the network backend (updated by each worker once a second), summed over workers.
+fn net(shared: &Shared) -> Pairs {
+    let mut p = Pairs::new();
+    let backend = match shared.settings.net {
+        crate::config::NetBackend::Kernel => "kernel",
+        crate::config::NetBackend::Dpdk(_) => "dpdk",
+        crate::config::NetBackend::Tap(_) => "tap",
+    };
+    push(&mut p, "backend", backend);
+    let mut sums: Vec<(&'static str, u64)> = Vec::new();
+    for info in shared.worker_infos() {
+        for &(name, value) in info.net.lock().unwrap().iter() {
+            match sums.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => *sum += value,
+                None => sums.push((name, value)),
+            }
+        }
+    }
+    for (name, value) in sums {
+        push(&mut p, name, value);
+    }
     p
 }
 

@@ -118,6 +118,7 @@ impl<T: Transport> Worker<T> {
             backing,
             conn_list: Default::default(),
             listeners: net.listeners(),
+            net: Default::default(),
             rounds: Default::default(),
         };
         let _ = shared.workers[id].set(info);
@@ -154,6 +155,7 @@ impl<T: Transport> Worker<T> {
             if now != last_now {
                 last_now = now;
                 self.shard.tick();
+                self.publish_net_counters();
             }
             self.follow_role();
             let replicating = match self.replication.as_mut() {
@@ -199,6 +201,15 @@ impl<T: Transport> Worker<T> {
             }
         }
         tracing::debug!(worker = self.id, "worker stopped");
+    }
+
+    /// Copies the transport's counters where `stats net` reads them.
+    fn publish_net_counters(&mut self) {
+        if let Some(info) = self.shared.workers[self.id].get() {
+            let mut counters = info.net.lock().unwrap();
+            counters.clear();
+            self.net.counters(&mut counters);
+        }
     }
 
     fn accept(&mut self, which: usize) {
