@@ -255,7 +255,7 @@ impl NetBackend {
             .transpose()?;
         let mac = stack.mac.map(|m| parse_mac(key("net.dpdk.mac", "net.tap.mac"), &m)).transpose()?;
         let kb = |v: Option<usize>, name: &'static str| -> Result<usize, ConfigError> {
-            match v.unwrap_or(64) {
+            match v.unwrap_or(16) {
                 n @ 1..=16384 => Ok(n << 10),
                 n => Err(invalid(name, format!("{n} is not between 1 and 16384"))),
             }
@@ -678,12 +678,12 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             Settings::from_flags(&flags(&["--config", path.to_str().unwrap()]))
         };
-        let s = load("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"--in-memory\"]\naddress = \"10.1.0.2/24\"\ngateway = \"10.1.0.1\"\nmac = \"02:00:00:00:00:05\"\nrx_buffer_kb = 16\n").unwrap();
+        let s = load("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"--in-memory\"]\naddress = \"10.1.0.2/24\"\ngateway = \"10.1.0.1\"\nmac = \"02:00:00:00:00:05\"\nrx_buffer_kb = 8\n").unwrap();
         let NetBackend::Dpdk(dpdk) = &s.net else { panic!("{:?}", s.net) };
         assert_eq!((dpdk.address, dpdk.prefix_len), ("10.1.0.2".parse().unwrap(), 24));
         assert_eq!(dpdk.gateway, Some("10.1.0.1".parse().unwrap()));
         assert_eq!(dpdk.mac, Some([2, 0, 0, 0, 0, 5]));
-        assert_eq!((dpdk.rx_buffer, dpdk.tx_buffer), (16 << 10, 64 << 10));
+        assert_eq!((dpdk.rx_buffer, dpdk.tx_buffer), (8 << 10, 16 << 10));
         assert_eq!(dpdk.eal_args, vec!["--in-memory".to_string()]);
 
         let s = load("[net]\nbackend = \"tap\"\n[net.tap]\nname = \"t0\"\naddress = \"10.1.0.2/24\"\n").unwrap();

@@ -266,3 +266,49 @@ def test_a_lossy_link_still_gets_every_reply_right(tmp_path, backend):
         print(f"setget through 1% loss: {net}")
         assert net["backend"] == dataplane.backend.split("-")[0]
         assert int(net["injected_rx_drops"]) > 0 and int(net["injected_tx_drops"]) > 0, net
+
+
+MANY = """
+import resource, socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 500), max(hard, count + 500)))
+started = time.monotonic()
+conns = []
+deadline = started + 120
+while len(conns) < count:
+    assert time.monotonic() < deadline, f"only {len(conns)} connections in 120 s"
+    conns.append(socket.create_connection((host, port), timeout=10))
+opened = time.monotonic() - started
+# Every connection is served: one request each, all in flight at once, each reply checked.
+for i, s in enumerate(conns):
+    s.sendall(b"set k%d 0 0 %d\\r\\n%d\\r\\n" % (i, len(str(i)), i))
+for s in conns:
+    assert s.recv(100) == b"STORED\\r\\n"
+for i, s in enumerate(conns):
+    s.sendall(b"get k%d\\r\\n" % i)
+for i, s in enumerate(conns):
+    want = b"VALUE k%d 0 %d\\r\\n%d\\r\\nEND\\r\\n" % (i, len(str(i)), i)
+    got = b""
+    while len(got) < len(want):
+        chunk = s.recv(100)
+        assert chunk, f"connection {i} closed"
+        got += chunk
+    assert got == want, (i, got)
+served = time.monotonic() - started - opened
+print(f"{count} connections opened in {opened:.1f} s, every one served (set + get) in {served:.1f} s")
+for s in conns:
+    s.close()
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ten_thousand_connections_are_accepted_and_served(tmp_path, backend):
+    needs_root()
+    with Dataplane(tmp_path, backend) as dataplane:
+        run = dataplane.run(sys.executable, "-c", MANY, dataplane.server_ip, str(PORT), "10000", check=False, timeout=400)
+        print(run.stdout.strip())
+        assert run.returncode == 0, run.stdout + run.stderr + dataplane.log.read_text()[-2000:]
+        time.sleep(1.2)
+        net = dataplane.stats("net")
+        assert int(net["tcp_accepted"]) >= 10000, net

@@ -68,7 +68,8 @@ pub struct StackConfig {
     /// Half-open connections (SYN received, handshake unfinished) allowed at once: beyond it SYNs are
     /// refused (a SYN flood cannot eat the memory of established clients).
     pub max_half_open: usize,
-    /// Per-connection receive and send buffers, in bytes.
+    /// Per-connection receive and send buffers, in bytes: fixed in smoltcp, so they bound both the window
+    /// and the memory of thousands of connections (10,000 connections at 16 KiB each way: 320 MiB).
     pub rx_buffer: usize,
     pub tx_buffer: usize,
     pub idle: IdlePolicy,
@@ -87,8 +88,8 @@ impl StackConfig {
             port,
             backlog: 16,
             max_half_open: 1024,
-            rx_buffer: 64 * 1024,
-            tx_buffer: 64 * 1024,
+            rx_buffer: 16 * 1024,
+            tx_buffer: 16 * 1024,
             idle: IdlePolicy::default(),
             seed: 0,
         }
