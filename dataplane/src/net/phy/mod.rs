@@ -2,6 +2,8 @@
 //!
 //! - [`tap`]: a Linux tap device, for trying the userspace stack without DPDK (one queue, one worker).
 //! - [`lossy`]: drops a share of frames over any of them (fault injection for tests).
+//! - [`arp_share`]: passes ARP between the workers of one multi-queue port.
 
+pub mod arp_share;
 pub mod lossy;
 pub mod tap;
