@@ -257,7 +257,7 @@ impl WorkerNet {
             WorkerNet::Kernel { poll, addrs } => start.run(move || Ok(crate::net::kernel::KernelTransport::new(poll, &addrs)?)),
             WorkerNet::Tap { name, config, drop_percent, bell } => start.run(move || {
                 let phy = crate::net::phy::tap::TapPhy::open(&name)?;
-                let phy = crate::net::phy::lossy::Lossy::new(phy, drop_percent, config.seed);
+                let phy = crate::net::phy::lossy::Lossy::new(crate::net::phy::check::Checked::new(phy), drop_percent, config.seed);
                 tracing::info!(tap = %name, address = %config.address, port = config.port, "serving through the userspace stack on a tap device");
                 Ok(crate::net::stack::StackTransport::new(phy, config, bell))
             }),
