@@ -48,8 +48,11 @@ fn main() {
 
     // `pkg-config --cflags libdpdk`: include paths, `-include rte_config.h` and an -march that the
     // inline functions need (SSE4.2 CRCs, 16-byte atomics).
-    let mut clang_args: Vec<String> =
-        dpdk.include_paths.iter().map(|path| format!("-I{}", path.display())).collect();
+    let mut clang_args: Vec<String> = dpdk
+        .include_paths
+        .iter()
+        .map(|path| format!("-I{}", path.display()))
+        .collect();
     clang_args.extend(["-include".to_string(), "rte_config.h".to_string()]);
     clang_args.extend(dpdk.defines.iter().map(|(name, value)| match value {
         Some(value) => format!("-D{name}={value}"),
@@ -132,12 +135,17 @@ fn main() {
         .generate()
         .expect("bindgen could not generate the DPDK bindings (is libclang-dev installed?)");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("bindings.rs");
-    bindings.write_to_file(&out).expect("writing the DPDK bindings");
+    bindings
+        .write_to_file(&out)
+        .expect("writing the DPDK bindings");
 }
 
 /// The -march that libdpdk's Cflags ask for (Debian: corei7), passed to both clang and the C compiler.
 fn cflags_march() -> Option<String> {
-    let output = std::process::Command::new("pkg-config").args(["--cflags", "libdpdk"]).output().ok()?;
+    let output = std::process::Command::new("pkg-config")
+        .args(["--cflags", "libdpdk"])
+        .output()
+        .ok()?;
     String::from_utf8(output.stdout)
         .ok()?
         .split_whitespace()

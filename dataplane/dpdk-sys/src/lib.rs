@@ -128,7 +128,11 @@ mod tests {
     fn constants_match_the_headers() {
         // SAFETY: the shim functions return compile-time constants; they touch no DPDK state.
         let (buf_size, rss, lcore) = unsafe {
-            (tandem_rte_mbuf_default_buf_size(), tandem_rte_eth_rss_ip_tcp_udp(), tandem_rte_lcore_id())
+            (
+                tandem_rte_mbuf_default_buf_size(),
+                tandem_rte_eth_rss_ip_tcp_udp(),
+                tandem_rte_lcore_id(),
+            )
         };
         assert_eq!(u32::from(buf_size), 2048 + RTE_PKTMBUF_HEADROOM);
         assert_ne!(rss & (1 << 4), 0, "RTE_ETH_RSS_NONFRAG_IPV4_TCP is hashed");
