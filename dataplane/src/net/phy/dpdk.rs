@@ -246,7 +246,7 @@ impl Port {
             .into_owned();
         if queues > info.max_rx_queues || queues > info.max_tx_queues {
             bail!(
-                "DPDK port {name} ({driver}) has {} rx and {} tx queues, {queues} asked for{}",
+                "DPDK {name} ({driver}) has {} rx and {} tx queues, {queues} asked for{}",
                 info.max_rx_queues,
                 info.max_tx_queues,
                 if driver == "net_af_packet" {
@@ -258,7 +258,7 @@ impl Port {
         }
         if driver == "net_af_packet" && queues != info.max_rx_queues {
             bail!(
-                "DPDK port {name} (net_af_packet) spreads flows over all of its {} qpairs; open it with that \
+                "DPDK {name} (net_af_packet) spreads flows over all of its {} qpairs; open it with that \
                  many queues or set qpairs={queues} in its --vdev",
                 info.max_rx_queues
             );
@@ -538,6 +538,13 @@ impl DpdkQueue {
             rx_dropped: self.rx_counters.rx_dropped,
             ..self.tx.counters
         }
+    }
+
+    /// Mbufs of this queue's pool that are out of it: held by the driver, by rx tokens, or queued for
+    /// tx. Zero on a quiet af_packet queue once its tokens are gone (a leak shows here).
+    pub fn mbufs_in_use(&self) -> u32 {
+        // SAFETY: the pool lives as long as the port, which this queue keeps alive.
+        unsafe { sys::rte_mempool_in_use_count(self.tx.pool) }
     }
 
     /// The next received frame, after an `rx_burst` if the last burst is used up.
