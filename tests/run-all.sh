@@ -30,6 +30,7 @@ if pkg-config --exists libdpdk; then
   dpdk_start=$SECONDS
   dpdk_log=$(mktemp /tmp/tandem-cargo-dpdk.XXXXXX)
   cargo test --release -p dpdk-sys 2>&1 | tee "$dpdk_log"
+  cargo test --release -p dpdk-sys --features static --test eal_null_port 2>&1 | tee -a "$dpdk_log"
   cargo test --release -p dataplane --features dpdk --test dpdk_phy -- --nocapture 2>&1 | tee -a "$dpdk_log"
   grep -E '^test result:' "$dpdk_log" >>"$cargo_log"
   echo "DPDK tests took $((SECONDS - dpdk_start)) s"

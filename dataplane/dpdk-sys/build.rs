@@ -9,8 +9,9 @@
 use std::env;
 use std::path::PathBuf;
 
-/// PMDs (and the buses and mempool driver they need) linked whole-archive by feature `static`: virtual
-/// devices for tests and trials, and the common virtual and Intel NICs for the appliance.
+/// PMDs (and the buses, mempool driver and common code they need) linked whole-archive by feature
+/// `static`: virtual devices for tests and trials (af_packet, tap, null), and virtio and the common
+/// Intel NICs for the appliance. net_af_xdp is left out: it would pull in libxdp and libbpf.
 const STATIC_PMDS: &[&str] = &[
     "rte_bus_vdev",
     "rte_bus_pci",
@@ -21,7 +22,9 @@ const STATIC_PMDS: &[&str] = &[
     "rte_net_e1000",
     "rte_net_ixgbe",
     "rte_net_i40e",
+    "rte_common_iavf",
     "rte_net_ice",
+    "rte_net_null",
 ];
 
 fn main() {

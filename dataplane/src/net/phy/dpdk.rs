@@ -441,7 +441,7 @@ pub struct QueueCounters {
     /// Bytes of those frames.
     pub rx_bytes: u64,
     /// Received frames dropped before smoltcp: chained (multi-segment) mbufs or frames beyond
-    /// [`MAX_FRAME`].
+    /// [`MAX_FRAME`] (a veth peer with TSO/GSO on hands AF_PACKET whole 64 KiB TCP segments).
     pub rx_dropped: u64,
     /// Frames the NIC took in `tx_burst`.
     pub tx_frames: u64,
