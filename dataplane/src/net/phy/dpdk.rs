@@ -205,6 +205,12 @@ impl Port {
     /// With more than one queue, receive-side scaling hashes IP addresses and TCP/UDP ports where the
     /// device supports it. net_af_packet spreads flows over all of its `qpairs` by itself, so it must be
     /// opened with exactly `qpairs` queues (else flows land on rings nobody polls).
+    ///
+    /// One smoltcp interface per queue means one ARP cache per queue, and smoltcp 0.14 learns
+    /// neighbours only from ARP: measured with net_af_packet qpairs=2 and 20 clients, the ARP reply to
+    /// one queue's request was hashed to the other queue, so the first queue never sent its SYN-ACKs
+    /// and its 10 connections timed out (the other queue's 10 were served). A multi-queue runtime must
+    /// give every queue's interface the ARP frames any queue receives.
     pub fn open(eal: &Eal, port_id: Option<u16>, queues: u16) -> anyhow::Result<Port> {
         if queues == 0 {
             bail!("a DPDK port needs at least one queue pair");
