@@ -3,7 +3,8 @@
 # processes (pymemcache, memccapable, bad input, size shift, memory, 10k connections), the appliance
 # (image/build, then VMs booted under qemu: one standalone, then a pair), and each fuzz target for a
 # bounded time. Needs: cargo, python3 with venv, memcached and libmemcached-tools, and for the appliance
-# root, debootstrap, qemu-system-x86, OVMF, mtools, dosfstools, dnsmasq (.ci/run installs them all).
+# root, debootstrap, qemu-system-x86, OVMF, mtools, dosfstools, dnsmasq, and for the DPDK dataplane
+# libdpdk-dev, pkg-config, clang, libclang-dev, ethtool, iputils-ping (.ci/run installs them all).
 # FUZZ_SECONDS (default 60) bounds each fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +15,32 @@ target_dir=${CARGO_TARGET_DIR:-$root/target}
 step() { printf '\n=== %s\n' "$*"; }
 
 step "build (release)"
-cargo build --release --workspace --bins
+# dpdk-sys needs the system DPDK; it is built and tested in the DPDK step below.
+cargo build --release --workspace --exclude dpdk-sys --bins
 
 step "unit, property and Rust integration tests"
 cargo_log=$(mktemp /tmp/tandem-cargo-test.XXXXXX)  # per run: CI runs may overlap on one machine
-cargo test --release --workspace -- --include-ignored 2>&1 | tee "$cargo_log"
+cargo test --release --workspace --exclude dpdk-sys -- --include-ignored 2>&1 | tee "$cargo_log"
 grep -E '^test result:' "$cargo_log" | awk '{p+=$4; f+=$6} END {print "cargo tests: " p " passed, " f " failed"}'
+
+step "DPDK dataplane: dpdk-sys, and smoltcp over net_af_packet (feature dpdk)"
+if pkg-config --exists libdpdk; then
+  # Only the DPDK tests: the rest of dataplane ran above. --nocapture shows the test's own skip reason
+  # (it needs root) and what EAL says.
+  dpdk_start=$SECONDS
+  dpdk_log=$(mktemp /tmp/tandem-cargo-dpdk.XXXXXX)
+  cargo test --release -p dpdk-sys 2>&1 | tee "$dpdk_log"
+  cargo test --release -p dpdk-sys --features static --test eal_null_port 2>&1 | tee -a "$dpdk_log"
+  cargo test --release -p dataplane --features dpdk --test dpdk_phy -- --nocapture 2>&1 | tee -a "$dpdk_log"
+  grep -E '^test result:' "$dpdk_log" >>"$cargo_log"
+  echo "DPDK tests took $((SECONDS - dpdk_start)) s"
+elif [[ ${CI:-} == true ]]; then
+  echo "DPDK tests FAILED to run: CI installs the system DPDK, but pkg-config --exists libdpdk failed"
+  exit 1
+else
+  echo "DPDK tests skipped: the system DPDK is not installed (pkg-config --exists libdpdk failed;" \
+    "apt-get install dpdk libdpdk-dev pkg-config clang libclang-dev, as .ci/run does)"
+fi
 
 step "python integration suite against $target_dir/release/tandemd"
 venv=${TANDEM_VENV:-$root/.venv}

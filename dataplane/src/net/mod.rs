@@ -10,6 +10,8 @@
 //! - [`takeover`]: claiming and releasing the service address (netlink) and announcing it with
 //!   gratuitous ARPs (packet socket), in kernel mode.
 //! - [`witness`]: whether the failover witness answers (ICMP echo).
+//! - [`phy`] (feature `dpdk`): network devices for the userspace dataplane (DPDK queue pairs as smoltcp
+//!   devices).
 
 use std::io;
 use std::net::SocketAddr;
