@@ -203,6 +203,14 @@ impl WorkerStart {
 enum WorkerNet {
     Kernel { poll: mio::Poll, addrs: Vec<SocketAddr> },
     Tap { name: String, config: crate::net::stack::StackConfig, drop_percent: u8, bell: Arc<crate::net::stack::ThreadBell> },
+    #[cfg(feature = "dpdk")]
+    Dpdk {
+        queue: crate::net::phy::dpdk::DpdkQueue,
+        config: crate::net::stack::StackConfig,
+        drop_percent: u8,
+        arp: Arc<crate::net::phy::arp_share::ArpExchange>,
+        bell: Arc<crate::net::stack::ThreadBell>,
+    },
 }
 
 impl WorkerNet {
@@ -234,6 +242,36 @@ impl WorkerNet {
                 let net = WorkerNet::Tap { name: stack.tap_name.clone(), config, drop_percent: stack.drop_percent, bell: Default::default() };
                 Ok((vec![net], vec![addr]))
             }
+            #[cfg(feature = "dpdk")]
+            NetBackend::Dpdk(stack) => {
+                use crate::net::phy::dpdk::{Eal, Port};
+                if settings.failover.is_some() {
+                    bail!("[failover] takes over a kernel interface's address; it does not work with the dpdk backend yet");
+                }
+                if settings.port == 0 {
+                    bail!("-p 0 (pick a free port) works with kernel sockets only; give the userspace stack a port");
+                }
+                let eal = Eal::init(&stack.eal_args)?;
+                let queues = u16::try_from(threads).context("too many workers for one DPDK port")?;
+                let mut port = Port::open(&eal, stack.port_id, queues)
+                    .with_context(|| format!("cannot open the DPDK port with {queues} queue pair(s), one per worker"))?;
+                let mac = port.mac();
+                if stack.mac.is_some_and(|m| m != mac) {
+                    bail!("net.dpdk.mac: setting a MAC other than the port's own is not supported yet (the port's is {})", format_mac(mac));
+                }
+                let arp = crate::net::phy::arp_share::ArpExchange::new(threads);
+                let mut nets = Vec::new();
+                for q in 0..queues {
+                    let queue = port.take_queue(q).context("the DPDK port has fewer queues than workers")?;
+                    let config = stack_config(stack, settings.port, mac, usize::from(q));
+                    nets.push(WorkerNet::Dpdk { queue, config, drop_percent: stack.drop_percent, arp: arp.clone(), bell: Default::default() });
+                }
+                tracing::info!(mac = %format_mac(mac), queues, address = %stack.address, "DPDK port open");
+                // The queues keep the port and EAL alive; these handles may go.
+                let addr = SocketAddr::new(stack.address.into(), settings.port);
+                Ok((nets, vec![addr]))
+            }
+            #[cfg(not(feature = "dpdk"))]
             NetBackend::Dpdk(_) => bail!(
                 "[net] backend = \"dpdk\": this tandemd was built without DPDK; build with `cargo build --release -p dataplane --features dpdk`"
             ),
@@ -248,6 +286,8 @@ impl WorkerNet {
                 Arc::new(mailbox::Doorbell::new(Box::new(PollWaker(waker))))
             }
             WorkerNet::Tap { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(SharedBell(bell.clone())))),
+            #[cfg(feature = "dpdk")]
+            WorkerNet::Dpdk { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(SharedBell(bell.clone())))),
         })
     }
 
@@ -259,6 +299,14 @@ impl WorkerNet {
                 let phy = crate::net::phy::tap::TapPhy::open(&name)?;
                 let phy = crate::net::phy::lossy::Lossy::new(crate::net::phy::check::Checked::new(phy), drop_percent, config.seed);
                 tracing::info!(tap = %name, address = %config.address, port = config.port, "serving through the userspace stack on a tap device");
+                Ok(crate::net::stack::StackTransport::new(phy, config, bell))
+            }),
+            #[cfg(feature = "dpdk")]
+            WorkerNet::Dpdk { queue, config, drop_percent, arp, bell } => start.run(move || {
+                use crate::net::phy::{arp_share::ArpShare, check::Checked, lossy::Lossy};
+                queue.register_thread()?;
+                let id = usize::from(queue.queue_id());
+                let phy = Lossy::new(Checked::new(ArpShare::new(queue, id, arp)), drop_percent, config.seed);
                 Ok(crate::net::stack::StackTransport::new(phy, config, bell))
             }),
         }
@@ -298,6 +346,11 @@ fn stack_config(stack: &crate::config::StackSettings, port: u16, mac: [u8; 6], w
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     config.seed = nanos ^ ((worker as u64) << 56) ^ std::process::id() as u64;
     config
+}
+
+#[cfg(feature = "dpdk")]
+fn format_mac(m: [u8; 6]) -> String {
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
 /// A locally administered MAC made from the address, for devices that bring none of their own.

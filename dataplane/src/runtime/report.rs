@@ -300,6 +300,12 @@ fn net(shared: &Shared) -> Pairs {
     for (name, value) in sums {
         push(&mut p, name, value);
     }
+    // How connections spread over the workers (each on its own queue).
+    for (worker, info) in shared.worker_infos().enumerate() {
+        if let Some(&(_, accepted)) = info.net.lock().unwrap().iter().find(|(n, _)| *n == "tcp_accepted") {
+            push(&mut p, format!("worker_{worker}_tcp_accepted"), accepted);
+        }
+    }
     p
 }
 

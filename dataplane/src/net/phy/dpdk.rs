@@ -828,3 +828,22 @@ fn port_name(port_id: u16) -> String {
         format!("port {port_id}")
     }
 }
+
+impl crate::net::stack::Phy for DpdkQueue {
+    fn flush(&mut self) {
+        DpdkQueue::flush(self);
+    }
+
+    fn counters(&self, out: &mut Vec<(&'static str, u64)>) {
+        let c = DpdkQueue::counters(self);
+        out.extend([
+            ("rx_frames", c.rx_frames),
+            ("rx_bytes", c.rx_bytes),
+            ("rx_oversize_dropped", c.rx_dropped),
+            ("tx_frames", c.tx_frames),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_ring_full_dropped", c.tx_dropped),
+            ("tx_nombuf", c.tx_nombuf),
+        ]);
+    }
+}
