@@ -78,6 +78,8 @@ pub struct Worker {
     /// do not, until it is promoted). Changed only between rounds, with the store's log.
     role_version: u64,
     writable: bool,
+    /// A switchover's pause: writes wait in their connections (revisited each round) until it ends.
+    hold_writes: bool,
 }
 
 /// What a connection needs after a service pass.
@@ -155,6 +157,7 @@ impl Worker {
             held: Vec::new(),
             role_version: 0,
             writable: !settings.read_only(),
+            hold_writes: false,
         })
     }
 
@@ -281,6 +284,7 @@ impl Worker {
             handover.install(&mut self.shard, replication);
         }
         self.writable = node.writable();
+        self.hold_writes = node.writes_held();
         self.shard.store.set_read_only(!self.writable);
         tracing::info!(worker = self.id, writable = self.writable, "worker follows the node's new role");
     }
@@ -317,10 +321,12 @@ impl Worker {
                 limits: self.limits,
                 replication: self.replication.as_ref(),
                 read_only: !self.writable,
+                hold_writes: self.hold_writes,
             };
             service(&mut ctx, conn, conn_ref, &mut self.scratch)
         };
-        if !conn.holds.is_empty() && !self.held.contains(&index) {
+        let waits = !conn.holds.is_empty() || (self.hold_writes && !conn.input.is_empty());
+        if waits && !self.held.contains(&index) {
             self.held.push(index);
         }
         match next {
@@ -400,6 +406,8 @@ struct Ctx<'w> {
     replication: Option<&'w ShardReplication>,
     /// Refuse writes (a standby).
     read_only: bool,
+    /// Instead of refusing them, leave writes unread in the connection's input (a switchover's pause).
+    hold_writes: bool,
 }
 
 impl Ctx<'_> {
@@ -614,6 +622,9 @@ fn process_with<C: Codec>(
         let frame = &input[pos..pos + consumed];
         pos += consumed;
         if read_only && C::mutates(&request) {
+            if ctx.hold_writes {
+                return (pos - consumed, false);
+            }
             ctx.counters.read_only_refusals.incr();
             emit(conn, ctx.postbox, |out| C::refuse_read_only(&request, out));
             continue;
