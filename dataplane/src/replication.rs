@@ -361,6 +361,9 @@ pub struct NodeState {
     next: Mutex<Option<Runner>>,
     /// A switchover's pause: writes wait in their connections instead of being refused.
     writes_held: AtomicBool,
+    /// Just after a switchover's step-down: a write closes its connection (it was never run; the client
+    /// reconnects, to the new active) instead of being refused.
+    writes_closed: AtomicBool,
     pub(crate) marks: Arc<WorkerMarks>,
     /// Role changes by kind, for `stats replication`.
     pub(crate) counts: RoleCounts,
@@ -418,6 +421,11 @@ impl NodeState {
     /// instead of refusing them, until the pause ends.
     pub fn writes_held(&self) -> bool {
         self.writes_held.load(Ordering::Acquire)
+    }
+
+    /// Whether a write closes its connection instead of being refused (see `writes_closed`).
+    pub fn writes_closed(&self) -> bool {
+        self.writes_closed.load(Ordering::Acquire)
     }
 
     /// Pauses client writes (`hold`: workers keep them unanswered in their connections) or ends the
@@ -596,6 +604,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             next: Mutex::new(None),
             writes_held: AtomicBool::new(false),
+            writes_closed: AtomicBool::new(false),
             marks: Arc::new(WorkerMarks::new(shards)),
             counts: RoleCounts::default(),
             control: Mutex::new(control),
@@ -695,6 +704,9 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
     }
 }
 
+/// How long a node that handed over closes the connections of writes instead of refusing them.
+const CLOSE_WRITES_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How a node steps down ([`Promotion::step_down`]).
 pub(crate) struct StepDown {
     /// The epoch the receiver presents (and stores, with `persist`).
@@ -705,6 +717,9 @@ pub(crate) struct StepDown {
     /// Its copy is complete: it may take over again if no active shows up (see
     /// [`Receiver::assume_synced`]).
     pub assume_synced: bool,
+    /// Writes held by a pause are let go by closing their connections (for [`CLOSE_WRITES_FOR`]),
+    /// while this node still holds the service address, so their clients reconnect to the new active.
+    pub close_held: bool,
     /// The role change's reason, for the log.
     pub why: String,
 }
@@ -751,6 +766,11 @@ impl Promotion {
             tracing::error!(error = %e, "cannot persist the new epoch: not promoting");
             return None;
         }
+        // The address first, writes held meanwhile (not refused): by the time a peer can see this node
+        // as the active (its shipper listens), clients have been told where the address is. A switchover's
+        // old active waits for that before it lets its clients go.
+        state.hold_writes(true, &*self.wake);
+        let claimed = crate::failover::take_service_address(&self.failover);
         let new_history = ReplicationId::random();
         let previous = history.map(|history| replica::handshake::PreviousHistory { history, until: applied.clone() });
         let start = ActiveStart {
@@ -771,11 +791,11 @@ impl Promotion {
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "promoted, but cannot ship to standbys");
-                self.promote_without_shipping(state, epoch, started, why);
+                self.promote_without_shipping(state, epoch, started, why, claimed);
                 return None;
             }
             None => {
-                self.promote_without_shipping(state, epoch, started, why);
+                self.promote_without_shipping(state, epoch, started, why, claimed);
                 return None;
             }
         };
@@ -787,15 +807,16 @@ impl Promotion {
         if let Some(stopper) = stopper {
             *state.stopper.lock().unwrap() = stopper;
         }
-        self.open_for_writes(state, epoch, started, why);
+        self.open_for_writes(state, epoch, started, why, claimed);
         self.clone().watch_for_a_newer_active(state.clone(), epoch);
         shipper.filter(|_| !state.stopping.load(Ordering::SeqCst)).map(Box::new)
     }
 
     /// Promotion for a node with no `replication.listen`: it serves writes and ships to nobody.
-    fn promote_without_shipping(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant, why: &str) {
+    fn promote_without_shipping(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant, why: &str, claimed: Result<(), String>) {
         tracing::warn!("no replication.listen: the promoted node ships to no standby");
-        self.open_for_writes(state, epoch, started, why);
+        state.control.lock().unwrap().promote = None;
+        self.open_for_writes(state, epoch, started, why, claimed);
         while !state.stopping.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -834,13 +855,13 @@ impl Promotion {
             let patience = self.settings.dead_after.unwrap_or(std::time::Duration::from_millis(500));
             while !state.stopping.load(Ordering::SeqCst) && state.reign.load(Ordering::SeqCst) == reign {
                 std::thread::sleep(std::time::Duration::from_millis(500));
-                if state.writes_held() {
+                if state.writes_held() || state.reign.load(Ordering::SeqCst) != reign {
                     continue;
                 }
                 let found = replica::receiver::probe_for_active(&self.settings.peers, &self.settings.secret, shards, epoch, patience);
                 if let Some(found) = found.filter(|found| found.epoch > epoch) {
                     let why = format!("stepped down to standby: {} is the active at {} (ours was {epoch})", found.addr, found.epoch);
-                    let plan = StepDown { epoch: found.epoch, persist: true, resume: None, assume_synced: false, why };
+                    let plan = StepDown { epoch: found.epoch, persist: true, resume: None, assume_synced: false, close_held: false, why };
                     self.step_down(&state, reign, plan);
                     return;
                 }
@@ -894,6 +915,7 @@ impl Promotion {
             receiver.assume_synced();
         }
         state.writable.store(false, Ordering::SeqCst);
+        state.writes_closed.store(plan.close_held, Ordering::SeqCst);
         state.writes_held.store(false, Ordering::SeqCst);
         for (worker, port) in self.ports.iter().enumerate() {
             let applied = positions.get(worker).copied().unwrap_or(LogSeq::ZERO);
@@ -905,6 +927,22 @@ impl Promotion {
         }
         state.version.fetch_add(1, Ordering::SeqCst);
         self.wake.wake(0);
+        if plan.close_held {
+            // Let every worker close its held writes' connections while the address is still here.
+            let start = state.marks.rounds();
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+            while state.marks.rounds().iter().zip(&start).any(|(now, then)| *now < then + 2) && std::time::Instant::now() < until {
+                self.wake.wake(0);
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+            let (state, wake) = (state.clone(), self.wake.clone());
+            let _ = std::thread::Builder::new().name("tandem-unclose".into()).spawn(move || {
+                std::thread::sleep(CLOSE_WRITES_FOR);
+                state.writes_closed.store(false, Ordering::SeqCst);
+                state.version.fetch_add(1, Ordering::SeqCst);
+                wake.wake(0);
+            });
+        }
         let released = takeover::release(&self.failover.interface, self.failover.service_ip, self.failover.prefix_len);
         *state.report.lock().unwrap() = Report::Standby { report: handle.report.clone() };
         {
@@ -928,12 +966,12 @@ impl Promotion {
         true
     }
 
-    fn open_for_writes(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant, why: &str) {
+    /// Takes writes (the held ones run now); notes the promotion with how the address was `claimed`.
+    fn open_for_writes(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant, why: &str, claimed: Result<(), String>) {
         state.writes_held.store(false, Ordering::SeqCst);
         state.writable.store(true, Ordering::SeqCst);
         state.version.fetch_add(1, Ordering::SeqCst);
         self.wake.wake(0);
-        let claimed = crate::failover::take_service_address(&self.failover);
         state.counts.promotions.fetch_add(1, Ordering::Relaxed);
         state.note(format!(
             "promoted to active at {epoch}: {why}; service address {}/{} {}; {} ms",

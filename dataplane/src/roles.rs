@@ -12,9 +12,10 @@
 //!      ([`replica::handover`]); that standby checks it holds exactly that, answers, and promotes
 //!      itself (epoch + 1, the service address claimed and announced, its log continuing the history);
 //!   3. this node steps down to a standby of it, presenting its history and `through`, so it resumes
-//!      with a partial resync. Its held writes are then refused as a standby's, on connections whose
-//!      address has moved away: clients see the connection stall or reset and reconnect to the new
-//!      active.
+//!      with a partial resync. The new active claimed and announced the service address before it
+//!      could be seen as active; this node then closes the connections of the writes it held (they were
+//!      never run), and of any write for a second more, while it still has the address, and releases
+//!      it. Clients see their connection closed and reconnect, to the new active: no error reply.
 //!   If no standby catches up before the timeout, or the chosen one refuses, nothing was handed over:
 //!   the pause ends and the held writes run here, on the active.
 //!
@@ -151,7 +152,7 @@ pub fn demote(state: &Arc<NodeState>) -> Outcome {
         }
     };
     let why = format!("demoted by tandemctl: stepped down to standby at {epoch}, log ending at {}", list(&through));
-    let plan = StepDown { epoch, persist: false, resume: Some((history, through)), assume_synced: false, why };
+    let plan = StepDown { epoch, persist: false, resume: Some((history, through)), assume_synced: false, close_held: true, why };
     if !promotion.step_down(state, reign, plan) {
         return Err("this node stepped down meanwhile (it met a newer active)".into());
     }
@@ -235,7 +236,7 @@ pub fn switchover(state: &Arc<NodeState>, timeout: Duration) -> Outcome {
         list(&through),
         started.elapsed().as_millis()
     );
-    let plan = StepDown { epoch: new_epoch, persist: true, resume: Some((history, through)), assume_synced: true, why: why.clone() };
+    let plan = StepDown { epoch: new_epoch, persist: true, resume: Some((history, through)), assume_synced: true, close_held: true, why: why.clone() };
     if !promotion.step_down(state, reign, plan) {
         return Err("handed over, but this node had stepped down meanwhile".into());
     }

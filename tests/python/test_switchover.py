@@ -44,7 +44,7 @@ LOAD = textwrap.dedent(
     WARMUP, AFTER_STOP, HARD_DEADLINE = 200, 200, time.time() + 60
 
     lock = threading.Lock()
-    acked, retried, bad, gaps, warm = [], [], [], [], []
+    acked, retried, bad, gaps, warm, events = [], [], [], [], [], []
 
     def read_reply(s):
         got = b""
@@ -76,6 +76,7 @@ LOAD = textwrap.dedent(
                 # A connection reset or timeout: the write may or may not have run; retrying it is safe.
                 with lock:
                     retried.append("%s: %s" % (type(e).__name__, e))
+                    events.append((time.time(), t, "retry %s" % e))
                 if s is not None:
                     s.close()
                 s = None
@@ -86,6 +87,8 @@ LOAD = textwrap.dedent(
                 with lock:
                     acked.append((key.decode(), value.decode()))
                     gaps.append(now - last_ok)
+                    if now - last_ok > 0.05:
+                        events.append((now, t, "ok after gap %.0f ms" % ((now - last_ok) * 1000)))
                 last_ok = now
             else:
                 with lock:
@@ -115,7 +118,7 @@ LOAD = textwrap.dedent(
                 missing.append(key)
     print(json.dumps({"acked": len(acked), "retried": len(retried), "retry_kinds": sorted(set(retried))[:10],
                       "bad": bad[:20], "bad_count": len(bad), "missing": missing[:20], "missing_count": len(missing),
-                      "max_gap_ms": round(max(gaps) * 1000) if gaps else None}), flush=True)
+                      "max_gap_ms": round(max(gaps) * 1000) if gaps else None, "events": ["%.3f %d %s" % e for e in events[:10]]}), flush=True)
     """
 )
 
@@ -213,6 +216,7 @@ def test_switchover_under_load_loses_no_acknowledged_write(tmp_path):
         before = status(tmp_path, "a")
         client, stop = run_load(tmp_path, topo)
         started = time.monotonic()
+        print("\nswitchover starts at %.3f" % time.time())
         code, out, err = tandemctl(tmp_path, "a", "switchover", "--timeout-ms", "5000")
         took = time.monotonic() - started
         time.sleep(0.5)

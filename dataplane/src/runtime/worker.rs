@@ -80,6 +80,8 @@ pub struct Worker {
     writable: bool,
     /// A switchover's pause: writes wait in their connections (revisited each round) until it ends.
     hold_writes: bool,
+    /// Just after a switchover: a write closes its connection instead of being refused.
+    close_writes: bool,
 }
 
 /// What a connection needs after a service pass.
@@ -158,6 +160,7 @@ impl Worker {
             role_version: 0,
             writable: !settings.read_only(),
             hold_writes: false,
+            close_writes: false,
         })
     }
 
@@ -285,6 +288,7 @@ impl Worker {
         }
         self.writable = node.writable();
         self.hold_writes = node.writes_held();
+        self.close_writes = node.writes_closed();
         self.shard.store.set_read_only(!self.writable);
         tracing::info!(worker = self.id, writable = self.writable, "worker follows the node's new role");
     }
@@ -322,6 +326,7 @@ impl Worker {
                 replication: self.replication.as_ref(),
                 read_only: !self.writable,
                 hold_writes: self.hold_writes,
+                close_writes: self.close_writes,
             };
             service(&mut ctx, conn, conn_ref, &mut self.scratch)
         };
@@ -406,8 +411,10 @@ struct Ctx<'w> {
     replication: Option<&'w ShardReplication>,
     /// Refuse writes (a standby).
     read_only: bool,
-    /// Instead of refusing them, leave writes unread in the connection's input (a switchover's pause).
+    /// Instead of refusing them, leave writes unread in the connection's input (a switchover's pause),
+    /// or close their connection unanswered (just after the switchover).
     hold_writes: bool,
+    close_writes: bool,
 }
 
 impl Ctx<'_> {
@@ -622,7 +629,8 @@ fn process_with<C: Codec>(
         let frame = &input[pos..pos + consumed];
         pos += consumed;
         if read_only && C::mutates(&request) {
-            if ctx.hold_writes {
+            if ctx.hold_writes || ctx.close_writes {
+                conn.closing |= ctx.close_writes;
                 return (pos - consumed, false);
             }
             ctx.counters.read_only_refusals.incr();
