@@ -161,7 +161,7 @@ mod tests {
         let candidates = [candidate(1, true, &[9, 6]), candidate(2, false, &[9, 7]), candidate(3, true, &[9, 7]), candidate(4, true, &[9, 7])];
         assert_eq!(pick_standby(&candidates, &through), Some(2));
         assert_eq!(pick_standby(&candidates[..2], &through), None, "behind on a shard, or not streaming every shard");
-        assert!(progress(&candidates[..2], &through).contains("127.0.0.1:1 had applied 9,6 of 9,7"));
+        assert!(progress(&candidates[..2], &through).contains("127.0.0.1:1, had applied 9,6 of 9,7"));
         assert_eq!(progress(&[], &through), "no standby is connected");
     }
 
