@@ -46,6 +46,9 @@ pub struct Settings {
     pub failover: Option<FailoverSettings>,
     /// `[net]`: kernel sockets, or a userspace stack per worker.
     pub net: NetBackend,
+    /// `[admin] socket`: where `tandemctl` reaches this node (by default `<failover.state_dir>/admin.sock`
+    /// with failover; none without replication).
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Default for Settings {
             replication: None,
             failover: None,
             net: NetBackend::Kernel,
+            admin_socket: None,
         }
     }
 }
@@ -138,6 +142,7 @@ pub struct FileConfig {
     pub replication: Option<ReplicationSection>,
     pub failover: Option<FailoverSection>,
     pub net: Option<NetSection>,
+    pub admin: Option<AdminSection>,
 }
 
 /// `[net]` in the TOML file.
@@ -294,6 +299,14 @@ impl NetBackend {
             Ok(NetBackend::Tap(settings))
         }
     }
+}
+
+/// `[admin]` in the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// The Unix socket `tandemctl` talks to.
+    pub socket: Option<PathBuf>,
 }
 
 /// `[failover]` in the TOML file.
@@ -613,6 +626,12 @@ impl Settings {
         s.evictions = !flags.disable_evictions && server.evictions.unwrap_or(true);
         let verbosity = if flags.verbose > 0 { flags.verbose as u32 } else { server.verbosity.unwrap_or(0) };
         s.verbosity = AtomicU32::new(verbosity);
+        s.admin_socket = match (file.admin.and_then(|a| a.socket), &replication, &failover) {
+            (Some(_), None, _) => return Err(invalid("admin.socket", "needs a [replication] table: tandemctl changes replication roles")),
+            (Some(path), Some(_), _) => Some(path),
+            (None, Some(_), Some(failover)) => Some(failover.state_dir.join("admin.sock")),
+            (None, _, _) => None,
+        };
         s.replication = replication;
         s.failover = failover;
         Ok(s)
@@ -756,5 +775,28 @@ mod tests {
             let err = load(body).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn the_admin_socket_defaults_to_the_state_directory_and_needs_replication() {
+        let dir = std::env::temp_dir().join(format!("tandem-config-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "a-secret-of-enough-length\n").unwrap();
+        let path = dir.join("admin.toml");
+        let load = |body: String| {
+            std::fs::write(&path, body).unwrap();
+            Settings::from_flags(&flags(&["--config", path.to_str().unwrap()]))
+        };
+        let replication = format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecret_file = \"{}\"\n", secret.display());
+        let failover = "[failover]\nservice_ip = \"10.0.0.9/24\"\ninterface = \"eth0\"\nstate_dir = \"/tmp/st\"\n";
+        assert_eq!(load(format!("{replication}{failover}")).unwrap().admin_socket, Some(PathBuf::from("/tmp/st/admin.sock")));
+        let chosen = load(format!("{replication}{failover}[admin]\nsocket = \"/run/t.sock\"\n")).unwrap();
+        assert_eq!(chosen.admin_socket, Some(PathBuf::from("/run/t.sock")));
+        assert_eq!(load(replication.clone()).unwrap().admin_socket, None, "replication without failover: only if asked for");
+        let err = load("[admin]\nsocket = \"/run/t.sock\"\n".to_string()).unwrap_err().to_string();
+        assert!(err.contains("admin.socket"), "{err}");
+        let err = load(format!("{replication}[admin]\npath = \"/x\"\n")).unwrap_err().to_string();
+        assert!(err.contains("path"), "{err}");
     }
 }

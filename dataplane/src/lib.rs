@@ -10,7 +10,10 @@
 //! - [`runtime`]: pinned worker threads, their poll loops and the rings between them.
 //! - [`config`], [`stats`], [`clock`]: operator settings, counters, and the server's notion of time.
 //! - [`notify`]: readiness and the watchdog for systemd (`Type=notify`, `WatchdogSec=`).
+//! - [`replication`], [`failover`]: the node's part in a pair; [`roles`]: role changes on demand, and
+//!   [`admin`]: the endpoint `tandemctl` asks for them on.
 
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod failover;
@@ -18,6 +21,7 @@ pub mod net;
 pub mod notify;
 pub mod protocol;
 pub mod replication;
+pub mod roles;
 pub mod route;
 pub mod runtime;
 pub mod shard;

@@ -10,6 +10,8 @@
 //!   applied position.
 //! - [`Node`]: starts the shipper (active) or receiver (standby) on its own thread, pinned to a spare
 //!   CPU when there is one, and reports for `stats replication`.
+//! - [`NodeState`]: the node's role as its workers, its replication thread and the admin endpoint see
+//!   it; role changes on demand (promote, demote, switchover) are in [`crate::roles`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -138,6 +140,31 @@ pub struct ShardReplication {
     /// Standby: a snapshot of this shard is being applied.
     in_snapshot: bool,
     applied: LogSeq,
+    /// Where this worker publishes its rounds and its log position.
+    marks: Arc<WorkerMarks>,
+}
+
+/// What each worker publishes once per round for a role change that must know every worker moved on
+/// (a switchover's pause): rounds finished, and on an active the shard's newest log position.
+pub struct WorkerMarks {
+    rounds: Vec<AtomicU64>,
+    logged: Vec<AtomicU64>,
+}
+
+impl WorkerMarks {
+    fn new(shards: usize) -> WorkerMarks {
+        WorkerMarks { rounds: (0..shards).map(|_| AtomicU64::new(0)).collect(), logged: (0..shards).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Rounds each worker has run through its replication duties.
+    pub fn rounds(&self) -> Vec<u64> {
+        self.rounds.iter().map(|r| r.load(Ordering::Acquire)).collect()
+    }
+
+    /// Each shard's newest log position, as its worker last published it (an active's).
+    pub fn logged(&self) -> Vec<LogSeq> {
+        self.logged.iter().map(|l| LogSeq(l.load(Ordering::Acquire))).collect()
+    }
 }
 
 impl ShardReplication {
@@ -165,16 +192,24 @@ impl ShardReplication {
 
     /// Runs this round's replication duties; returns whether more work is waiting (do not sleep).
     pub fn round(&mut self, shard: &mut Shard) -> bool {
-        match self.role {
+        let index = usize::from(self.shard.0);
+        let more = match self.role {
             Role::Active => {
-                let handed = shard.store.change_sink().is_some_and(|sink| sink.end_round());
+                let (handed, position) = match shard.store.change_sink() {
+                    Some(sink) => (sink.end_round(), sink.position()),
+                    None => (false, 0),
+                };
                 if handed {
                     self.bell.ring();
                 }
+                // Two relaxed-cost stores per round (not per request).
+                self.marks.logged[index].store(position, Ordering::Release);
                 self.snapshot_step(shard)
             }
             Role::Standby => self.apply(shard),
-        }
+        };
+        self.marks.rounds[index].fetch_add(1, Ordering::AcqRel);
+        more
     }
 
     /// Streams the next slice of a wanted snapshot. Returns whether there is more to do right away.
@@ -304,8 +339,10 @@ pub enum Report {
 pub enum Handover {
     /// Promoted: the log the store now writes to, and the bell of the replication core that drains it.
     Active { sink: LogSink, bell: Arc<Bell>, mode: Mode },
-    /// Stepped down: no more log; what arrives is applied, and the receiver's bell is rung.
-    Standby { bell: Arc<Bell> },
+    /// Stepped down: no more log; what arrives is applied, and the receiver's bell is rung. `applied`:
+    /// where the shard's copy stands in the history the node presents (its own log's end after a
+    /// planned step-down, so the new active can resume it; zero otherwise).
+    Standby { bell: Arc<Bell>, applied: LogSeq },
 }
 
 /// What a node's workers and its replication thread share about the node's role.
@@ -322,6 +359,40 @@ pub struct NodeState {
     stopping: AtomicBool,
     /// What the replication thread runs once its current runner returns (a node that stepped down).
     next: Mutex<Option<Runner>>,
+    /// A switchover's pause: writes wait in their connections instead of being refused.
+    writes_held: AtomicBool,
+    /// Just after a switchover's step-down: a write closes its connection (it was never run; the client
+    /// reconnects, to the new active) instead of being refused.
+    writes_closed: AtomicBool,
+    pub(crate) marks: Arc<WorkerMarks>,
+    /// Role changes by kind, for `stats replication`.
+    pub(crate) counts: RoleCounts,
+    /// Handles to whatever the replication thread runs now, for role changes on demand.
+    pub(crate) control: Mutex<Control>,
+    /// What a role change needs (with failover settings only).
+    pub(crate) promotion: Option<Promotion>,
+    /// One role change on demand at a time.
+    pub(crate) changing: Mutex<()>,
+    /// Bumped when an active steps down: a step-down acts only on the reign it was decided in.
+    pub(crate) reign: AtomicU64,
+}
+
+/// Role changes by kind, for `stats replication`.
+#[derive(Default)]
+pub struct RoleCounts {
+    pub promotions: AtomicU64,
+    pub step_downs: AtomicU64,
+    pub switchovers: AtomicU64,
+    pub switchovers_aborted: AtomicU64,
+}
+
+/// Handles into the runner of the replication thread.
+#[derive(Default)]
+pub(crate) struct Control {
+    /// An active's shipper: where a handover is requested, and its bell.
+    pub handover: Option<(Arc<replica::handover::HandoverSlot>, Arc<Bell>)>,
+    /// A standby's receiver: set to promote it now, and its bell.
+    pub promote: Option<(Arc<AtomicBool>, Arc<Bell>)>,
 }
 
 impl NodeState {
@@ -344,6 +415,26 @@ impl NodeState {
     /// Whether clients may write now.
     pub fn writable(&self) -> bool {
         self.writable.load(Ordering::Acquire)
+    }
+
+    /// Whether writes are paused (a switchover): a worker keeps them in their connections, unanswered,
+    /// instead of refusing them, until the pause ends.
+    pub fn writes_held(&self) -> bool {
+        self.writes_held.load(Ordering::Acquire)
+    }
+
+    /// Whether a write closes its connection instead of being refused (see `writes_closed`).
+    pub fn writes_closed(&self) -> bool {
+        self.writes_closed.load(Ordering::Acquire)
+    }
+
+    /// Pauses client writes (`hold`: workers keep them unanswered in their connections) or ends the
+    /// pause (writes are taken again), and wakes every worker to see it.
+    pub(crate) fn hold_writes(&self, hold: bool, wake: &dyn Wake) {
+        self.writes_held.store(hold, Ordering::SeqCst);
+        self.writable.store(!hold, Ordering::SeqCst);
+        self.version.fetch_add(1, Ordering::SeqCst);
+        wake.wake(0);
     }
 
     /// Takes the role change waiting for `worker`, if any.
@@ -370,11 +461,11 @@ impl Handover {
                 replication.bell = bell;
                 shard.store.set_change_sink(Box::new(sink));
             }
-            Handover::Standby { bell } => {
+            Handover::Standby { bell, applied } => {
                 replication.role = Role::Standby;
                 replication.bell = bell;
-                replication.applied = LogSeq::ZERO;
-                replication.port.applied.store(0, Ordering::Release);
+                replication.applied = applied;
+                replication.port.applied.store(applied.0, Ordering::Release);
                 shard.store.clear_change_sink();
             }
         }
@@ -459,6 +550,7 @@ impl Node {
             })
             .transpose()?;
         let persisted = context.as_ref().map_or(Ok(Epoch(0)), |c| c.epochs.load())?;
+        let mut control = Control::default();
         let (report, sinks, bell, stop, runner) = match settings.role {
             Role::Active => {
                 // An active starting anew begins a reign no lower than any it knows of.
@@ -477,6 +569,7 @@ impl Node {
                     start: vec![LogSeq::ZERO; shards],
                 };
                 let (shipper, handle, sinks) = start.build()?;
+                control.handover = Some((handle.handover.clone(), handle.bell.clone()));
                 let report = Report::Active { history, epoch, report: handle.report.clone() };
                 (report, sinks.into_iter().map(Some).collect::<Vec<_>>(), handle.bell.clone(), handle.stop.clone(), Runner::Ship(Box::new(shipper)))
             }
@@ -489,8 +582,10 @@ impl Node {
                     peer_timeout: settings.peer_timeout,
                     reconnect_delay: std::time::Duration::from_millis(if failover.is_some() { 20 } else { 200 }),
                     dead_after: failover.and(settings.dead_after),
+                    can_promote: failover.is_some(),
                 };
                 let (receiver, handle) = Receiver::new(receiver_config, ports.to_vec(), wake.clone())?;
+                control.promote = Some((handle.promote.clone(), handle.bell.clone()));
                 let mut receiver = receiver;
                 receiver.set_epoch(persisted);
                 tracing::info!(peers = ?settings.peers, "replication: standby, read-only, following the active");
@@ -508,6 +603,14 @@ impl Node {
             stopper: Mutex::new((stop, bell.clone())),
             stopping: AtomicBool::new(false),
             next: Mutex::new(None),
+            writes_held: AtomicBool::new(false),
+            writes_closed: AtomicBool::new(false),
+            marks: Arc::new(WorkerMarks::new(shards)),
+            counts: RoleCounts::default(),
+            control: Mutex::new(control),
+            promotion: context.clone(),
+            changing: Mutex::new(()),
+            reign: AtomicU64::new(0),
         });
         if let (Role::Active, Some(context)) = (settings.role, context) {
             context.watch_for_a_newer_active(state.clone(), Epoch(persisted.0.max(1)));
@@ -530,6 +633,7 @@ impl Node {
                     scratch: Vec::new(),
                     in_snapshot: false,
                     applied: LogSeq::ZERO,
+                    marks: state.marks.clone(),
                 },
                 sink,
             })
@@ -567,26 +671,57 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                 // with the active still silent in between, before this standby promotes: a standby whose
                 // own link just came back first gets the time to hear from its active again.
                 let mut answered_before = true;
-                loop {
-                    if receiver.run() != replica::receiver::Exit::ActiveDead {
-                        return;
+                let why = loop {
+                    use replica::receiver::Exit;
+                    let why = match receiver.run() {
+                        Exit::Stopped => return,
+                        Exit::ActiveDead => "the active was silent past dead_after".to_string(),
+                        Exit::HandedOver { from } => format!("switchover: the active {from} handed over"),
+                        Exit::PromoteRequested => "asked by tandemctl promote".to_string(),
+                    };
+                    let Some(promotion) = promotion.as_ref() else {
+                        // Without failover settings there is nothing to promote with: keep following.
+                        tracing::warn!(%why, "cannot promote without a [failover] table; staying standby");
+                        continue;
+                    };
+                    if why.starts_with("the active was silent") {
+                        let answers = promotion.witness_answers(state, &mut refused_once);
+                        if !(answers && answered_before) {
+                            answered_before = answers;
+                            receiver.grace();
+                            continue;
+                        }
                     }
-                    let Some(promotion) = promotion.as_ref() else { return };
-                    let answers = promotion.witness_answers(state, &mut refused_once);
-                    if answers && answered_before {
-                        break;
-                    }
-                    answered_before = answers;
-                    receiver.grace();
-                }
+                    break why;
+                };
                 let Some(promotion) = promotion else { return };
-                match promotion.run(&mut receiver, state) {
+                match promotion.run(&mut receiver, state, &why) {
                     Some(shipper) => Runner::Ship(shipper),
                     None => return,
                 }
             }
         }
     }
+}
+
+/// How long a node that handed over closes the connections of writes instead of refusing them.
+const CLOSE_WRITES_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a node steps down ([`Promotion::step_down`]).
+pub(crate) struct StepDown {
+    /// The epoch the receiver presents (and stores, with `persist`).
+    pub epoch: Epoch,
+    pub persist: bool,
+    /// This node's history and each shard's last position in it, to resume from.
+    pub resume: Option<(ReplicationId, Vec<LogSeq>)>,
+    /// Its copy is complete: it may take over again if no active shows up (see
+    /// [`Receiver::assume_synced`]).
+    pub assume_synced: bool,
+    /// Writes held by a pause are let go by closing their connections (for [`CLOSE_WRITES_FOR`]),
+    /// while this node still holds the service address, so their clients reconnect to the new active.
+    pub close_held: bool,
+    /// The role change's reason, for the log.
+    pub why: String,
 }
 
 /// What the replication thread runs.
@@ -600,18 +735,23 @@ enum Runner {
 /// What a node with failover needs to change role: take over when its active dies, or step down
 /// when it meets an active of a higher epoch.
 #[derive(Clone)]
-struct Promotion {
-    settings: ReplicationSettings,
-    failover: FailoverSettings,
+pub(crate) struct Promotion {
+    pub(crate) settings: ReplicationSettings,
+    pub(crate) failover: FailoverSettings,
     ports: Arc<Vec<Arc<ShardPort>>>,
-    wake: Arc<dyn Wake>,
-    epochs: crate::failover::EpochFile,
+    pub(crate) wake: Arc<dyn Wake>,
+    pub(crate) epochs: crate::failover::EpochFile,
 }
 
 impl Promotion {
+    /// Shards of this node.
+    pub(crate) fn shard_count(&self) -> u16 {
+        self.ports.len() as u16
+    }
+
     /// Takes over: a new epoch on disk first, then writes allowed with every change logged, then the
     /// service address claimed and announced; then ships to whatever standbys connect.
-    fn run(self, receiver: &mut Receiver, state: &Arc<NodeState>) -> Option<Box<Shipper>> {
+    fn run(self, receiver: &mut Receiver, state: &Arc<NodeState>, why: &str) -> Option<Box<Shipper>> {
         let started = std::time::Instant::now();
         // Let the shards apply everything already received: the new log continues from there.
         let deadline = started + std::time::Duration::from_secs(1);
@@ -626,6 +766,11 @@ impl Promotion {
             tracing::error!(error = %e, "cannot persist the new epoch: not promoting");
             return None;
         }
+        // The address first, writes held meanwhile (not refused): by the time a peer can see this node
+        // as the active (its shipper listens), clients have been told where the address is. A switchover's
+        // old active waits for that before it lets its clients go.
+        state.hold_writes(true, &*self.wake);
+        let claimed = crate::failover::take_service_address(&self.failover);
         let new_history = ReplicationId::random();
         let previous = history.map(|history| replica::handshake::PreviousHistory { history, until: applied.clone() });
         let start = ActiveStart {
@@ -641,18 +786,20 @@ impl Promotion {
         let (shipper, sinks, bell, report, stopper) = match built {
             Some(Ok((shipper, handle, sinks))) => {
                 let report = Report::Active { history: new_history, epoch, report: handle.report.clone() };
+                state.control.lock().unwrap().handover = Some((handle.handover.clone(), handle.bell.clone()));
                 (Some(shipper), sinks, handle.bell.clone(), report, Some((handle.stop.clone(), handle.bell)))
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "promoted, but cannot ship to standbys");
-                self.promote_without_shipping(state, epoch, started);
+                self.promote_without_shipping(state, epoch, started, why, claimed);
                 return None;
             }
             None => {
-                self.promote_without_shipping(state, epoch, started);
+                self.promote_without_shipping(state, epoch, started, why, claimed);
                 return None;
             }
         };
+        state.control.lock().unwrap().promote = None;
         for (worker, sink) in sinks.into_iter().enumerate() {
             *state.handovers[worker].lock().unwrap() = Some(Handover::Active { sink, bell: bell.clone(), mode: self.settings.mode });
         }
@@ -660,15 +807,16 @@ impl Promotion {
         if let Some(stopper) = stopper {
             *state.stopper.lock().unwrap() = stopper;
         }
-        self.open_for_writes(state, epoch, started);
+        self.open_for_writes(state, epoch, started, why, claimed);
         self.clone().watch_for_a_newer_active(state.clone(), epoch);
         shipper.filter(|_| !state.stopping.load(Ordering::SeqCst)).map(Box::new)
     }
 
     /// Promotion for a node with no `replication.listen`: it serves writes and ships to nobody.
-    fn promote_without_shipping(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant) {
+    fn promote_without_shipping(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant, why: &str, claimed: Result<(), String>) {
         tracing::warn!("no replication.listen: the promoted node ships to no standby");
-        self.open_for_writes(state, epoch, started);
+        state.control.lock().unwrap().promote = None;
+        self.open_for_writes(state, epoch, started, why, claimed);
         while !state.stopping.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -695,19 +843,26 @@ impl Promotion {
     }
 
     /// While this node is active, asks its peers every half second whether one of them is an active of a
-    /// higher epoch (it took over while this node was cut off); if so, steps down.
+    /// higher epoch (it took over while this node was cut off); if so, steps down. Ends when this reign
+    /// ends; waits while a switchover pauses writes (the switchover steps down itself, resuming).
     fn watch_for_a_newer_active(self, state: Arc<NodeState>, epoch: Epoch) {
         if self.settings.peers.is_empty() {
             return;
         }
+        let reign = state.reign.load(Ordering::SeqCst);
         let spawned = std::thread::Builder::new().name("tandem-watch".into()).spawn(move || {
             let shards = self.ports.len() as u16;
             let patience = self.settings.dead_after.unwrap_or(std::time::Duration::from_millis(500));
-            while !state.stopping.load(Ordering::SeqCst) {
+            while !state.stopping.load(Ordering::SeqCst) && state.reign.load(Ordering::SeqCst) == reign {
                 std::thread::sleep(std::time::Duration::from_millis(500));
+                if state.writes_held() || state.reign.load(Ordering::SeqCst) != reign {
+                    continue;
+                }
                 let found = replica::receiver::probe_for_active(&self.settings.peers, &self.settings.secret, shards, epoch, patience);
                 if let Some(found) = found.filter(|found| found.epoch > epoch) {
-                    self.step_down(&state, epoch, found);
+                    let why = format!("stepped down to standby: {} is the active at {} (ours was {epoch})", found.addr, found.epoch);
+                    let plan = StepDown { epoch: found.epoch, persist: true, resume: None, assume_synced: false, close_held: false, why };
+                    self.step_down(&state, reign, plan);
                     return;
                 }
             }
@@ -717,11 +872,19 @@ impl Promotion {
         }
     }
 
-    /// Steps down to a standby of `found`: stop taking writes, give up the service address, stop
-    /// shipping, and follow the newer active (a full sync: what this node took meanwhile is not theirs).
-    fn step_down(&self, state: &Arc<NodeState>, epoch: Epoch, found: replica::receiver::ActiveFound) {
-        if let Err(e) = self.epochs.store(found.epoch) {
-            tracing::error!(error = %e, "cannot persist the newer epoch");
+    /// Steps down to a standby: stop taking writes, give up the service address, stop shipping, and
+    /// follow whichever peer is the active. With `plan.resume`, this node presents its own history and
+    /// log positions, so a new active that continues that history resumes it (a partial resync);
+    /// without, it takes a full sync (what this node took meanwhile is not the new active's).
+    /// Returns false, doing nothing, when this node's reign `reign` already ended.
+    pub(crate) fn step_down(&self, state: &Arc<NodeState>, reign: u64, plan: StepDown) -> bool {
+        if state.reign.compare_exchange(reign, reign + 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return false;
+        }
+        if plan.persist {
+            if let Err(e) = self.epochs.store(plan.epoch) {
+                tracing::error!(error = %e, "cannot persist the newer epoch");
+            }
         }
         let receiver_config = ReceiverConfig {
             peers: self.settings.peers.clone(),
@@ -731,47 +894,87 @@ impl Promotion {
             peer_timeout: self.settings.peer_timeout,
             reconnect_delay: std::time::Duration::from_millis(20),
             dead_after: self.settings.dead_after,
+            can_promote: true,
         };
         let (mut receiver, handle) = match Receiver::new(receiver_config, self.ports.to_vec(), self.wake.clone()) {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::error!(error = %e, "cannot step down: no receiver");
-                return;
+                return false;
             }
         };
-        receiver.set_epoch(found.epoch);
+        receiver.set_epoch(plan.epoch);
+        let positions = match plan.resume {
+            Some((history, positions)) => {
+                receiver.set_history(history);
+                positions
+            }
+            None => vec![LogSeq::ZERO; self.ports.len()],
+        };
+        if plan.assume_synced {
+            receiver.assume_synced();
+        }
         state.writable.store(false, Ordering::SeqCst);
+        state.writes_closed.store(plan.close_held, Ordering::SeqCst);
+        state.writes_held.store(false, Ordering::SeqCst);
         for (worker, port) in self.ports.iter().enumerate() {
-            *state.handovers[worker].lock().unwrap() = Some(Handover::Standby { bell: handle.bell.clone() });
+            let applied = positions.get(worker).copied().unwrap_or(LogSeq::ZERO);
+            // The receiver presents this at its first handshake, before the worker installs the handover.
+            port.applied.store(applied.0, Ordering::Release);
+            *state.handovers[worker].lock().unwrap() = Some(Handover::Standby { bell: handle.bell.clone(), applied });
             // Replies held for a standby's ack are released: this node's writes are not kept.
             port.acked.store(replica::port::ACKED_ALL, Ordering::Release);
         }
         state.version.fetch_add(1, Ordering::SeqCst);
         self.wake.wake(0);
+        if plan.close_held {
+            // Let every worker close its held writes' connections while the address is still here.
+            let start = state.marks.rounds();
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+            while state.marks.rounds().iter().zip(&start).any(|(now, then)| *now < then + 2) && std::time::Instant::now() < until {
+                self.wake.wake(0);
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+            let (state, wake) = (state.clone(), self.wake.clone());
+            let _ = std::thread::Builder::new().name("tandem-unclose".into()).spawn(move || {
+                std::thread::sleep(CLOSE_WRITES_FOR);
+                state.writes_closed.store(false, Ordering::SeqCst);
+                state.version.fetch_add(1, Ordering::SeqCst);
+                wake.wake(0);
+            });
+        }
         let released = takeover::release(&self.failover.interface, self.failover.service_ip, self.failover.prefix_len);
         *state.report.lock().unwrap() = Report::Standby { report: handle.report.clone() };
+        {
+            let mut control = state.control.lock().unwrap();
+            control.handover = None;
+            control.promote = Some((handle.promote.clone(), handle.bell.clone()));
+        }
         *state.next.lock().unwrap() = Some(Runner::Follow(Box::new(receiver), Some(Box::new(self.clone()))));
         let (old_stop, old_bell) = std::mem::replace(&mut *state.stopper.lock().unwrap(), (handle.stop.clone(), handle.bell.clone()));
         old_stop.store(true, Ordering::SeqCst);
         old_bell.ring_always();
+        state.counts.step_downs.fetch_add(1, Ordering::Relaxed);
         state.note(format!(
-            "stepped down to standby: {} is the active at {} (ours was {epoch}); service address {}",
-            found.addr,
-            found.epoch,
+            "{}; service address {}",
+            plan.why,
             match released {
                 Ok(_) => "released".to_string(),
                 Err(e) => format!("NOT released: {e}"),
             }
         ));
+        true
     }
 
-    fn open_for_writes(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant) {
+    /// Takes writes (the held ones run now); notes the promotion with how the address was `claimed`.
+    fn open_for_writes(&self, state: &NodeState, epoch: Epoch, started: std::time::Instant, why: &str, claimed: Result<(), String>) {
+        state.writes_held.store(false, Ordering::SeqCst);
         state.writable.store(true, Ordering::SeqCst);
         state.version.fetch_add(1, Ordering::SeqCst);
         self.wake.wake(0);
-        let claimed = crate::failover::take_service_address(&self.failover);
+        state.counts.promotions.fetch_add(1, Ordering::Relaxed);
         state.note(format!(
-            "promoted to active at {epoch}: the active was silent past dead_after; service address {}/{} {}; {} ms",
+            "promoted to active at {epoch}: {why}; service address {}/{} {}; {} ms",
             self.failover.service_ip,
             self.failover.prefix_len,
             match &claimed {

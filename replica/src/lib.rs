@@ -12,6 +12,7 @@
 //! - [`port`]: what a shard's core and the replication core share (acks, snapshot requests and chunks,
 //!   records to apply, the applied position).
 //! - [`shipper`]: the active's replication core; [`receiver`]: the standby's.
+//! - [`handover`]: a planned switchover from an active to a caught-up standby, over the same link.
 //! - [`transport`]: link traits with an in-memory link, used by tests; the shipper and receiver speak
 //!   TCP directly for now (extracting the transport behind a trait comes with the RDMA transport).
 //!
@@ -22,6 +23,7 @@
 
 pub mod backlog;
 pub mod frame;
+pub mod handover;
 pub mod handshake;
 pub mod ids;
 pub mod log;

@@ -9,6 +9,11 @@
 //! shard's core applies them and publishes [`ShardPort::applied`], which goes back as acks. When a
 //! shard's queue is full the receiver stops reading: back-pressure reaches the active through TCP.
 //!
+//! A planned handover (`Handover` from the active, see [`crate::handover`]): the receiver answers
+//! whether it holds exactly the active's log, and if it does, leaves the stream and returns
+//! [`Exit::HandedOver`] so that the server promotes it. [`ReceiverHandle::promote`] makes it return
+//! [`Exit::PromoteRequested`] (an operator's `tandemctl promote`).
+//!
 //! A lost connection (closed, silent past the peer timeout, or lying) is redialled after a short delay,
 //! presenting the history and what each shard applied, so a standby that was away briefly resumes from
 //! the active's backlog. A shard whose snapshot was cut off presents nothing applied, so it is
@@ -50,6 +55,8 @@ pub struct ReceiverConfig {
     /// Failover: once fully synced, an active not heard from for this long is declared dead and
     /// [`Receiver::run`] returns [`Exit::ActiveDead`] (None: never).
     pub dead_after: Option<Duration>,
+    /// Whether this node can take over when its active hands over (it has failover settings).
+    pub can_promote: bool,
 }
 
 /// Why [`Receiver::run`] returned.
@@ -59,6 +66,10 @@ pub enum Exit {
     Stopped,
     /// The active was silent for `dead_after` after this standby had been fully synced.
     ActiveDead,
+    /// The active handed over (a planned switchover) and this standby accepted: it must take over.
+    HandedOver { from: SocketAddr },
+    /// [`ReceiverHandle::promote`] was set.
+    PromoteRequested,
 }
 
 /// What `stats replication` shows on a standby.
@@ -84,6 +95,8 @@ pub struct ReceiverHandle {
     pub bell: Arc<Bell>,
     pub report: Arc<Mutex<ReceiverReport>>,
     pub stop: Arc<AtomicBool>,
+    /// Set it (and ring the bell) to make [`Receiver::run`] return [`Exit::PromoteRequested`].
+    pub promote: Arc<AtomicBool>,
 }
 
 struct Connection {
@@ -124,6 +137,9 @@ pub struct Receiver {
     synced_once: bool,
     /// When the active was last heard from, across connections.
     last_heard: Instant,
+    promote: Arc<AtomicBool>,
+    /// The active that handed over to this standby, once it accepted.
+    handed_over: Option<SocketAddr>,
 }
 
 impl Receiver {
@@ -132,7 +148,8 @@ impl Receiver {
         let bell = Bell::new(mio::Waker::new(poll.registry(), BELL)?);
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(ReceiverReport { state: "connecting", ..Default::default() }));
-        let handle = ReceiverHandle { bell: bell.clone(), report: report.clone(), stop: stop.clone() };
+        let promote = Arc::new(AtomicBool::new(false));
+        let handle = ReceiverHandle { bell: bell.clone(), report: report.clone(), stop: stop.clone(), promote: promote.clone() };
         let receiver = Receiver {
             config,
             poll,
@@ -149,6 +166,8 @@ impl Receiver {
             held: VecDeque::new(),
             synced_once: false,
             last_heard: Instant::now(),
+            promote,
+            handed_over: None,
         };
         Ok((receiver, handle))
     }
@@ -168,12 +187,37 @@ impl Receiver {
         self.epoch = epoch;
     }
 
+    /// Presents `history` at the next handshake, with what the shards' ports say they applied of it:
+    /// an active that stepped down at a known point resumes from there (a partial resync) instead of
+    /// a full sync, when the new active's log continues that history.
+    pub fn set_history(&mut self, history: ReplicationId) {
+        self.history = Some(history);
+    }
+
+    /// Treats this standby's copy as complete, as if it had streamed every shard once: it may take
+    /// over when no active is heard from for `dead_after` (an active that handed over to a standby
+    /// that then never took over takes over again).
+    pub fn assume_synced(&mut self) {
+        self.synced_once = true;
+        self.last_heard = Instant::now();
+    }
+
     pub fn run(&mut self) -> Exit {
         let mut events = Events::with_capacity(64);
         let mut last_report = Instant::now();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Exit::Stopped;
+            }
+            if let Some(from) = self.handed_over.take() {
+                self.drop_connection("the active handed over to this standby");
+                self.publish_report();
+                return Exit::HandedOver { from };
+            }
+            if self.promote.swap(false, Ordering::AcqRel) {
+                self.drop_connection("promoted by the operator");
+                self.publish_report();
+                return Exit::PromoteRequested;
             }
             if let Some(conn) = &self.conn {
                 if conn.handshake.is_none() && !conn.awaiting_snapshot.iter().any(|&a| a) {
@@ -340,7 +384,7 @@ impl Receiver {
             self.last_heard = conn.last_heard;
             self.counters.bytes_received += n as u64;
             self.dispatch()?;
-            if !self.held.is_empty() {
+            if !self.held.is_empty() || self.handed_over.is_some() {
                 break;
             }
             budget = budget.saturating_sub(n);
@@ -353,7 +397,8 @@ impl Receiver {
 
     /// Handles every whole message buffered, until a shard's queue is full.
     fn dispatch(&mut self) -> Result<(), String> {
-        while self.held.is_empty() {
+        // Nothing after an accepted handover is read: this standby is about to take over.
+        while self.held.is_empty() && self.handed_over.is_none() {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
             let Some(action) = next_action(conn, &self.ports)? else { return Ok(()) };
             match action {
@@ -363,9 +408,44 @@ impl Receiver {
                     self.deliver_held();
                 }
                 Action::Heartbeat(epoch) => self.epoch = self.epoch.max(epoch),
+                Action::Handover(epoch, through) => {
+                    self.answer_handover(epoch, &through);
+                    if self.handed_over.is_some() {
+                        return Ok(());
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Answers the active's handover at `through`: accepts when every shard received and applied
+    /// exactly that much (then nothing more is read from this connection), refuses otherwise.
+    fn answer_handover(&mut self, epoch: Epoch, through: &[LogSeq]) {
+        // Whatever is still queued for the shards must be applied before the copy can be judged.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while (!self.held.is_empty() || self.ports.iter().any(|p| !p.inbound.is_empty())) && Instant::now() < deadline {
+            self.deliver_held();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let applied: Vec<LogSeq> = self.ports.iter().map(|p| p.applied()).collect();
+        let Some(conn) = self.conn.as_mut() else { return };
+        let verdict = if conn.in_snapshot.iter().any(|&s| s) || conn.awaiting_snapshot.iter().any(|&s| s) {
+            Err("a shard is in a full sync".to_string())
+        } else {
+            crate::handover::standby_verdict(self.config.can_promote, &conn.received, &applied, through)
+        };
+        match &verdict {
+            Ok(()) => tracing::warn!(addr = %conn.addr, %epoch, "the active hands over: taking over"),
+            Err(reason) => tracing::warn!(addr = %conn.addr, %reason, "refusing the active's handover"),
+        }
+        wire::encode_handover_reply(verdict.is_ok(), verdict.as_ref().err().map_or("", String::as_str), &mut conn.out);
+        // The answer is a few bytes into an idle socket: it goes out at once.
+        let _ = flush(conn);
+        if verdict.is_ok() {
+            self.epoch = self.epoch.max(epoch);
+            self.handed_over = Some(conn.addr);
+        }
     }
 
     fn handshake(&mut self, message: Handshake) -> Result<(), String> {
@@ -481,6 +561,7 @@ enum Action {
     Handshake(Handshake),
     Deliver(usize, Inbound),
     Heartbeat(Epoch),
+    Handover(Epoch, Vec<LogSeq>),
 }
 
 /// Decodes and checks the next buffered message against the connection's state.
@@ -540,7 +621,8 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option
             Action::Deliver(shard, Inbound::SnapshotEnd)
         }
         Message::Heartbeat { epoch, .. } => Action::Heartbeat(epoch),
-        Message::Ack { .. } | Message::Handshake(_) => return Err("the active sent a message out of turn".into()),
+        Message::Handover { epoch, through } => Action::Handover(epoch, through),
+        Message::Ack { .. } | Message::Handshake(_) | Message::HandoverReply { .. } => return Err("the active sent a message out of turn".into()),
     }))
 }
 

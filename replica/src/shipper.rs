@@ -18,6 +18,10 @@
 //! result, DELETE, TOUCH, FLUSH), so applying them in that order leaves the standby equal to the shard.
 //! Standbys that need a shard while its snapshot is under way wait for the next one.
 //!
+//! Planned handover (switchover): while the server's [`HandoverSlot`] is busy, each round checks
+//! whether a standby has applied every shard through the requested point, sends it `Handover`, and
+//! records its answer (see [`crate::handover`]).
+//!
 //! Sync mode and the ack policy: a shard's watermark is the lowest (`all`) or highest (`one`) sequence
 //! acknowledged by the standbys streaming that shard. With no standby streaming it is [`ACKED_ALL`]:
 //! a cache that stopped answering writes because its standby is gone would be worse than one that is
@@ -35,6 +39,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::backlog::Backlog;
 use crate::frame;
+use crate::handover::{self, Candidate, HandoverSlot, HandoverState};
 use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonce, Outcome, PreviousHistory, ShardStart};
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
@@ -125,6 +130,8 @@ pub struct ShipperHandle {
     pub report: Arc<Mutex<ShipperReport>>,
     pub stop: Arc<AtomicBool>,
     pub listen: SocketAddr,
+    /// A planned handover to a standby (switchover).
+    pub handover: Arc<HandoverSlot>,
 }
 
 /// Where a standby is with one shard.
@@ -194,6 +201,7 @@ pub struct Shipper {
     scratch: Vec<u8>,
     last_heartbeat: Instant,
     degraded: Vec<bool>,
+    handover: Arc<HandoverSlot>,
 }
 
 impl Shipper {
@@ -219,7 +227,8 @@ impl Shipper {
             })
             .collect();
         let shards = logs.len();
-        let handle = ShipperHandle { bell: bell.clone(), report: report.clone(), stop: stop.clone(), listen };
+        let handover = Arc::new(HandoverSlot::default());
+        let handle = ShipperHandle { bell: bell.clone(), report: report.clone(), stop: stop.clone(), listen, handover: handover.clone() };
         let counters = ShipperReport { listen: listen.to_string(), ..Default::default() };
         let shipper = Shipper {
             config,
@@ -239,6 +248,7 @@ impl Shipper {
             scratch: Vec::new(),
             last_heartbeat: Instant::now(),
             degraded: vec![false; shards],
+            handover,
         };
         Ok((shipper, handle))
     }
@@ -282,6 +292,9 @@ impl Shipper {
             if self.last_heartbeat.elapsed() >= self.config.heartbeat_interval {
                 self.last_heartbeat = Instant::now();
                 self.heartbeat_and_expire();
+            }
+            if self.handover.busy() {
+                self.drive_handover();
             }
             self.reap();
             if last_report.elapsed() >= Duration::from_millis(50) {
@@ -460,6 +473,18 @@ impl Shipper {
                     }
                 }
                 (PeerState::Streaming, Message::Heartbeat { .. }) => {}
+                (PeerState::Streaming, Message::HandoverReply { accepted, reason }) => {
+                    let (addr, reason) = (peer.addr, String::from_utf8_lossy(reason).into_owned());
+                    tracing::info!(%addr, accepted, %reason, "standby answered the handover");
+                    self.handover.update(|state| match state {
+                        HandoverState::Sent { addr: sent_to, .. } if *sent_to == addr => Some(if accepted {
+                            HandoverState::Accepted { addr }
+                        } else {
+                            HandoverState::Refused { addr, reason }
+                        }),
+                        _ => None,
+                    });
+                }
                 (_, other) => {
                     tracing::warn!(addr = %peer.addr, message = ?std::mem::discriminant(&other), "standby sent a message out of turn; dropping it");
                     peer.closed = true;
@@ -642,6 +667,62 @@ impl Shipper {
             self.publish_acked(shard);
         }
         wrote
+    }
+
+    /// Moves a planned handover on: sends it to the first standby that has applied every shard through
+    /// the requested point, gives up at the deadline, and notices a standby that went away unanswering.
+    fn drive_handover(&mut self) {
+        let now = Instant::now();
+        let mut send_to = None;
+        let newest: Vec<LogSeq> = self.backlogs.iter().map(Backlog::newest).collect();
+        let candidates: Vec<Candidate> = self
+            .peers
+            .iter()
+            .flatten()
+            .map(|peer| Candidate {
+                addr: peer.addr,
+                streaming: !peer.closed
+                    && matches!(peer.state, PeerState::Streaming)
+                    && peer.shards.iter().all(|s| matches!(s.sync, ShardSync::Streaming)),
+                acked: peer.shards.iter().map(|s| s.acked).collect(),
+            })
+            .collect();
+        let live = |addr: SocketAddr| candidates.iter().any(|c| c.addr == addr && c.streaming);
+        self.handover.update(|state| match state {
+            HandoverState::Wanted { through, deadline } => {
+                if let Some((shard, seq)) = newest.iter().zip(through).enumerate().find_map(|(s, (n, t))| (n > t).then_some((s, n))) {
+                    return Some(HandoverState::Failed {
+                        reason: format!("shard {shard} logged {} after the pause point {}", seq.0, through[shard].0),
+                    });
+                }
+                if let Some(index) = handover::pick_standby(&candidates, through) {
+                    send_to = Some((candidates[index].addr, through.clone()));
+                    return Some(HandoverState::Sent { addr: candidates[index].addr, deadline: now + handover::ANSWER_TIMEOUT });
+                }
+                (now >= *deadline).then(|| HandoverState::Failed {
+                    reason: format!("no standby caught up in time: {}", handover::progress(&candidates, through)),
+                })
+            }
+            HandoverState::Sent { addr, deadline } => {
+                if !live(*addr) {
+                    Some(HandoverState::Unknown { addr: *addr, reason: "the standby went away without answering".into() })
+                } else if now >= *deadline {
+                    Some(HandoverState::Unknown { addr: *addr, reason: "the standby did not answer in time".into() })
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        });
+        if let Some((addr, through)) = send_to {
+            if let Some(peer) = self.peers.iter_mut().flatten().find(|p| p.addr == addr) {
+                tracing::info!(%addr, ?through, "handing over to the standby");
+                wire::encode_handover(self.config.epoch, &through, &mut peer.out);
+                if flush_out(peer).is_err() {
+                    peer.closed = true;
+                }
+            }
+        }
     }
 
     fn heartbeat_and_expire(&mut self) {

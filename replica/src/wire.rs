@@ -11,6 +11,8 @@
 //! | `SnapshotEnd` | active -> standby | shard u16: the shard's snapshot is complete |
 //! | `Ack` | standby -> active | shard u16, seq u64: every record up to `seq` is applied |
 //! | `Heartbeat` | both | epoch u64, sender's clock in ms u64 |
+//! | `Handover` | active -> standby | epoch u64, then per shard the last seq u64: a planned switchover; every record that exists is through these; take over once they are applied |
+//! | `HandoverReply` | standby -> active | accepted u8 (1 or 0), then why, UTF-8 (at most [`HANDOVER_REASON_MAX`] bytes) |
 //!
 //! [`MessageReader`] reassembles messages from reads of any size and checks each one completely before
 //! handing it out (frames and records carry their own checksums). A stream that breaks any rule is
@@ -36,7 +38,12 @@ pub enum Kind {
     SnapshotEnd = 5,
     Ack = 6,
     Heartbeat = 7,
+    Handover = 8,
+    HandoverReply = 9,
 }
+
+/// Longest reason a standby gives with its answer to a handover.
+pub const HANDOVER_REASON_MAX: usize = 1024;
 
 /// One checked message, borrowing from the reader's buffer.
 #[derive(Debug)]
@@ -49,6 +56,10 @@ pub enum Message<'a> {
     SnapshotEnd { shard: ShardId },
     Ack { shard: ShardId, seq: LogSeq },
     Heartbeat { epoch: Epoch, millis: u64 },
+    /// A planned switchover: the active stopped taking writes at `through` (per shard) in `epoch`.
+    Handover { epoch: Epoch, through: Vec<LogSeq> },
+    /// The standby's answer: it takes over (and is gone from this stream), or why not.
+    HandoverReply { accepted: bool, reason: &'a [u8] },
 }
 
 /// Why a stream was refused.
@@ -114,6 +125,26 @@ pub fn encode_heartbeat(epoch: Epoch, millis: u64, out: &mut Vec<u8>) {
     payload[..8].copy_from_slice(&epoch.0.to_le_bytes());
     payload[8..].copy_from_slice(&millis.to_le_bytes());
     encode(Kind::Heartbeat, &payload, out);
+}
+
+pub fn encode_handover(epoch: Epoch, through: &[LogSeq], out: &mut Vec<u8>) {
+    let start = begin(Kind::Handover, out);
+    out.extend_from_slice(&epoch.0.to_le_bytes());
+    for seq in through {
+        out.extend_from_slice(&seq.0.to_le_bytes());
+    }
+    finish(out, start);
+}
+
+pub fn encode_handover_reply(accepted: bool, reason: &str, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(HANDOVER_REASON_MAX);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let start = begin(Kind::HandoverReply, out);
+    out.push(u8::from(accepted));
+    out.extend_from_slice(&reason.as_bytes()[..end]);
+    finish(out, start);
 }
 
 /// The records of a [`Message::SnapshotItems`] (already checked by the reader).
@@ -239,6 +270,19 @@ fn parse(kind: u8, payload: &[u8], max: usize) -> Result<Message<'_>, WireError>
             want(Kind::Heartbeat, 16)?;
             Message::Heartbeat { epoch: Epoch(u64_at(payload, 0)), millis: u64_at(payload, 8) }
         }
+        8 => {
+            if payload.len() < 8 || payload.len() % 8 != 0 {
+                return Err(WireError::BadLength { kind: Kind::Handover, len: payload.len() });
+            }
+            let through = payload[8..].chunks_exact(8).map(|c| LogSeq(u64::from_le_bytes(c.try_into().expect("8 bytes")))).collect();
+            Message::Handover { epoch: Epoch(u64_at(payload, 0)), through }
+        }
+        9 => {
+            if payload.is_empty() || payload.len() > 1 + HANDOVER_REASON_MAX || payload[0] > 1 {
+                return Err(WireError::BadLength { kind: Kind::HandoverReply, len: payload.len() });
+            }
+            Message::HandoverReply { accepted: payload[0] == 1, reason: &payload[1..] }
+        }
         other => return Err(WireError::UnknownKind(other)),
     })
 }
@@ -309,6 +353,34 @@ mod tests {
         assert_eq!(seen[3], "items 1 1");
         assert!(seen[5].contains("Ack"));
         assert_eq!(reader.buffered(), 0);
+    }
+
+    #[test]
+    fn a_handover_and_its_answers_round_trip() {
+        let mut out = Vec::new();
+        encode_handover(Epoch(4), &[LogSeq(10), LogSeq(0), LogSeq(7)], &mut out);
+        encode_handover_reply(true, "", &mut out);
+        encode_handover_reply(false, &"é".repeat(HANDOVER_REASON_MAX), &mut out);
+        let mut reader = MessageReader::new(1 << 20);
+        reader.feed(&out);
+        match reader.next_message().unwrap() {
+            Some(Message::Handover { epoch, through }) => {
+                assert_eq!((epoch, through), (Epoch(4), vec![LogSeq(10), LogSeq(0), LogSeq(7)]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(reader.next_message().unwrap(), Some(Message::HandoverReply { accepted: true, reason: b"" })));
+        match reader.next_message().unwrap() {
+            Some(Message::HandoverReply { accepted: false, reason }) => {
+                assert!(reason.len() <= HANDOVER_REASON_MAX && std::str::from_utf8(reason).is_ok(), "cut at a character boundary");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut bad = Vec::new();
+        encode(Kind::Handover, &[0; 12], &mut bad);
+        let mut reader = MessageReader::new(1 << 20);
+        reader.feed(&bad);
+        assert!(matches!(reader.next_message(), Err(WireError::BadLength { kind: Kind::Handover, len: 12 })));
     }
 
     #[test]

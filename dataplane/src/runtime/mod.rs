@@ -63,6 +63,8 @@ impl Shared {
 pub struct Server {
     pub shared: Arc<Shared>,
     replication: Option<crate::replication::Node>,
+    /// `tandemctl`'s endpoint, with replication.
+    admin: Option<crate::admin::AdminServer>,
     mailboxes: Arc<mailbox::Mailboxes>,
     threads: Vec<JoinHandle<()>>,
     /// The addresses actually bound (the port is resolved when `-p 0`).
@@ -149,7 +151,11 @@ impl Server {
                 ));
             }
         }
-        Ok(Server { shared, replication, mailboxes, threads: handles, addrs })
+        let admin = match (&settings.admin_socket, &replication) {
+            (Some(path), Some(node)) => Some(crate::admin::AdminServer::start(path, node.state.clone())?),
+            _ => None,
+        };
+        Ok(Server { shared, replication, admin, mailboxes, threads: handles, addrs })
     }
 
     /// Asks every worker to stop.
@@ -162,6 +168,9 @@ impl Server {
 
     /// Waits for every worker to finish, then stops replication.
     pub fn join(mut self) {
+        if let Some(mut admin) = self.admin.take() {
+            admin.stop();
+        }
         for t in self.threads {
             let _ = t.join();
         }

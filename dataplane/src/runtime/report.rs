@@ -97,6 +97,12 @@ fn replication(shared: &Shared) -> Pairs {
         }
     }
     push(&mut p, "role_changes", changes.len().to_string());
+    let counts = &node.counts;
+    push(&mut p, "promotions", counts.promotions.load(std::sync::atomic::Ordering::Relaxed).to_string());
+    push(&mut p, "step_downs", counts.step_downs.load(std::sync::atomic::Ordering::Relaxed).to_string());
+    push(&mut p, "switchovers", counts.switchovers.load(std::sync::atomic::Ordering::Relaxed).to_string());
+    push(&mut p, "switchovers_aborted", counts.switchovers_aborted.load(std::sync::atomic::Ordering::Relaxed).to_string());
+    push(&mut p, "writes_paused", u8::from(node.writes_held()).to_string());
     if let Some(last) = changes.last() {
         push(&mut p, "last_role_change", last.replace(' ', "_"));
     }

@@ -70,6 +70,10 @@ pub struct Worker<T: Transport> {
     /// do not, until it is promoted). Changed only between rounds, with the store's log.
     role_version: u64,
     writable: bool,
+    /// A switchover's pause: writes wait in their connections (revisited each round) until it ends.
+    hold_writes: bool,
+    /// Just after a switchover: a write closes its connection instead of being refused.
+    close_writes: bool,
 }
 
 /// What a connection needs after a service pass.
@@ -140,6 +144,8 @@ impl<T: Transport> Worker<T> {
             held: Vec::new(),
             role_version: 0,
             writable: !settings.read_only(),
+            hold_writes: false,
+            close_writes: false,
         })
     }
 
@@ -276,6 +282,8 @@ impl<T: Transport> Worker<T> {
             handover.install(&mut self.shard, replication);
         }
         self.writable = node.writable();
+        self.hold_writes = node.writes_held();
+        self.close_writes = node.writes_closed();
         self.shard.store.set_read_only(!self.writable);
         tracing::info!(worker = self.id, writable = self.writable, "worker follows the node's new role");
     }
@@ -312,10 +320,13 @@ impl<T: Transport> Worker<T> {
                 limits: self.limits,
                 replication: self.replication.as_ref(),
                 read_only: !self.writable,
+                hold_writes: self.hold_writes,
+                close_writes: self.close_writes,
             };
             service(&mut ctx, &mut self.net, conn, conn_ref, &mut self.scratch)
         };
-        if !conn.holds.is_empty() && !self.held.contains(&index) {
+        let waits = !conn.holds.is_empty() || (self.hold_writes && !conn.input.is_empty());
+        if waits && !self.held.contains(&index) {
             self.held.push(index);
         }
         match next {
@@ -395,6 +406,10 @@ struct Ctx<'w> {
     replication: Option<&'w ShardReplication>,
     /// Refuse writes (a standby).
     read_only: bool,
+    /// Instead of refusing them, leave writes unread in the connection's input (a switchover's pause),
+    /// or close their connection unanswered (just after the switchover).
+    hold_writes: bool,
+    close_writes: bool,
 }
 
 impl Ctx<'_> {
@@ -594,6 +609,10 @@ fn process_with<C: Codec, S>(
         let frame = &input[pos..pos + consumed];
         pos += consumed;
         if read_only && C::mutates(&request) {
+            if ctx.hold_writes || ctx.close_writes {
+                conn.closing |= ctx.close_writes;
+                return (pos - consumed, false);
+            }
             ctx.counters.read_only_refusals.incr();
             emit(conn, ctx.postbox, |out| C::refuse_read_only(&request, out));
             continue;
