@@ -31,7 +31,12 @@ if pkg-config --exists libdpdk; then
   dpdk_log=$(mktemp /tmp/tandem-cargo-dpdk.XXXXXX)
   cargo test --release -p dpdk-sys 2>&1 | tee "$dpdk_log"
   cargo test --release -p dpdk-sys --features static --test eal_null_port 2>&1 | tee -a "$dpdk_log"
-  cargo test --release -p dataplane --features dpdk --test dpdk_phy -- --nocapture 2>&1 | tee -a "$dpdk_log"
+  # A build directory of its own: with the feature, cargo rebuilds tandemd, which must not replace the
+  # default (DPDK-free) binary the python suite and the appliance image use. The python suite runs the
+  # userspace-stack tests against this tandemd too (TANDEM_DPDK_SERVER).
+  cargo test --release -p dataplane --features dpdk --target-dir "$target_dir/dpdk" --test dpdk_phy -- --nocapture 2>&1 | tee -a "$dpdk_log"
+  cargo build --release -p dataplane --features dpdk --target-dir "$target_dir/dpdk" --bin tandemd
+  export TANDEM_DPDK_SERVER=$target_dir/dpdk/release/tandemd
   grep -E '^test result:' "$dpdk_log" >>"$cargo_log"
   echo "DPDK tests took $((SECONDS - dpdk_start)) s"
 elif [[ ${CI:-} == true ]]; then

@@ -180,6 +180,29 @@ impl Server {
     }
 }
 
+/// One worker outside a server, on the caller's thread, driven by [`worker::Worker::round`]: the whole
+/// per-core path (transport, codec, store) with nothing else, for benchmarks. `settings.threads` is 1.
+pub fn standalone_worker<T: crate::net::Transport>(mut settings: Settings, net: T) -> anyhow::Result<worker::Worker<T>> {
+    settings.threads = 1;
+    let shared = Arc::new(Shared {
+        settings: Arc::new(settings),
+        shutdown: AtomicBool::new(false),
+        open_connections: AtomicUsize::new(0),
+        workers: vec![OnceLock::new()],
+        started: std::time::Instant::now(),
+        replication: None,
+    });
+    let mailboxes = mailbox::Mailboxes::new(vec![Arc::new(mailbox::Doorbell::new(Box::new(NoWake)))]);
+    worker::Worker::new(0, || Ok(net), shared, mailboxes, None)
+}
+
+/// The doorbell of a worker nobody else mails.
+struct NoWake;
+
+impl mailbox::Wake for NoWake {
+    fn wake(&self) {}
+}
+
 /// What a worker thread needs besides its network.
 struct WorkerStart {
     id: usize,

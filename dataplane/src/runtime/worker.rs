@@ -69,6 +69,10 @@ pub struct Worker<T: Transport> {
     /// The node's role version this worker last acted on, and whether clients may write (a standby's
     /// do not, until it is promoted). Changed only between rounds, with the store's log.
     role_version: u64,
+    /// The clock second of the last round (the shard ticks once per second).
+    last_now: crate::clock::RelTime,
+    /// A full ring kept this round's outgoing mail here: the next round must not sleep.
+    mail_held: bool,
     writable: bool,
     /// A switchover's pause: writes wait in their connections (revisited each round) until it ends.
     hold_writes: bool,
@@ -143,6 +147,8 @@ impl<T: Transport> Worker<T> {
             replication,
             held: Vec::new(),
             role_version: 0,
+            last_now: 0,
+            mail_held: false,
             writable: !settings.read_only(),
             hold_writes: false,
             close_writes: false,
@@ -152,61 +158,66 @@ impl<T: Transport> Worker<T> {
     /// Runs until the server shuts down.
     pub fn run(&mut self) {
         let mut ready = Vec::with_capacity(1024);
-        let clock = Clock::global();
-        let mut last_now = 0;
-        let mut mail_held = false;
         while !self.shared.shutdown.load(Ordering::Relaxed) {
-            let now = clock.now();
-            self.shard.set_now(now);
-            if now != last_now {
-                last_now = now;
-                self.shard.tick();
-                self.publish_net_counters();
-            }
-            self.follow_role();
-            let replicating = match self.replication.as_mut() {
-                Some(replication) => replication.round(&mut self.shard),
-                None => false,
-            };
-            self.release_held();
-            let busy = mail_held || replicating || !self.pending.is_empty() || self.postbox.has_inbound();
-            let timeout = if busy || !self.postbox.prepare_sleep() {
-                Duration::ZERO
-            } else if self.replication.as_ref().is_some_and(ShardReplication::has_inbound) {
-                self.postbox.awake();
-                Duration::ZERO
-            } else if !self.held.is_empty() {
-                // Acks wake this core; the short timeout only bounds a wake-up lost to a race.
-                Duration::from_millis(1)
-            } else {
-                Duration::from_secs(1)
-            };
-            ready.clear();
-            if let Err(e) = self.net.poll(timeout, &mut ready) {
+            if let Err(e) = self.round(&mut ready, Duration::MAX) {
                 tracing::error!(worker = self.id, error = %e, "poll failed");
                 break;
             }
-            self.postbox.awake();
-            for &event in &ready {
-                match event {
-                    Ready::Listener(which) => self.accept(which),
-                    Ready::Conn(index) => self.serve(index),
-                }
-            }
-            for _ in 0..self.pending.len() {
-                if let Some(index) = self.pending.pop_front() {
-                    self.serve(index);
-                }
-            }
-            self.handle_mail();
-            // A full ring keeps this round's batch here: retry next round without sleeping.
-            mail_held = self.postbox.flush();
-            self.net.end_round();
-            if let Some(info) = self.shared.workers[self.id].get() {
-                info.rounds.fetch_add(1, Ordering::Relaxed);
-            }
         }
         tracing::debug!(worker = self.id, "worker stopped");
+    }
+
+    /// One poll round, waiting at most `max_wait` for something to do (the benchmarks drive rounds
+    /// themselves with zero).
+    pub fn round(&mut self, ready: &mut Vec<Ready>, max_wait: Duration) -> io::Result<()> {
+        let now = Clock::global().now();
+        self.shard.set_now(now);
+        if now != self.last_now {
+            self.last_now = now;
+            self.shard.tick();
+            self.publish_net_counters();
+        }
+        self.follow_role();
+        let replicating = match self.replication.as_mut() {
+            Some(replication) => replication.round(&mut self.shard),
+            None => false,
+        };
+        self.release_held();
+        let busy = self.mail_held || replicating || !self.pending.is_empty() || self.postbox.has_inbound();
+        let timeout = if busy || !self.postbox.prepare_sleep() {
+            Duration::ZERO
+        } else if self.replication.as_ref().is_some_and(ShardReplication::has_inbound) {
+            self.postbox.awake();
+            Duration::ZERO
+        } else if !self.held.is_empty() {
+            // Acks wake this core; the short timeout only bounds a wake-up lost to a race.
+            Duration::from_millis(1)
+        } else {
+            Duration::from_secs(1)
+        };
+        ready.clear();
+        let polled = self.net.poll(timeout.min(max_wait), ready);
+        self.postbox.awake();
+        polled?;
+        for &event in ready.iter() {
+            match event {
+                Ready::Listener(which) => self.accept(which),
+                Ready::Conn(index) => self.serve(index),
+            }
+        }
+        for _ in 0..self.pending.len() {
+            if let Some(index) = self.pending.pop_front() {
+                self.serve(index);
+            }
+        }
+        self.handle_mail();
+        // A full ring keeps this round's batch here: retry next round without sleeping.
+        self.mail_held = self.postbox.flush();
+        self.net.end_round();
+        if let Some(info) = self.shared.workers[self.id].get() {
+            info.rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Copies the transport's counters where `stats net` reads them.
