@@ -142,6 +142,7 @@ fn main() {
             server_time += t.elapsed();
             rounds += 1;
             client.poll();
+            #[allow(clippy::needless_range_loop)] // b names the client socket too
             for b in 0..BUSY.min(conns) {
                 let n = client.socket(b).recv_slice(&mut scratch).unwrap_or(0);
                 received[b] += n;

@@ -16,8 +16,9 @@
 //!      could be seen as active; this node then closes the connections of the writes it held (they were
 //!      never run), and of any write for a second more, while it still has the address, and releases
 //!      it. Clients see their connection closed and reconnect, to the new active: no error reply.
-//!   If no standby catches up before the timeout, or the chosen one refuses, nothing was handed over:
-//!   the pause ends and the held writes run here, on the active.
+//!
+//! If no standby catches up before the timeout, or the chosen one refuses, nothing was handed over:
+//! the pause ends and the held writes run here, on the active.
 //!
 //! One role change runs at a time ([`NodeState`]'s `changing` lock); every one is logged with its
 //! reason and counted in `stats replication`.

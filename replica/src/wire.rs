@@ -271,7 +271,7 @@ fn parse(kind: u8, payload: &[u8], max: usize) -> Result<Message<'_>, WireError>
             Message::Heartbeat { epoch: Epoch(u64_at(payload, 0)), millis: u64_at(payload, 8) }
         }
         8 => {
-            if payload.len() < 8 || payload.len() % 8 != 0 {
+            if payload.len() < 8 || !payload.len().is_multiple_of(8) {
                 return Err(WireError::BadLength { kind: Kind::Handover, len: payload.len() });
             }
             let through = payload[8..].chunks_exact(8).map(|c| LogSeq(u64::from_le_bytes(c.try_into().expect("8 bytes")))).collect();

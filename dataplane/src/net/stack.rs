@@ -1,20 +1,29 @@
 //! A userspace TCP/IP stack per worker: smoltcp over one [`Phy`] (a DPDK queue pair), as a [`Transport`].
 //!
-//! Each worker owns one smoltcp `Interface` with the node's address and MAC, the sockets of its
-//! connections, and a pool of listening sockets on the service port. smoltcp has no `accept`: a listening
-//! socket *becomes* the connection, so whenever one leaves `Listen` it is handed to the worker and a fresh
-//! one takes its place; the pool is the listen backlog.
+//! Each worker owns one smoltcp `Interface` (the node's address and MAC, one neighbour cache) and splits
+//! its sockets over many small socket sets, *cells*, of at most [`CELL_SOCKETS`] each. smoltcp's
+//! `Interface` looks at every socket of the set it is given, on egress and for each incoming segment;
+//! with one set that cost follows the connections held, busy or idle. Here a flow table of our own sends
+//! each received frame to the one cell holding its connection, and egress runs only for cells that have
+//! work (a frame came in, the worker wrote or read, or a timer of theirs is due). The cost of a round
+//! follows the active connections.
 //!
-//! Readiness follows the active connections, not all of them: every connection's socket carries a waker
-//! (smoltcp's `async` wakers) that records its index when data arrives, buffer space frees up or its
-//! state changes. A socket's waker is one-shot; it is armed again when the worker reads or writes until
-//! the socket has nothing more to give or take, which makes readiness edge-triggered like epoll's.
+//! - Cell 0 is the *listen cell*: the listening sockets on the service port, and everything that is not
+//!   an established flow (a SYN, ARP, ICMP, a stray segment, which then gets its RST). smoltcp has no
+//!   `accept`: a listening socket *becomes* the connection. Once one leaves `Listen` it moves to a cell
+//!   with room, its flow is entered in the table, and a fresh listening socket takes its place (the pool
+//!   is topped up after every SYN, within `max_half_open`).
+//! - Readiness: every connection's socket carries a waker (smoltcp's `async` wakers) that records its
+//!   index when data arrives, buffer space frees up or its state changes. A waker is one-shot; it is armed
+//!   again when the worker reads or writes until the socket has nothing more to give or take, which makes
+//!   readiness edge-triggered like epoll's.
 //!
 //! A round: [`Transport::poll`] receives frames and runs the stack, then reports ready connections; the
-//! worker serves them; [`Transport::end_round`] lets the stack transmit what was written and flushes the
+//! worker serves them; [`Transport::end_round`] runs egress for the cells with work and flushes the
 //! device's burst. With nothing to do the worker spins for a while, then sleeps in short steps (a
 //! doorbell from another core ends the sleep at once): see [`IdlePolicy`].
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +32,8 @@ use std::task::{Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant as StdInstant};
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::Device;
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration as NetDuration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
@@ -118,15 +127,15 @@ impl crate::runtime::mailbox::Wake for ThreadBell {
 }
 
 /// What smoltcp's wakers recorded during a poll: indices of connections whose sockets woke, and
-/// whether a listening socket changed state (a SYN arrived, a handshake finished).
+/// whether a socket still in its handshake changed state (a SYN arrived, a handshake finished).
 #[derive(Default)]
 struct WokenList {
     conns: Mutex<Vec<usize>>,
-    listening: AtomicBool,
+    handshakes: AtomicBool,
 }
 
-/// The index a listening socket's waker records.
-const LISTENING: usize = usize::MAX;
+/// The index a listening or half-open socket's waker records.
+const HANDSHAKE: usize = usize::MAX;
 
 struct SocketWaker {
     index: usize,
@@ -139,25 +148,42 @@ impl Wake for SocketWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.index == LISTENING {
-            self.woken.listening.store(true, Ordering::Relaxed);
+        if self.index == HANDSHAKE {
+            self.woken.handshakes.store(true, Ordering::Relaxed);
         } else {
             self.woken.conns.lock().unwrap().push(self.index);
         }
     }
 }
 
+/// A connection as the flow table knows it: the remote address and port (the local ones are fixed).
+type Flow = (Ipv4Addr, u16);
+
+/// Where a socket lives: its cell and its handle there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    cell: usize,
+    handle: SocketHandle,
+}
+
 /// A connection's handle: its socket and the waker that reports it.
 pub struct StackStream {
-    handle: SocketHandle,
+    place: Place,
     id: i32,
     waker: Option<Waker>,
 }
 
+/// Sockets per cell: small enough that a cell's poll is cheap, large enough that 10,000 connections
+/// make a few hundred cells.
+pub const CELL_SOCKETS: usize = 64;
+/// The cell of the listening sockets (and of frames that belong to no connection).
+const LISTEN_CELL: usize = 0;
 /// Closed sockets are kept until their FIN exchange ends, at most this long.
 const LINGER: Duration = Duration::from_secs(30);
 /// A connection that stops acknowledging data is reset after this long.
 const RETRANSMIT_TIMEOUT: NetDuration = NetDuration::from_secs(60);
+/// A handshake must finish this long after its SYN, or the half-open socket is dropped.
+const HANDSHAKE_TIMEOUT: NetDuration = NetDuration::from_secs(5);
 
 /// What the stack counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,26 +191,57 @@ pub struct StackCounters {
     pub accepted: u64,
     /// Times the half-open limit was reached (further SYNs were refused until handshakes finished).
     pub half_open_full: u64,
+    /// Half-open sockets dropped: reset by the peer, or their handshake timed out.
+    pub half_open_dropped: u64,
     /// Connections reset because they lingered past [`LINGER`] after close.
     pub linger_aborts: u64,
+    /// Cells given an egress pass.
+    pub cell_polls: u64,
+}
+
+/// A few sockets and what they need.
+struct Cell {
+    sockets: SocketSet<'static>,
+    /// Sockets here, counted against [`CELL_SOCKETS`].
+    members: usize,
+    /// Egress is due: a frame came in, the worker wrote or read, or a socket moved in.
+    dirty: bool,
+    /// When a timer of this cell's sockets is next due (None: only on ingress).
+    due: Option<Instant>,
+}
+
+impl Cell {
+    fn new() -> Cell {
+        Cell { sockets: SocketSet::new(Vec::new()), members: 0, dirty: false, due: None }
+    }
 }
 
 /// One worker's userspace stack over `P`.
 pub struct StackTransport<P: Phy> {
     phy: P,
     iface: Interface,
-    sockets: SocketSet<'static>,
+    cells: Vec<Cell>,
+    /// Cells (other than the listen cell) with room for another socket.
+    roomy: Vec<usize>,
+    /// Cells whose egress is due this round.
+    dirty: Vec<usize>,
+    /// The established (or establishing) flows: remote address and port -> their cell.
+    flows: HashMap<Flow, usize>,
     config: StackConfig,
-    /// Sockets listening on the port or in the middle of a handshake.
+    /// Sockets in `Listen`, all in the listen cell.
     listening: Vec<SocketHandle>,
-    /// Sockets that left `Listen`, waiting for the worker to accept them.
-    accepted: Vec<SocketHandle>,
-    /// Sockets the worker closed, draining their FIN exchange: (handle, when closed).
-    closing: Vec<(SocketHandle, StdInstant)>,
+    /// Sockets whose handshake began (moved out of the listen cell), waiting for it to finish.
+    half_open: Vec<Place>,
+    /// Sockets whose handshake finished, waiting for the worker to accept them.
+    accepted: Vec<Place>,
+    /// Sockets the worker closed, draining their FIN exchange: (where, remote, when closed).
+    closing: Vec<(Place, Option<Flow>, StdInstant)>,
     woken: Arc<WokenList>,
-    listen_waker: Waker,
+    handshake_waker: Waker,
     next_id: i32,
     bell: Arc<ThreadBell>,
+    /// The frame being dispatched (copied out of the device so the flow table can be consulted).
+    frame: Vec<u8>,
     /// When a frame, a request or a doorbell last showed up (for [`IdlePolicy::spin`]).
     last_activity: StdInstant,
     pub counters: StackCounters,
@@ -192,6 +249,62 @@ pub struct StackTransport<P: Phy> {
 
 fn now() -> Instant {
     Instant::now()
+}
+
+/// The remote address and port of a TCP segment to `port` in an Ethernet frame, if it is one.
+fn tcp_flow(frame: &[u8], port: u16) -> Option<Flow> {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if ip[9] != 6 || ip.len() < header_len + 4 {
+        return None;
+    }
+    let tcp = &ip[header_len..];
+    if u16::from_be_bytes([tcp[2], tcp[3]]) != port {
+        return None;
+    }
+    Some((Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), u16::from_be_bytes([tcp[0], tcp[1]])))
+}
+
+fn remote_of(socket: &tcp::Socket) -> Option<Flow> {
+    let endpoint = socket.remote_endpoint()?;
+    match endpoint.addr {
+        IpAddress::Ipv4(a) => Some((Ipv4Addr::from(a.octets()), endpoint.port)),
+    }
+}
+
+/// A device that yields one frame already taken from the real device; replies go to the real device.
+struct OneFrame<'a, P> {
+    frame: Option<&'a [u8]>,
+    phy: &'a mut P,
+}
+
+struct FrameToken<'a>(&'a [u8]);
+
+impl phy::RxToken for FrameToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl<'a, P: Device> Device for OneFrame<'a, P> {
+    type RxToken<'b> = FrameToken<'a> where Self: 'b;
+    type TxToken<'b> = P::TxToken<'b> where Self: 'b;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.frame.take()?;
+        Some((FrameToken(frame), self.phy.transmit(timestamp)?))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.phy.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.phy.capabilities()
+    }
 }
 
 impl<P: Phy> StackTransport<P> {
@@ -210,23 +323,28 @@ impl<P: Phy> StackTransport<P> {
             let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(g[0], g[1], g[2], g[3]));
         }
         let woken = Arc::new(WokenList::default());
-        let listen_waker = Waker::from(Arc::new(SocketWaker { index: LISTENING, woken: woken.clone() }));
+        let handshake_waker = Waker::from(Arc::new(SocketWaker { index: HANDSHAKE, woken: woken.clone() }));
         let mut stack = StackTransport {
             phy,
             iface,
-            sockets: SocketSet::new(Vec::new()),
+            cells: vec![Cell::new()],
+            roomy: Vec::new(),
+            dirty: Vec::new(),
+            flows: HashMap::new(),
             listening: Vec::new(),
+            half_open: Vec::new(),
             accepted: Vec::new(),
             closing: Vec::new(),
             woken,
-            listen_waker,
+            handshake_waker,
             next_id: 1,
             bell,
+            frame: vec![0; 2048],
             last_activity: StdInstant::now(),
             counters: StackCounters::default(),
             config,
         };
-        stack.tend_listening();
+        stack.tend_handshakes();
         stack
     }
 
@@ -235,7 +353,19 @@ impl<P: Phy> StackTransport<P> {
         &self.phy
     }
 
-    /// Opens one more listening socket on the port.
+    fn socket(&mut self, place: Place) -> &mut tcp::Socket<'static> {
+        self.cells[place.cell].sockets.get_mut::<tcp::Socket>(place.handle)
+    }
+
+    fn mark_dirty(&mut self, cell: usize) {
+        let c = &mut self.cells[cell];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(cell);
+        }
+    }
+
+    /// Opens one more listening socket on the port, in the listen cell.
     fn listen_socket(&mut self) -> SocketHandle {
         let rx = tcp::SocketBuffer::new(vec![0; self.config.rx_buffer]);
         let tx = tcp::SocketBuffer::new(vec![0; self.config.tx_buffer]);
@@ -243,90 +373,197 @@ impl<P: Phy> StackTransport<P> {
         // Request/response: no Nagle, no delayed ACK (FIELD-NOTES: 40 ms stalls otherwise).
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);
-        socket.set_timeout(Some(RETRANSMIT_TIMEOUT));
+        socket.set_timeout(Some(HANDSHAKE_TIMEOUT));
         socket.listen(self.config.port).expect("a listening socket on a nonzero port");
-        socket.register_recv_waker(&self.listen_waker);
-        self.sockets.add(socket)
+        socket.register_recv_waker(&self.handshake_waker);
+        let cell = &mut self.cells[LISTEN_CELL];
+        cell.members += 1;
+        cell.sockets.add(socket)
     }
 
-    /// Runs the stack once: frames in, timers, frames out. Returns whether sockets may have changed.
-    /// Frames are taken one at a time so the listening pool is topped up between SYNs.
-    fn run_stack(&mut self) -> bool {
-        use smoltcp::iface::{PollIngressSingleResult, PollResult};
-        let now = now();
-        let mut changed = false;
-        loop {
-            match self.iface.poll_ingress_single(now, &mut self.phy, &mut self.sockets) {
-                PollIngressSingleResult::None => break,
-                PollIngressSingleResult::PacketProcessed => {}
-                PollIngressSingleResult::SocketStateChanged => changed = true,
+    /// A cell with room for one more socket (a new one when all are full).
+    fn cell_with_room(&mut self) -> usize {
+        while let Some(&cell) = self.roomy.last() {
+            if self.cells[cell].members < CELL_SOCKETS {
+                return cell;
             }
-            if self.woken.listening.swap(false, Ordering::Relaxed) {
-                self.tend_listening();
-            }
+            self.roomy.pop();
         }
-        while self.iface.poll_egress(now, &mut self.phy, &mut self.sockets) == PollResult::SocketStateChanged {
-            changed = true;
-        }
-        if self.woken.listening.swap(false, Ordering::Relaxed) {
-            self.tend_listening();
-        }
-        changed
+        self.cells.push(Cell::new());
+        let cell = self.cells.len() - 1;
+        self.roomy.push(cell);
+        cell
     }
 
-    /// Hands sockets whose handshake finished to `accepted`, and keeps `backlog` sockets in `Listen`
-    /// (within the half-open limit).
-    fn tend_listening(&mut self) {
-        let mut listen = 0;
+    /// Takes a socket out of its cell (its flow, if any, stays for the caller to deal with).
+    fn remove(&mut self, place: Place) -> tcp::Socket<'static> {
+        let cell = &mut self.cells[place.cell];
+        cell.members -= 1;
+        if place.cell != LISTEN_CELL && cell.members == CELL_SOCKETS - 1 {
+            self.roomy.push(place.cell);
+        }
+        match cell.sockets.remove(place.handle) {
+            smoltcp::socket::Socket::Tcp(socket) => socket,
+        }
+    }
+
+    /// Moves sockets that left `Listen` out of the listen cell (entering their flows), hands finished
+    /// handshakes to `accepted`, drops failed ones, and keeps `backlog` sockets listening (within the
+    /// half-open limit).
+    fn tend_handshakes(&mut self) {
         let mut i = 0;
         while i < self.listening.len() {
             let handle = self.listening[i];
-            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-            match socket.state() {
-                State::Listen | State::SynReceived => {
-                    if socket.state() == State::Listen {
-                        listen += 1;
-                    }
-                    socket.register_recv_waker(&self.listen_waker);
+            let socket = self.cells[LISTEN_CELL].sockets.get_mut::<tcp::Socket>(handle);
+            if socket.state() == State::Listen {
+                socket.register_recv_waker(&self.handshake_waker);
+                i += 1;
+                continue;
+            }
+            self.listening.swap_remove(i);
+            let remote = remote_of(socket);
+            let socket = self.remove(Place { cell: LISTEN_CELL, handle });
+            let cell = self.cell_with_room();
+            let c = &mut self.cells[cell];
+            c.members += 1;
+            let place = Place { cell, handle: c.sockets.add(socket) };
+            if let Some(remote) = remote {
+                self.flows.insert(remote, cell);
+            }
+            // Its SYN-ACK goes out on this cell's egress.
+            self.mark_dirty(cell);
+            self.half_open.push(place);
+        }
+        let mut i = 0;
+        while i < self.half_open.len() {
+            let place = self.half_open[i];
+            match self.socket(place).state() {
+                State::SynReceived => {
+                    let waker = self.handshake_waker.clone();
+                    self.socket(place).register_recv_waker(&waker);
                     i += 1;
                 }
+                // Reset by the peer (a listening socket goes back to Listen) or timed out.
+                State::Listen | State::Closed => {
+                    self.half_open.swap_remove(i);
+                    let remote = remote_of(self.socket(place));
+                    if let Some(remote) = remote {
+                        self.flows.remove(&remote);
+                    }
+                    self.remove(place);
+                    self.counters.half_open_dropped += 1;
+                }
                 _ => {
-                    self.listening.swap_remove(i);
-                    self.accepted.push(handle);
+                    self.half_open.swap_remove(i);
+                    self.socket(place).set_timeout(Some(RETRANSMIT_TIMEOUT));
+                    self.accepted.push(place);
                 }
             }
         }
-        let half_open = self.listening.len() - listen;
-        let want = self.config.backlog.max(1).saturating_sub(listen);
-        let room = self.config.max_half_open.saturating_sub(half_open);
+        let want = self.config.backlog.max(1).saturating_sub(self.listening.len());
+        let room = self.config.max_half_open.saturating_sub(self.half_open.len());
         if want > room {
             self.counters.half_open_full += 1;
         }
         for _ in 0..want.min(room) {
-            let fresh = self.listen_socket();
-            self.listening.push(fresh);
+            let handle = self.listen_socket();
+            self.listening.push(handle);
         }
+    }
+
+    /// Receives every waiting frame and hands each to the cell of its flow. Returns whether any came.
+    fn ingress(&mut self) -> bool {
+        let now = now();
+        let mut any = false;
+        loop {
+            let Some((rx, _)) = self.phy.receive(now) else { break };
+            let frame = &mut self.frame;
+            let len = phy::RxToken::consume(rx, |bytes| {
+                if bytes.len() > frame.len() {
+                    frame.resize(bytes.len(), 0);
+                }
+                frame[..bytes.len()].copy_from_slice(bytes);
+                bytes.len()
+            });
+            any = true;
+            let cell = tcp_flow(&self.frame[..len], self.config.port)
+                .and_then(|flow| self.flows.get(&flow).copied())
+                .unwrap_or(LISTEN_CELL);
+            let mut one = OneFrame { frame: Some(&self.frame[..len]), phy: &mut self.phy };
+            let result = self.iface.poll_ingress_single(now, &mut one, &mut self.cells[cell].sockets);
+            if result != PollIngressSingleResult::None {
+                self.mark_dirty(cell);
+            }
+            if self.woken.handshakes.swap(false, Ordering::Relaxed) {
+                self.tend_handshakes();
+            }
+        }
+        any
+    }
+
+    /// Runs egress for the cells with work or a timer due; notes when each is next due.
+    fn egress(&mut self) {
+        let now = now();
+        for (index, cell) in self.cells.iter_mut().enumerate() {
+            if !cell.dirty && cell.due.is_some_and(|due| due <= now) {
+                cell.dirty = true;
+                self.dirty.push(index);
+            }
+        }
+        while let Some(index) = self.dirty.pop() {
+            let cell = &mut self.cells[index];
+            cell.dirty = false;
+            self.counters.cell_polls += 1;
+            while self.iface.poll_egress(now, &mut self.phy, &mut cell.sockets) == smoltcp::iface::PollResult::SocketStateChanged {}
+            cell.due = self.iface.poll_at(now, &cell.sockets);
+        }
+        if self.woken.handshakes.swap(false, Ordering::Relaxed) {
+            self.tend_handshakes();
+            // Sockets that moved in need their first egress (a SYN-ACK) now.
+            while let Some(index) = self.dirty.pop() {
+                let cell = &mut self.cells[index];
+                cell.dirty = false;
+                while self.iface.poll_egress(now, &mut self.phy, &mut cell.sockets) == smoltcp::iface::PollResult::SocketStateChanged {}
+                cell.due = self.iface.poll_at(now, &cell.sockets);
+            }
+        }
+    }
+
+    /// The soonest timer of any cell, from now.
+    fn next_due(&self) -> Option<Duration> {
+        let now = now();
+        self.cells
+            .iter()
+            .filter_map(|c| c.due)
+            .min()
+            .map(|due| if due > now { Duration::from_micros((due - now).total_micros()) } else { Duration::ZERO })
     }
 
     /// Forgets closed sockets whose exchange ended, or that lingered too long.
     fn reap_closing(&mut self) {
         let now = StdInstant::now();
-        let sockets = &mut self.sockets;
-        let counters = &mut self.counters;
-        self.closing.retain(|&(handle, since)| {
-            let socket = sockets.get_mut::<tcp::Socket>(handle);
-            let done = matches!(socket.state(), State::Closed | State::TimeWait);
-            if done {
-                sockets.remove(handle);
-                return false;
+        let mut i = 0;
+        while i < self.closing.len() {
+            let (place, remote, since) = self.closing[i];
+            let state = self.socket(place).state();
+            if matches!(state, State::Closed | State::TimeWait) {
+                self.closing.swap_remove(i);
+                if let Some(remote) = remote {
+                    if self.flows.get(&remote) == Some(&place.cell) {
+                        self.flows.remove(&remote);
+                    }
+                }
+                self.remove(place);
+                continue;
             }
             if now.duration_since(since) > LINGER {
-                socket.abort();
-                counters.linger_aborts += 1;
+                self.socket(place).abort();
+                self.counters.linger_aborts += 1;
+                self.mark_dirty(place.cell);
                 // Stays one more round so the RST goes out; then it is Closed.
             }
-            true
-        });
+            i += 1;
+        }
     }
 
     /// Moves what the wakers recorded into `ready`; true if anything was.
@@ -347,16 +584,30 @@ impl<P: Phy> StackTransport<P> {
         true
     }
 
+    /// Frames in, then egress for cells with work; whether anything came in or changed.
+    fn run_stack(&mut self) -> bool {
+        let received = self.ingress();
+        self.egress();
+        received
+    }
+
     fn arm_recv(&mut self, stream: &StackStream) {
         if let Some(waker) = &stream.waker {
-            self.sockets.get_mut::<tcp::Socket>(stream.handle).register_recv_waker(waker);
+            let waker = waker.clone();
+            self.socket(stream.place).register_recv_waker(&waker);
         }
     }
 
     fn arm_send(&mut self, stream: &StackStream) {
         if let Some(waker) = &stream.waker {
-            self.sockets.get_mut::<tcp::Socket>(stream.handle).register_send_waker(waker);
+            let waker = waker.clone();
+            self.socket(stream.place).register_send_waker(&waker);
         }
+    }
+
+    /// Sockets held, in all cells.
+    fn socket_count(&self) -> usize {
+        self.cells.iter().map(|c| c.members).sum()
     }
 }
 
@@ -367,13 +618,13 @@ impl<P: Phy> Transport for StackTransport<P> {
         let start = StdInstant::now();
         self.bell.bind_current();
         loop {
-            let changed = self.run_stack();
+            let received = self.run_stack();
             if !self.closing.is_empty() {
                 self.reap_closing();
             }
             let found = self.take_woken(ready);
             let now = StdInstant::now();
-            if found || changed {
+            if found || received {
                 self.last_activity = now;
                 return Ok(());
             }
@@ -388,8 +639,8 @@ impl<P: Phy> Transport for StackTransport<P> {
             }
             // Sleep, but not past the stack's next timer (a retransmission, say) or the caller's limit.
             let mut nap = self.config.idle.sleep.min(timeout - waited);
-            if let Some(delay) = self.iface.poll_delay(smoltcp::time::Instant::now(), &self.sockets) {
-                nap = nap.min(Duration::from_micros(delay.total_micros()));
+            if let Some(due) = self.next_due() {
+                nap = nap.min(due);
             }
             if !nap.is_zero() {
                 std::thread::park_timeout(nap);
@@ -397,7 +648,7 @@ impl<P: Phy> Transport for StackTransport<P> {
             // A doorbell (mail from another core) unparks us: let the worker look at its rings.
             if StdInstant::now().duration_since(now) < nap {
                 self.last_activity = StdInstant::now();
-                let _ = self.run_stack();
+                self.run_stack();
                 self.take_woken(ready);
                 return Ok(());
             }
@@ -405,13 +656,12 @@ impl<P: Phy> Transport for StackTransport<P> {
     }
 
     fn accept(&mut self, _listener: usize) -> io::Result<Option<(StackStream, Option<SocketAddr>)>> {
-        let Some(handle) = self.accepted.pop() else { return Ok(None) };
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-        let peer = socket.remote_endpoint().map(endpoint_addr);
+        let Some(place) = self.accepted.pop() else { return Ok(None) };
+        let peer = self.socket(place).remote_endpoint().map(endpoint_addr);
         self.counters.accepted += 1;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        Ok(Some((StackStream { handle, id, waker: None }, peer)))
+        Ok(Some((StackStream { place, id, waker: None }, peer)))
     }
 
     fn register(&mut self, stream: &mut StackStream, index: usize) -> io::Result<()> {
@@ -425,20 +675,27 @@ impl<P: Phy> Transport for StackTransport<P> {
     }
 
     fn close(&mut self, stream: StackStream) {
-        let socket = self.sockets.get_mut::<tcp::Socket>(stream.handle);
+        let place = stream.place;
+        let socket = self.socket(place);
+        let remote = remote_of(socket);
         match socket.state() {
             State::Closed | State::TimeWait => {
-                self.sockets.remove(stream.handle);
+                if let Some(remote) = remote {
+                    self.flows.remove(&remote);
+                }
+                self.remove(place);
             }
             _ => {
                 socket.close();
-                self.closing.push((stream.handle, StdInstant::now()));
+                self.closing.push((place, remote, StdInstant::now()));
+                self.mark_dirty(place.cell);
             }
         }
     }
 
     fn read(&mut self, stream: &mut StackStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let socket = self.sockets.get_mut::<tcp::Socket>(stream.handle);
+        let place = stream.place;
+        let socket = self.socket(place);
         let mut total = 0;
         // The receive ring may wrap: take both pieces.
         for _ in 0..2 {
@@ -461,6 +718,8 @@ impl<P: Phy> Transport for StackTransport<P> {
             }
         }
         if total > 0 {
+            // The window opened: the peer may need to hear it.
+            self.mark_dirty(place.cell);
             return Ok(total);
         }
         self.arm_recv(stream);
@@ -468,11 +727,15 @@ impl<P: Phy> Transport for StackTransport<P> {
     }
 
     fn write(&mut self, stream: &mut StackStream, bytes: &[u8]) -> io::Result<usize> {
-        let socket = self.sockets.get_mut::<tcp::Socket>(stream.handle);
+        let place = stream.place;
+        let socket = self.socket(place);
         if !socket.may_send() {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let sent = socket.send_slice(bytes).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        if sent > 0 {
+            self.mark_dirty(place.cell);
+        }
         if sent < bytes.len() {
             self.arm_send(stream);
         }
@@ -484,7 +747,7 @@ impl<P: Phy> Transport for StackTransport<P> {
 
     fn end_round(&mut self) {
         // What the worker wrote goes out now, not at the next poll.
-        let _ = self.iface.poll_egress(now(), &mut self.phy, &mut self.sockets);
+        self.egress();
         self.phy.flush();
     }
 
@@ -500,9 +763,13 @@ impl<P: Phy> Transport for StackTransport<P> {
         let c = &self.counters;
         out.extend([
             ("tcp_accepted", c.accepted),
+            ("tcp_half_open", self.half_open.len() as u64),
             ("tcp_half_open_limit_hits", c.half_open_full),
+            ("tcp_half_open_dropped", c.half_open_dropped),
             ("tcp_linger_aborts", c.linger_aborts),
-            ("tcp_sockets", self.sockets.iter().count() as u64),
+            ("tcp_sockets", self.socket_count() as u64),
+            ("tcp_cells", self.cells.len() as u64),
+            ("tcp_cell_polls", c.cell_polls),
         ]);
         self.phy.counters(out);
     }
@@ -514,8 +781,6 @@ fn endpoint_addr(endpoint: IpEndpoint) -> SocketAddr {
     }
 }
 
-/// An in-memory Ethernet wire between two [`Phy`] ends, for tests and benchmarks: what one end
-/// transmits the other receives, in order, with nothing lost.
 pub mod memory {
     use std::cell::RefCell;
     use std::collections::VecDeque;
@@ -687,11 +952,11 @@ mod tests {
         assert!(ready.contains(&Ready::Conn(7)));
         buf.clear();
         assert_eq!(server.read(&mut stream, &mut buf).unwrap(), 0);
-        let handle = stream.handle;
         server.close(stream);
         exchange(&mut server, &mut client, 10);
         assert!(server.closing.is_empty(), "the closed socket is reaped");
-        assert!(server.sockets.iter().all(|(h, _)| h != handle));
+        assert_eq!(server.socket_count(), server.listening.len(), "only the listening sockets are left");
+        assert!(server.flows.is_empty(), "and the flow is forgotten");
         assert_eq!(server.listening.len(), 4, "the backlog is refilled");
         assert_eq!(server.counters.accepted, 1);
     }
