@@ -124,6 +124,7 @@ fn main() {
         let started = StdInstant::now();
         let deadline = started + Duration::from_secs_f64(seconds);
         while StdInstant::now() < deadline {
+            #[allow(clippy::needless_range_loop)] // b names the client socket too
             for b in 0..BUSY.min(conns) {
                 if outstanding[b] == 0 {
                     let mut batch = String::new();
