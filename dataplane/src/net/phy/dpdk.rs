@@ -46,6 +46,8 @@ static EAL_STARTED: AtomicBool = AtomicBool::new(false);
 /// opened with it and the threads registered with it is gone.
 pub struct Eal {
     inner: Arc<EalInner>,
+    /// The `--vdev` arguments EAL was given, to name them when they yield no port.
+    vdevs: Vec<String>,
 }
 
 struct EalInner;
@@ -127,6 +129,7 @@ impl Eal {
         }
         Ok(Eal {
             inner: Arc::new(EalInner),
+            vdevs: args.iter().filter(|a| a.starts_with("--vdev")).cloned().collect(),
         })
     }
 
@@ -229,6 +232,13 @@ impl Port {
             None => {
                 // SAFETY: EAL is started.
                 let first = unsafe { sys::rte_eth_find_next(0) };
+                if u32::from(first) >= sys::RTE_MAX_ETHPORTS && !eal.vdevs.is_empty() {
+                    bail!(
+                        "DPDK found no port: {} made none (EAL's lines above say why; for net_af_packet and \
+                         net_af_xdp, the interface must exist in this network namespace and be up)",
+                        eal.vdevs.join(" ")
+                    );
+                }
                 if u32::from(first) >= sys::RTE_MAX_ETHPORTS {
                     bail!(
                         "DPDK found no port: give EAL a virtual device (--vdev=net_af_packet0,iface=<interface>) \
