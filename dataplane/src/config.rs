@@ -327,8 +327,11 @@ pub struct FailoverSettings {
     /// The address clients use, and its prefix length.
     pub service_ip: std::net::Ipv4Addr,
     pub prefix_len: u8,
-    /// Where the service address lives (kernel mode).
+    /// Where the service address lives (kernel mode; empty with a userspace stack).
     pub interface: String,
+    /// With a userspace stack (dataplane mode): the slot through which the workers' stacks take and
+    /// drop the service address (set at start-up).
+    pub stack: Option<std::sync::Arc<crate::failover::ServiceSlot>>,
     /// Where the epoch is kept across restarts.
     pub state_dir: PathBuf,
     /// A standby promotes only while this address answers (ICMP echo), if set.
@@ -341,12 +344,17 @@ const FAILOVER_HEARTBEAT_MS: u64 = 25;
 const FAILOVER_DEAD_AFTER_MS: u64 = 150;
 
 impl FailoverSettings {
-    fn from_section(section: FailoverSection, replication: &mut ReplicationSettings) -> Result<FailoverSettings, ConfigError> {
+    fn from_section(section: FailoverSection, replication: &mut ReplicationSettings, net: &NetBackend) -> Result<FailoverSettings, ConfigError> {
         let text = section.service_ip.ok_or_else(|| invalid("failover.service_ip", "missing: the address clients use, as A.B.C.D/len"))?;
         let (addr, len) = text.split_once('/').ok_or_else(|| invalid("failover.service_ip", format!("{text:?}: expected A.B.C.D/len")))?;
         let service_ip = addr.parse().map_err(|_| invalid("failover.service_ip", format!("{addr:?} is not an IPv4 address")))?;
         let prefix_len: u8 = len.parse().ok().filter(|&n| n <= 32).ok_or_else(|| invalid("failover.service_ip", format!("{len:?} is not a prefix length")))?;
-        let interface = section.interface.ok_or_else(|| invalid("failover.interface", "missing: the interface that carries the service address"))?;
+        let interface = match (section.interface, net) {
+            (Some(interface), NetBackend::Kernel) => interface,
+            (None, NetBackend::Kernel) => return Err(invalid("failover.interface", "missing: the interface that carries the service address")),
+            (Some(_), _) => return Err(invalid("failover.interface", "is for kernel sockets; with a userspace stack the service address lives on the stack")),
+            (None, _) => String::new(),
+        };
         let witness = section
             .witness
             .map(|text| text.parse().map_err(|_| invalid("failover.witness", format!("{text:?} is not an IPv4 address"))))
@@ -360,7 +368,7 @@ impl FailoverSettings {
         replication.heartbeat = heartbeat;
         replication.dead_after = Some(dead_after);
         replication.peer_timeout = replication.peer_timeout.max(dead_after);
-        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir, witness })
+        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir, witness, stack: None })
     }
 }
 
@@ -559,7 +567,7 @@ impl Settings {
         let net = file.net.map(NetBackend::from_section).transpose()?.unwrap_or(NetBackend::Kernel);
         let mut replication = file.replication.map(ReplicationSettings::from_section).transpose()?;
         let failover = match (file.failover, replication.as_mut()) {
-            (Some(section), Some(replication)) => Some(FailoverSettings::from_section(section, replication)?),
+            (Some(section), Some(replication)) => Some(FailoverSettings::from_section(section, replication, &net)?),
             (Some(_), None) => return Err(invalid("failover", "needs a [replication] table: failover promotes a standby")),
             (None, _) => None,
         };
@@ -798,5 +806,15 @@ mod tests {
         assert!(err.contains("admin.socket"), "{err}");
         let err = load(format!("{replication}[admin]\npath = \"/x\"\n")).unwrap_err().to_string();
         assert!(err.contains("path"), "{err}");
+
+        // Dataplane mode: the service address lives on the stacks, so no interface is named.
+        let dpdk = "[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"--in-memory\"]\naddress = \"10.0.0.2/24\"\n";
+        let stackless = "[failover]\nservice_ip = \"10.0.0.9/24\"\nstate_dir = \"/tmp/st\"\n";
+        let s = load(format!("{replication}{stackless}{dpdk}")).unwrap();
+        assert_eq!(s.failover.unwrap().interface, "");
+        let err = load(format!("{replication}{failover}{dpdk}")).unwrap_err().to_string();
+        assert!(err.contains("failover.interface") && err.contains("userspace stack"), "{err}");
+        let err = load(format!("{replication}{stackless}")).unwrap_err().to_string();
+        assert!(err.contains("failover.interface") && err.contains("missing"), "{err}");
     }
 }

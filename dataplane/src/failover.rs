@@ -5,13 +5,18 @@
 //!   crash never leaves a node believing in a lower epoch than it acted in.
 //! - [`take_service_address`]: adds the service address to the configured interface (netlink) and
 //!   announces it with gratuitous ARPs: a burst at once, then repeats, so that neighbours whose caches
-//!   missed the burst still move to this node.
+//!   missed the burst still move to this node. [`release_service_address`] removes it.
+//! - [`ServiceSlot`]: the same in dataplane mode, where the address lives on the workers' userspace
+//!   stacks: claiming it asks every stack to add the address, and the first worker's stack announces it
+//!   through its NIC queue.
 //!
 //! The decision to promote is made by the replication core ([`crate::replication`]): a standby that
 //! was fully synced and has not heard from its active for `dead_after_ms`.
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,10 +26,63 @@ use crate::config::FailoverSettings;
 use crate::net::takeover;
 
 /// Gratuitous ARPs sent at once when the address is taken, and their spacing.
-const ANNOUNCE_BURST: usize = 3;
-const ANNOUNCE_SPACING: Duration = Duration::from_millis(5);
+pub const ANNOUNCE_BURST: usize = 3;
+pub const ANNOUNCE_SPACING: Duration = Duration::from_millis(5);
 /// Later repeats, for neighbours that missed the burst.
-const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
+pub const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
+
+/// The service address in dataplane mode. The replication core claims and releases it; every worker's
+/// stack checks the version once per poll step and adds or drops the address on its interface.
+#[derive(Debug)]
+pub struct ServiceSlot {
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    claimed: AtomicBool,
+    version: AtomicU64,
+}
+
+impl ServiceSlot {
+    pub fn new(address: Ipv4Addr, prefix_len: u8) -> ServiceSlot {
+        ServiceSlot { address, prefix_len, claimed: AtomicBool::new(false), version: AtomicU64::new(0) }
+    }
+
+    /// Asks the stacks to take the address (and the announcing stack to announce it).
+    pub fn claim(&self) -> takeover::Claimed {
+        let was = self.claimed.swap(true, Ordering::SeqCst);
+        self.version.fetch_add(1, Ordering::SeqCst);
+        if was { takeover::Claimed::AlreadyHeld } else { takeover::Claimed::Added }
+    }
+
+    /// Asks the stacks to drop the address.
+    pub fn release(&self) -> takeover::Released {
+        let was = self.claimed.swap(false, Ordering::SeqCst);
+        self.version.fetch_add(1, Ordering::SeqCst);
+        if was { takeover::Released::Removed } else { takeover::Released::WasAbsent }
+    }
+
+    /// (version, claimed): a stack acts when the version moved since it last looked.
+    pub fn state(&self) -> (u64, bool) {
+        let version = self.version.load(Ordering::SeqCst);
+        (version, self.claimed.load(Ordering::SeqCst))
+    }
+}
+
+/// Removes the service address from this node: from its interface, or from its stacks.
+pub fn release_service_address(failover: &FailoverSettings) -> Result<takeover::Released, takeover::TakeoverError> {
+    match &failover.stack {
+        Some(slot) => Ok(slot.release()),
+        None => takeover::release(&failover.interface, failover.service_ip, failover.prefix_len),
+    }
+}
+
+/// Whether this node holds the service address now.
+pub fn holds_service_address(failover: &FailoverSettings) -> bool {
+    match &failover.stack {
+        Some(slot) => slot.state().1,
+        // The kernel lets a socket bind only to an address the node has.
+        None => std::net::UdpSocket::bind((failover.service_ip, 0)).is_ok(),
+    }
+}
 
 /// Attempts a node configured as active makes to find an active peer before it takes the address.
 const START_PROBES: usize = 4;
@@ -73,6 +131,12 @@ impl EpochFile {
 /// Adds the service address to its interface and announces it; repeats the announcement later on a
 /// thread of its own. Errors say what failed (the node serves on regardless).
 pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
+    if let Some(slot) = &failover.stack {
+        if slot.claim() == takeover::Claimed::AlreadyHeld {
+            tracing::info!(address = %slot.address, "the stacks already held the service address");
+        }
+        return Ok(());
+    }
     let (interface, address, prefix) = (failover.interface.clone(), failover.service_ip, failover.prefix_len);
     if takeover::claim(&interface, address, prefix).map_err(|e| e.to_string())? == takeover::Claimed::AlreadyHeld {
         tracing::info!(%interface, %address, "the service address was already on the interface");
@@ -124,7 +188,7 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
         }
     }
     if replication.role == Role::Standby {
-        match takeover::release(&failover.interface, failover.service_ip, failover.prefix_len) {
+        match release_service_address(failover) {
             Ok(takeover::Released::Removed) => notes.push(format!(
                 "removed the service address {}/{} left on {} (this node is a standby)",
                 failover.service_ip, failover.prefix_len, failover.interface

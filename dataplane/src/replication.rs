@@ -27,7 +27,6 @@ use replica::{Epoch, LogSeq, Record, ReplicationId, ShardId as LogShard};
 
 use crate::clock::{Clock, RelTime};
 use crate::config::{FailoverSettings, ReplicationSettings, Role};
-use crate::net::takeover;
 use crate::shard::Shard;
 use crate::store::{ChangeSink, ItemRef, ItemView, ScanCursor};
 
@@ -943,7 +942,7 @@ impl Promotion {
                 wake.wake(0);
             });
         }
-        let released = takeover::release(&self.failover.interface, self.failover.service_ip, self.failover.prefix_len);
+        let released = crate::failover::release_service_address(&self.failover);
         *state.report.lock().unwrap() = Report::Standby { report: handle.report.clone() };
         {
             let mut control = state.control.lock().unwrap();

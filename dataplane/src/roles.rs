@@ -47,12 +47,6 @@ fn list(seqs: &[LogSeq]) -> String {
     seqs.iter().map(|s| s.0.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// Whether this machine holds `address`: binding a socket to it succeeds only for a local address
-/// (with the default `net.ipv4.ip_nonlocal_bind = 0`), in this thread's network namespace.
-fn holds_address(address: std::net::Ipv4Addr) -> bool {
-    std::net::UdpSocket::bind((address, 0)).is_ok()
-}
-
 /// The node's state as `key value` pairs, for `tandemctl status`.
 pub fn status(state: &NodeState) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -88,8 +82,9 @@ pub fn status(state: &NodeState) -> Vec<(String, String)> {
         Some(promotion) => {
             let failover = &promotion.failover;
             push("stored_epoch", promotion.epochs.load().map_or_else(|e| format!("unreadable: {e}"), |e| e.0.to_string()));
-            let held = if holds_address(failover.service_ip) { "held by this node" } else { "not on this node" };
-            push("service_ip", format!("{}/{} on {}: {held}", failover.service_ip, failover.prefix_len, failover.interface));
+            let held = if crate::failover::holds_service_address(failover) { "held by this node" } else { "not on this node" };
+            let place = if failover.stack.is_some() { "the userspace stacks".to_string() } else { failover.interface.clone() };
+            push("service_ip", format!("{}/{} on {place}: {held}", failover.service_ip, failover.prefix_len));
         }
         None => push("service_ip", "none (no [failover] table)".into()),
     }

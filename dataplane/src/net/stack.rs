@@ -84,6 +84,10 @@ pub struct StackConfig {
     pub idle: IdlePolicy,
     /// Seeds the stack's initial sequence numbers and ephemeral choices; differ per worker and boot.
     pub seed: u64,
+    /// Failover in dataplane mode: the service address this stack adds and drops as the node's role
+    /// changes, and whether this stack announces it (one per node does).
+    pub service: Option<Arc<crate::failover::ServiceSlot>>,
+    pub announce: bool,
 }
 
 impl StackConfig {
@@ -101,6 +105,8 @@ impl StackConfig {
             tx_buffer: 16 * 1024,
             idle: IdlePolicy::default(),
             seed: 0,
+            service: None,
+            announce: false,
         }
     }
 }
@@ -195,6 +201,8 @@ pub struct StackCounters {
     pub half_open_dropped: u64,
     /// Connections reset because they lingered past [`LINGER`] after close.
     pub linger_aborts: u64,
+    /// Gratuitous ARPs sent for the service address.
+    pub garps_sent: u64,
     /// Cells given an egress pass.
     pub cell_polls: u64,
 }
@@ -244,6 +252,9 @@ pub struct StackTransport<P: Phy> {
     frame: Vec<u8>,
     /// When a frame, a request or a doorbell last showed up (for [`IdlePolicy::spin`]).
     last_activity: StdInstant,
+    /// The service slot's version this stack last acted on, and the gratuitous ARPs still to send.
+    service_seen: u64,
+    garps_due: Vec<StdInstant>,
     pub counters: StackCounters,
 }
 
@@ -341,6 +352,8 @@ impl<P: Phy> StackTransport<P> {
             bell,
             frame: vec![0; 2048],
             last_activity: StdInstant::now(),
+            service_seen: 0,
+            garps_due: Vec::new(),
             counters: StackCounters::default(),
             config,
         };
@@ -584,8 +597,62 @@ impl<P: Phy> StackTransport<P> {
         true
     }
 
+    /// Adds or drops the service address when the node's role moved it; sends announcements due.
+    fn follow_service(&mut self) {
+        let Some(slot) = &self.config.service else { return };
+        let (version, claimed) = slot.state();
+        if version != self.service_seen {
+            self.service_seen = version;
+            let cidr = IpCidr::new(IpAddress::Ipv4(Ipv4Address::from(slot.address.octets())), slot.prefix_len);
+            self.iface.update_ip_addrs(|addrs| {
+                addrs.retain(|a| *a != cidr);
+                if claimed {
+                    let _ = addrs.push(cidr);
+                }
+            });
+            tracing::info!(address = %slot.address, claimed, "the service address follows the node's role");
+            self.garps_due.clear();
+            if claimed && self.config.announce {
+                let now = StdInstant::now();
+                let spacing = crate::failover::ANNOUNCE_SPACING;
+                self.garps_due.extend((0..crate::failover::ANNOUNCE_BURST as u32).map(|i| now + spacing * i));
+                self.garps_due.extend(crate::failover::ANNOUNCE_REPEATS.iter().map(|&after| now + after));
+            }
+        }
+        if self.garps_due.first().is_some_and(|&due| due <= StdInstant::now()) {
+            self.garps_due.remove(0);
+            let address = slot.address;
+            self.send_garp(address);
+        }
+    }
+
+    /// Sends one gratuitous ARP for `address`: a broadcast request whose sender and target are both
+    /// the address (an ARP naming another sender updates no neighbour's cache).
+    fn send_garp(&mut self, address: Ipv4Addr) {
+        use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, EthernetRepr};
+        let mac = EthernetAddress(self.config.mac);
+        let ip = Ipv4Address::from(address.octets());
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: mac,
+            source_protocol_addr: ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: ip,
+        };
+        let eth = EthernetRepr { src_addr: mac, dst_addr: EthernetAddress::BROADCAST, ethertype: EthernetProtocol::Arp };
+        let Some(token) = self.phy.transmit(now()) else { return };
+        phy::TxToken::consume(token, eth.buffer_len() + arp.buffer_len(), |buf| {
+            let mut frame = EthernetFrame::new_unchecked(buf);
+            eth.emit(&mut frame);
+            arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+        });
+        self.phy.flush();
+        self.counters.garps_sent += 1;
+    }
+
     /// Frames in, then egress for cells with work; whether anything came in or changed.
     fn run_stack(&mut self) -> bool {
+        self.follow_service();
         let received = self.ingress();
         self.egress();
         received
@@ -641,6 +708,9 @@ impl<P: Phy> Transport for StackTransport<P> {
             let mut nap = self.config.idle.sleep.min(timeout - waited);
             if let Some(due) = self.next_due() {
                 nap = nap.min(due);
+            }
+            if let Some(&garp) = self.garps_due.first() {
+                nap = nap.min(garp.saturating_duration_since(StdInstant::now()));
             }
             if !nap.is_zero() {
                 std::thread::park_timeout(nap);
@@ -767,6 +837,7 @@ impl<P: Phy> Transport for StackTransport<P> {
             ("tcp_half_open_limit_hits", c.half_open_full),
             ("tcp_half_open_dropped", c.half_open_dropped),
             ("tcp_linger_aborts", c.linger_aborts),
+            ("garps_sent", c.garps_sent),
             ("tcp_sockets", self.socket_count() as u64),
             ("tcp_cells", self.cells.len() as u64),
             ("tcp_cell_polls", c.cell_polls),

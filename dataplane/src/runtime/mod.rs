@@ -75,6 +75,12 @@ impl Server {
     /// Starts `settings.threads` workers and waits until each has its store and listeners.
     pub fn start(settings: Settings) -> anyhow::Result<Server> {
         let mut settings = settings;
+        if settings.net != crate::config::NetBackend::Kernel {
+            // Dataplane mode: the service address lives on the workers' stacks.
+            if let Some(failover) = settings.failover.as_mut() {
+                failover.stack = Some(Arc::new(crate::failover::ServiceSlot::new(failover.service_ip, failover.prefix_len)));
+            }
+        }
         let start_notes = crate::failover::resolve_start_role(&mut settings);
         let settings = Arc::new(settings);
         let threads = settings.threads;
@@ -266,10 +272,8 @@ impl WorkerNet {
                 if settings.port == 0 {
                     bail!("-p 0 (pick a free port) works with kernel sockets only; give the userspace stack a port");
                 }
-                if settings.failover.is_some() {
-                    bail!("[failover] takes over a kernel interface's address; it does not work with the tap backend yet");
-                }
-                let config = stack_config(stack, settings.port, stack.mac.unwrap_or_else(|| local_mac(stack.address)), 0);
+                let service = settings.failover.as_ref().and_then(|f| f.stack.as_ref());
+                let config = stack_config(stack, service, settings.port, stack.mac.unwrap_or_else(|| local_mac(stack.address)), 0);
                 let addr = SocketAddr::new(stack.address.into(), settings.port);
                 let net = WorkerNet::Tap { name: stack.tap_name.clone(), config, drop_percent: stack.drop_percent, bell: Default::default() };
                 Ok((vec![net], vec![addr]))
@@ -277,9 +281,6 @@ impl WorkerNet {
             #[cfg(feature = "dpdk")]
             NetBackend::Dpdk(stack) => {
                 use crate::net::phy::dpdk::{Eal, Port};
-                if settings.failover.is_some() {
-                    bail!("[failover] takes over a kernel interface's address; it does not work with the dpdk backend yet");
-                }
                 if settings.port == 0 {
                     bail!("-p 0 (pick a free port) works with kernel sockets only; give the userspace stack a port");
                 }
@@ -295,7 +296,8 @@ impl WorkerNet {
                 let mut nets = Vec::new();
                 for q in 0..queues {
                     let queue = port.take_queue(q).context("the DPDK port has fewer queues than workers")?;
-                    let config = stack_config(stack, settings.port, mac, usize::from(q));
+                    let service = settings.failover.as_ref().and_then(|f| f.stack.as_ref());
+                    let config = stack_config(stack, service, settings.port, mac, usize::from(q));
                     nets.push(WorkerNet::Dpdk { queue, config, drop_percent: stack.drop_percent, arp: arp.clone(), bell: Default::default() });
                 }
                 tracing::info!(mac = %format_mac(mac), queues, address = %stack.address, "DPDK port open");
@@ -367,7 +369,13 @@ fn kernel_addresses(settings: &Settings) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 /// A worker's stack settings from `[net.*]`.
-fn stack_config(stack: &crate::config::StackSettings, port: u16, mac: [u8; 6], worker: usize) -> crate::net::stack::StackConfig {
+fn stack_config(
+    stack: &crate::config::StackSettings,
+    service: Option<&Arc<crate::failover::ServiceSlot>>,
+    port: u16,
+    mac: [u8; 6],
+    worker: usize,
+) -> crate::net::stack::StackConfig {
     let mut config = crate::net::stack::StackConfig::new(stack.address, stack.prefix_len, mac, port);
     config.gateway = stack.gateway;
     config.backlog = stack.backlog;
@@ -375,6 +383,8 @@ fn stack_config(stack: &crate::config::StackSettings, port: u16, mac: [u8; 6], w
     config.rx_buffer = stack.rx_buffer;
     config.tx_buffer = stack.tx_buffer;
     config.idle = crate::net::stack::IdlePolicy { spin: stack.idle_spin, sleep: stack.idle_sleep };
+    config.service = service.cloned();
+    config.announce = worker == 0;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     config.seed = nanos ^ ((worker as u64) << 56) ^ std::process::id() as u64;
     config
