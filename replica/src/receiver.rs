@@ -42,6 +42,9 @@ const MAX_MESSAGE: usize = 80 << 20;
 /// Bytes read per call.
 const READ_CHUNK: usize = 256 << 10;
 
+/// How long a standby waits before dialling again after a handshake was refused.
+pub const REFUSED_BACKOFF: Duration = Duration::from_millis(250);
+
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
     /// Where the active may be; tried in turn.
@@ -131,6 +134,8 @@ pub struct Receiver {
     epoch: Epoch,
     conn: Option<Connection>,
     next_peer: usize,
+    /// No dial before this: an active that refused the handshake is not asked again at once.
+    dial_after: Instant,
     /// Messages for shards whose queue was full, in arrival order.
     held: VecDeque<(usize, Inbound)>,
     /// Every shard has streamed at least once (a complete copy existed): only then may failover promote.
@@ -163,6 +168,7 @@ impl Receiver {
             epoch: Epoch(0),
             conn: None,
             next_peer: 0,
+            dial_after: Instant::now(),
             held: VecDeque::new(),
             synced_once: false,
             last_heard: Instant::now(),
@@ -231,6 +237,12 @@ impl Receiver {
                     self.publish_report();
                     return Exit::ActiveDead;
                 }
+            }
+            let now = Instant::now();
+            if self.conn.is_none() && now < self.dial_after {
+                self.publish_report();
+                self.sleep(self.dial_after - now);
+                continue;
             }
             if self.conn.is_none() && !self.connect() {
                 self.publish_report();
@@ -486,6 +498,9 @@ impl Receiver {
             }
             Some(outcome) => {
                 self.counters.refused += 1;
+                // A refusal (wrong secret, stale epoch, other shard count) does not change by itself
+                // within milliseconds: ask again later, not in a tight loop.
+                self.dial_after = Instant::now() + REFUSED_BACKOFF;
                 let _ = flush(conn);
                 Err(format!("handshake ended: {outcome:?}"))
             }

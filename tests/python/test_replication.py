@@ -494,3 +494,27 @@ def test_a_failover_standby_promotes_when_its_active_dies_and_the_others_follow_
     cs = repl_stats(c)
     assert cs["full_syncs"] == "1" and int(cs["partial_syncs"]) >= 1 and cs["epoch"] == "2", cs
     print(f"\npromotion on loopback: kill -> first write on the standby {took_ms:.0f} ms")
+
+
+def test_a_standby_refuses_an_active_with_a_lower_epoch(start, tmp_path):
+    """A standby that knows epoch 5 (from its failover state) will not follow an active still at epoch 0:
+    that active is stale (another node took over after it). Nothing is applied from it."""
+    pair = Pair(start, tmp_path)
+    pair.active.raw().expect(b"set k 0 0 1\r\nx\r\n", b"STORED\r\n")
+    state = tmp_path / "state-newer"
+    state.mkdir()
+    (state / "epoch").write_text("5\n")
+    config = write_config(tmp_path, "newer", role="standby", peers=[f"127.0.0.1:{pair.repl_port}"], peer_timeout_ms=1000)
+    # The failover table gives the standby its persisted epoch; the address is never claimed (the
+    # standby never synced, so it never promotes) and is not on loopback, so nothing is removed.
+    with open(config, "a") as f:
+        f.write(f'[failover]\nservice_ip = "127.0.99.1/32"\ninterface = "lo"\nstate_dir = "{state}"\n')
+    newer = start("--config", str(config), "-t", "2")
+    wait_for(lambda: int(repl_stats(newer)["refused"]) >= 1, "the stale active to be refused")
+    time.sleep(1)
+    stats = repl_stats(newer)
+    assert "LowerEpoch" in stats["last_error"], stats
+    assert int(stats["refused"]) <= 10, f"a refused standby asks again after a pause, not in a tight loop: {stats}"
+    assert metadump(newer) == {}, "nothing was applied from the stale active"
+    assert (state / "epoch").read_text().strip() == "5", "the standby's epoch did not go backwards"
+    harness.assert_served(pair.active)
