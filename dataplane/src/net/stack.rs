@@ -175,6 +175,8 @@ struct Place {
 /// A connection's handle: its socket and the waker that reports it.
 pub struct StackStream {
     place: Place,
+    /// Its entry in the flow table (kept here: smoltcp forgets the remote end once a socket closes).
+    flow: Option<Flow>,
     id: i32,
     waker: Option<Waker>,
 }
@@ -238,10 +240,11 @@ pub struct StackTransport<P: Phy> {
     config: StackConfig,
     /// Sockets in `Listen`, all in the listen cell.
     listening: Vec<SocketHandle>,
-    /// Sockets whose handshake began (moved out of the listen cell), waiting for it to finish.
-    half_open: Vec<Place>,
+    /// Sockets whose handshake began (moved out of the listen cell), waiting for it to finish, with
+    /// their flows.
+    half_open: Vec<(Place, Option<Flow>)>,
     /// Sockets whose handshake finished, waiting for the worker to accept them.
-    accepted: Vec<Place>,
+    accepted: Vec<(Place, Option<Flow>)>,
     /// Sockets the worker closed, draining their FIN exchange: (where, remote, when closed).
     closing: Vec<(Place, Option<Flow>, StdInstant)>,
     woken: Arc<WokenList>,
@@ -445,11 +448,11 @@ impl<P: Phy> StackTransport<P> {
             }
             // Its SYN-ACK goes out on this cell's egress.
             self.mark_dirty(cell);
-            self.half_open.push(place);
+            self.half_open.push((place, remote));
         }
         let mut i = 0;
         while i < self.half_open.len() {
-            let place = self.half_open[i];
+            let (place, flow) = self.half_open[i];
             match self.socket(place).state() {
                 State::SynReceived => {
                     let waker = self.handshake_waker.clone();
@@ -459,9 +462,8 @@ impl<P: Phy> StackTransport<P> {
                 // Reset by the peer (a listening socket goes back to Listen) or timed out.
                 State::Listen | State::Closed => {
                     self.half_open.swap_remove(i);
-                    let remote = remote_of(self.socket(place));
-                    if let Some(remote) = remote {
-                        self.flows.remove(&remote);
+                    if let Some(flow) = flow {
+                        self.flows.remove(&flow);
                     }
                     self.remove(place);
                     self.counters.half_open_dropped += 1;
@@ -469,7 +471,7 @@ impl<P: Phy> StackTransport<P> {
                 _ => {
                     self.half_open.swap_remove(i);
                     self.socket(place).set_timeout(Some(RETRANSMIT_TIMEOUT));
-                    self.accepted.push(place);
+                    self.accepted.push((place, flow));
                 }
             }
         }
@@ -514,30 +516,36 @@ impl<P: Phy> StackTransport<P> {
         any
     }
 
-    /// Runs egress for the cells with work or a timer due; notes when each is next due.
-    fn egress(&mut self) {
+    /// One cell's egress: what its sockets have to send goes out; notes when it is next due.
+    fn egress_cell(&mut self, index: usize, now: Instant) {
+        let cell = &mut self.cells[index];
+        cell.dirty = false;
+        self.counters.cell_polls += 1;
+        while self.iface.poll_egress(now, &mut self.phy, &mut cell.sockets) == smoltcp::iface::PollResult::SocketStateChanged {}
+        cell.due = self.iface.poll_at(now, &cell.sockets);
+    }
+
+    /// Runs egress for the cells whose timers are due (retransmissions, a close); with `all` (the end of
+    /// a round) also for every cell with work. Holding the rest until the worker has answered lets an
+    /// ACK leave with its reply instead of in a frame of its own.
+    fn egress(&mut self, all: bool) {
         let now = now();
-        for (index, cell) in self.cells.iter_mut().enumerate() {
-            if !cell.dirty && cell.due.is_some_and(|due| due <= now) {
-                cell.dirty = true;
-                self.dirty.push(index);
+        for index in 0..self.cells.len() {
+            if self.cells[index].due.is_some_and(|due| due <= now) {
+                self.egress_cell(index, now);
             }
         }
-        while let Some(index) = self.dirty.pop() {
-            let cell = &mut self.cells[index];
-            cell.dirty = false;
-            self.counters.cell_polls += 1;
-            while self.iface.poll_egress(now, &mut self.phy, &mut cell.sockets) == smoltcp::iface::PollResult::SocketStateChanged {}
-            cell.due = self.iface.poll_at(now, &cell.sockets);
+        if !all {
+            return;
         }
-        if self.woken.handshakes.swap(false, Ordering::Relaxed) {
-            self.tend_handshakes();
-            // Sockets that moved in need their first egress (a SYN-ACK) now.
-            while let Some(index) = self.dirty.pop() {
-                let cell = &mut self.cells[index];
-                cell.dirty = false;
-                while self.iface.poll_egress(now, &mut self.phy, &mut cell.sockets) == smoltcp::iface::PollResult::SocketStateChanged {}
-                cell.due = self.iface.poll_at(now, &cell.sockets);
+        loop {
+            if self.woken.handshakes.swap(false, Ordering::Relaxed) {
+                // Sockets that move to a cell need their first egress (a SYN-ACK): they mark it dirty.
+                self.tend_handshakes();
+            }
+            let Some(index) = self.dirty.pop() else { break };
+            if self.cells[index].dirty {
+                self.egress_cell(index, now);
             }
         }
     }
@@ -654,7 +662,7 @@ impl<P: Phy> StackTransport<P> {
     fn run_stack(&mut self) -> bool {
         self.follow_service();
         let received = self.ingress();
-        self.egress();
+        self.egress(false);
         received
     }
 
@@ -726,12 +734,12 @@ impl<P: Phy> Transport for StackTransport<P> {
     }
 
     fn accept(&mut self, _listener: usize) -> io::Result<Option<(StackStream, Option<SocketAddr>)>> {
-        let Some(place) = self.accepted.pop() else { return Ok(None) };
+        let Some((place, flow)) = self.accepted.pop() else { return Ok(None) };
         let peer = self.socket(place).remote_endpoint().map(endpoint_addr);
         self.counters.accepted += 1;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        Ok(Some((StackStream { place, id, waker: None }, peer)))
+        Ok(Some((StackStream { place, flow, id, waker: None }, peer)))
     }
 
     fn register(&mut self, stream: &mut StackStream, index: usize) -> io::Result<()> {
@@ -745,19 +753,18 @@ impl<P: Phy> Transport for StackTransport<P> {
     }
 
     fn close(&mut self, stream: StackStream) {
-        let place = stream.place;
+        let (place, flow) = (stream.place, stream.flow);
         let socket = self.socket(place);
-        let remote = remote_of(socket);
         match socket.state() {
             State::Closed | State::TimeWait => {
-                if let Some(remote) = remote {
-                    self.flows.remove(&remote);
+                if let Some(flow) = flow {
+                    self.flows.remove(&flow);
                 }
                 self.remove(place);
             }
             _ => {
                 socket.close();
-                self.closing.push((place, remote, StdInstant::now()));
+                self.closing.push((place, flow, StdInstant::now()));
                 self.mark_dirty(place.cell);
             }
         }
@@ -816,8 +823,8 @@ impl<P: Phy> Transport for StackTransport<P> {
     }
 
     fn end_round(&mut self) {
-        // What the worker wrote goes out now, not at the next poll.
-        self.egress();
+        // Replies, with the ACKs of what they answer, go out now.
+        self.egress(true);
         self.phy.flush();
     }
 
