@@ -7,6 +7,8 @@ Two devices carry the frames:
 - ``dpdk-af_packet``: DPDK's af_packet PMD on a veth whose peer is in the client's namespace. Needs root
   and a tandemd built with the ``dpdk`` feature, named by ``TANDEM_DPDK_SERVER`` (tests/run-all.sh builds
   it when libdpdk is installed). CI sets ``CI=true``: there a missing DPDK build fails instead of skipping.
+- ``dpdk-af_xdp``: DPDK's af_xdp PMD on the same kind of veth (one queue: tandemd opens one port, so one
+  worker; the fault tests use it).
 
 Every namespace, link and process a test creates is removed at its end, failures included.
 """
@@ -48,8 +50,8 @@ def needs_root():
 class Dataplane:
     """tandemd on the userspace stack, with a client namespace on the other end of its device.
 
-    ``backend`` is ``tap`` or ``dpdk-af_packet``. The client namespace holds ``client_ip``; tandemd serves
-    ``server_ip:PORT``. Used as a context manager.
+    ``backend`` is ``tap``, ``dpdk-af_packet`` or ``dpdk-af_xdp``. The client namespace holds
+    ``client_ip`` on ``client_dev``; tandemd serves ``server_ip:PORT``. Used as a context manager.
     """
 
     count = 0
@@ -61,6 +63,7 @@ class Dataplane:
         self.backend = backend
         self.ns = f"tdu-{tag}"
         self.link = f"tdu{tag}"  # the device tandemd drives (tap) or the host end of the veth (dpdk)
+        self.client_dev = self.link if backend == "tap" else "eth0"
         subnet = f"10.{150 + Dataplane.count % 50}.{TAG % 250}"
         self.server_ip = f"{subnet}.2"
         self.client_ip = f"{subnet}.1"
@@ -92,10 +95,16 @@ class Dataplane:
             if not shutil.which("ethtool"):
                 pytest.fail("ethtool is needed to turn checksum and segmentation offload off on the veth peer")
             sh("ip", "netns", "exec", self.ns, "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off")
-            qpairs = f",qpairs={threads}" if threads > 1 else ""
-            eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tdu{self.link}", f"--vdev=net_af_packet0,iface={self.link}{qpairs}"]
+            if self.backend == "dpdk-af_xdp":
+                if threads != 1:
+                    pytest.fail("dpdk-af_xdp: one worker only (a veth needs one single-queue af_xdp port per worker, and tandemd opens one port)")
+                vdev = f"--vdev=net_af_xdp0,iface={self.link},start_queue=0,queue_count=1"
+            else:
+                qpairs = f",qpairs={threads}" if threads > 1 else ""
+                vdev = f"--vdev=net_af_packet0,iface={self.link}{qpairs}"
+            eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tdu{self.link}", vdev]
             if not hugepages_ready():
-                eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", f"--vdev=net_af_packet0,iface={self.link}{qpairs}"]
+                eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", vdev]
             args = ", ".join(f'"{a}"' for a in eal)
             section = f'[net]\nbackend = "dpdk"\n[net.dpdk]\neal_args = [{args}]\naddress = "{self.server_ip}/24"\n'
         config = self.tmp_path / f"{self.link}.toml"
@@ -132,6 +141,13 @@ class Dataplane:
     def run(self, *cmd, check=True, timeout=120):
         """Runs a command in the client namespace."""
         return sh("ip", "netns", "exec", self.ns, *cmd, check=check, timeout=timeout)
+
+    def server_mac(self):
+        """tandemd's MAC, as the client's neighbour table learned it (after any connection)."""
+        neigh = self.run("ip", "neigh", "show", self.server_ip, "dev", self.client_dev).stdout
+        words = neigh.split()
+        assert "lladdr" in words, f"the client has no neighbour entry for {self.server_ip}: {neigh!r}"
+        return words[words.index("lladdr") + 1]
 
     def request(self, data):
         """Sends ``data`` from the client namespace and returns the reply up to the first END/STORED line."""
