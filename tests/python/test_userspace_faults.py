@@ -180,7 +180,21 @@ except OSError as e:
     during = type(e).__name__
 for i in range(20):
     served(conn, b"after-%d" % i, b"%d" % (i * 7))
-print(json.dumps({"syns": count, "served_during": checks, "flood_seconds": round(flood_seconds, 3), "new_client_during": during}))
+# New connections may be refused now, so the counters come over the established one (published once a
+# second).
+deadline = time.monotonic() + 5
+while True:
+    conn.sendall(b"stats net\\r\\n")
+    reply = b""
+    while not reply.endswith(b"END\\r\\n"):
+        chunk = conn.recv(65536)
+        assert chunk, "connection closed"
+        reply += chunk
+    net = dict(line.split(" ", 2)[1:] for line in reply.decode().splitlines() if line.startswith("STAT "))
+    if int(net.get("tcp_half_open_limit_hits", 0)) > 0 or time.monotonic() > deadline:
+        break
+    time.sleep(0.25)
+print(json.dumps({"syns": count, "served_during": checks, "flood_seconds": round(flood_seconds, 3), "new_client_during": during, "net": net}))
 """
 
 NEW_CLIENT = """
@@ -222,13 +236,14 @@ def test_a_syn_flood_beyond_the_pool_hits_the_half_open_limit_and_clients_are_st
     needs_root()
     with Dataplane(tmp_path, backend, extra=f"max_half_open = {MAX_HALF_OPEN}\n") as dataplane:
         report = syn_flood(dataplane, syns=MAX_HALF_OPEN * 8)
-        net = wait_counters(dataplane, {"tcp_half_open_limit_hits": 1})
+        net = report.pop("net")
         print(f"{backend}: flood {report}; stats net {net}")
+        # The script checked a verified set/get every 50 SYNs and 20 after the flood, on one established
+        # connection, and read the counters over it.
         assert report["served_during"] == MAX_HALF_OPEN * 8 // 50, report
         assert int(net["tcp_half_open_limit_hits"]) > 0, net
-        # The pool stayed bounded: the half-open sockets, the established ones and a few in Listen.
-        assert int(net["tcp_sockets"]) <= MAX_HALF_OPEN + 16 + 8, net
-        assert dataplane.request(b"get after-19\r\n").splitlines() == ["VALUE after-19 0 3", "133", "END"]
+        # The pool stayed bounded: the half-open sockets, the established one and at most a backlog in Listen.
+        assert int(net["tcp_sockets"]) <= MAX_HALF_OPEN + 16 + 2, net
 
 
 @pytest.mark.parametrize("backend", FLOOD_BACKENDS)
