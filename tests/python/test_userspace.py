@@ -7,8 +7,9 @@ Two devices carry the frames:
 - ``dpdk-af_packet``: DPDK's af_packet PMD on a veth whose peer is in the client's namespace. Needs root
   and a tandemd built with the ``dpdk`` feature, named by ``TANDEM_DPDK_SERVER`` (tests/run-all.sh builds
   it when libdpdk is installed). CI sets ``CI=true``: there a missing DPDK build fails instead of skipping.
-- ``dpdk-af_xdp``: DPDK's af_xdp PMD on the same kind of veth (one queue: tandemd opens one port, so one
-  worker; the fault tests use it).
+- ``dpdk-af_xdp``: DPDK's af_xdp PMD on the same kind of veth. A veth has no multi-queue af_xdp port:
+  with N workers the veth gets N queues and tandemd one single-queue port per worker
+  (``port_per_worker``), and the client namespace ``net.core.txrehash=0`` (FIELD-NOTES).
 
 Every namespace, link and process a test creates is removed at its end, failures included.
 """
@@ -87,7 +88,8 @@ class Dataplane:
             # through AF_PACKET unless offload is off (FIELD-NOTES).
             # TSO/GSO too: with them a veth hands AF_PACKET whole 64 KiB segments, which no 1514-byte
             # frame can carry. The kernel keeps off the DPDK side: no IPv6, no forwarding, no address.
-            sh("ip", "link", "add", self.link, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+            queues = ["numrxqueues", str(threads), "numtxqueues", str(threads)] if threads > 1 else []
+            sh("ip", "link", "add", self.link, *queues, "type", "veth", "peer", "name", "eth0", *queues, "netns", self.ns)
             sh("sysctl", "-qw", f"net.ipv6.conf.{self.link}.disable_ipv6=1", check=False)
             sh("sysctl", "-qw", f"net.ipv4.conf.{self.link}.forwarding=0", check=False)
             sh("ip", "link", "set", self.link, "up")
@@ -95,18 +97,22 @@ class Dataplane:
             if not shutil.which("ethtool"):
                 pytest.fail("ethtool is needed to turn checksum and segmentation offload off on the veth peer")
             sh("ip", "netns", "exec", self.ns, "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off")
+            ports = ""
             if self.backend == "dpdk-af_xdp":
-                if threads != 1:
-                    pytest.fail("dpdk-af_xdp: one worker only (a veth needs one single-queue af_xdp port per worker, and tandemd opens one port)")
-                vdev = f"--vdev=net_af_xdp0,iface={self.link},start_queue=0,queue_count=1"
+                # One single-queue port per worker, each on its own queue of the veth; the client's kernel
+                # must keep a flow on its queue (a retransmitted SYN would otherwise move).
+                vdevs = [f"--vdev=net_af_xdp{q},iface={self.link},start_queue={q},queue_count=1" for q in range(threads)]
+                if threads > 1:
+                    sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.core.txrehash=0")
+                    ports = "port_per_worker = true\n"
             else:
                 qpairs = f",qpairs={threads}" if threads > 1 else ""
-                vdev = f"--vdev=net_af_packet0,iface={self.link}{qpairs}"
-            eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tdu{self.link}", vdev]
+                vdevs = [f"--vdev=net_af_packet0,iface={self.link}{qpairs}"]
+            eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tdu{self.link}", *vdevs]
             if not hugepages_ready():
-                eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", vdev]
+                eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", *vdevs]
             args = ", ".join(f'"{a}"' for a in eal)
-            section = f'[net]\nbackend = "dpdk"\n[net.dpdk]\neal_args = [{args}]\naddress = "{self.server_ip}/24"\n'
+            section = f'[net]\nbackend = "dpdk"\n[net.dpdk]\neal_args = [{args}]\naddress = "{self.server_ip}/24"\n{ports}'
         config = self.tmp_path / f"{self.link}.toml"
         config.write_text(section + extra)
         self.process = subprocess.Popen(
@@ -335,11 +341,13 @@ def test_ten_thousand_connections_are_accepted_and_served(tmp_path, backend):
         assert int(net["tcp_accepted"]) >= 10000, net
 
 
-def test_two_workers_each_serve_the_flows_of_their_own_queue(tmp_path):
-    """net_af_packet with qpairs=2 spreads flows by a header hash; each worker's stack serves its queue,
-    and ARP (all on one queue) reaches both stacks."""
+@pytest.mark.parametrize("backend", ["dpdk-af_packet", "dpdk-af_xdp"])
+def test_two_workers_each_serve_the_flows_of_their_own_queue(tmp_path, backend):
+    """net_af_packet with qpairs=2 spreads flows by a header hash; net_af_xdp, one single-queue port per
+    worker on a 2-queue veth, by the veth's queue choice. Each worker's stack serves its queue, and ARP
+    (all on one queue) reaches both stacks."""
     needs_root()
-    with Dataplane(tmp_path, "dpdk-af_packet", threads=2) as dataplane:
+    with Dataplane(tmp_path, backend, threads=2) as dataplane:
         run = dataplane.run(sys.executable, "-c", MANY, dataplane.server_ip, str(PORT), "400", check=False, timeout=300)
         print(run.stdout.strip())
         assert run.returncode == 0, run.stdout + run.stderr + dataplane.log.read_text()[-2000:]
