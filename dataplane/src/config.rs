@@ -163,6 +163,10 @@ pub struct StackSection {
     pub eal_args: Option<Vec<String>>,
     /// DPDK only: the port to use (default: the first one available).
     pub port_id: Option<u16>,
+    /// DPDK only: one single-queue port per worker instead of one port with a queue per worker: worker
+    /// w drives port `port_id + w` (e.g. net_af_xdp on a veth, which has no multi-queue port: one
+    /// `--vdev=net_af_xdpN,iface=<veth>,start_queue=N,queue_count=1` per worker). The ports must share a MAC.
+    pub port_per_worker: Option<bool>,
     /// tap only: the tap device's name (created if missing; needs CAP_NET_ADMIN).
     pub name: Option<String>,
     /// "A.B.C.D/len": the node's address on this network.
@@ -198,6 +202,7 @@ pub enum NetBackend {
 pub struct StackSettings {
     pub eal_args: Vec<String>,
     pub port_id: Option<u16>,
+    pub port_per_worker: bool,
     pub tap_name: String,
     pub address: std::net::Ipv4Addr,
     pub prefix_len: u8,
@@ -268,6 +273,7 @@ impl NetBackend {
         let settings = StackSettings {
             eal_args: stack.eal_args.clone().unwrap_or_default(),
             port_id: stack.port_id,
+            port_per_worker: stack.port_per_worker.unwrap_or(false),
             tap_name: stack.name.clone().unwrap_or_else(|| "tandem0".into()),
             address,
             prefix_len,
@@ -293,8 +299,8 @@ impl NetBackend {
             }
             Ok(NetBackend::Dpdk(settings))
         } else {
-            if stack.eal_args.is_some() || stack.port_id.is_some() {
-                return Err(invalid("net.tap.eal_args", "eal_args and port_id are for [net.dpdk]"));
+            if stack.eal_args.is_some() || stack.port_id.is_some() || stack.port_per_worker.is_some() {
+                return Err(invalid("net.tap.eal_args", "eal_args, port_id and port_per_worker are for [net.dpdk]"));
             }
             Ok(NetBackend::Tap(settings))
         }
@@ -712,6 +718,9 @@ mod tests {
         assert_eq!(dpdk.mac, Some([2, 0, 0, 0, 0, 5]));
         assert_eq!((dpdk.rx_buffer, dpdk.tx_buffer), (8 << 10, 16 << 10));
         assert_eq!(dpdk.eal_args, vec!["--in-memory".to_string()]);
+        assert!(!dpdk.port_per_worker, "one port with a queue per worker unless asked");
+        let s = load("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"--in-memory\"]\naddress = \"10.1.0.2/24\"\nport_per_worker = true\n").unwrap();
+        assert!(matches!(&s.net, NetBackend::Dpdk(d) if d.port_per_worker));
 
         let s = load("[net]\nbackend = \"tap\"\n[net.tap]\nname = \"t0\"\naddress = \"10.1.0.2/24\"\n").unwrap();
         assert!(matches!(&s.net, NetBackend::Tap(t) if t.tap_name == "t0"));
@@ -728,6 +737,7 @@ mod tests {
             ("[net]\nbackend = \"rdma\"\n", "net.backend"),
             ("[net]\n[net.dpdk]\n", "net.backend"),
             ("[net]\nbackend = \"tap\"\n[net.tap]\naddress = \"10.1.0.2/24\"\neal_args = []\n", "net.tap.eal_args"),
+            ("[net]\nbackend = \"tap\"\n[net.tap]\naddress = \"10.1.0.2/24\"\nport_per_worker = true\n", "port_per_worker"),
             ("[net]\nbackend = \"dpdk\"\n[net.dpdk]\neal_args = [\"x\"]\naddress = \"10.1.0.2/24\"\nspeed = 1\n", "speed"),
         ] {
             let err = load(text).unwrap_err().to_string();

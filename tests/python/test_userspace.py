@@ -7,6 +7,9 @@ Two devices carry the frames:
 - ``dpdk-af_packet``: DPDK's af_packet PMD on a veth whose peer is in the client's namespace. Needs root
   and a tandemd built with the ``dpdk`` feature, named by ``TANDEM_DPDK_SERVER`` (tests/run-all.sh builds
   it when libdpdk is installed). CI sets ``CI=true``: there a missing DPDK build fails instead of skipping.
+- ``dpdk-af_xdp``: DPDK's af_xdp PMD on the same kind of veth. A veth has no multi-queue af_xdp port:
+  with N workers the veth gets N queues and tandemd one single-queue port per worker
+  (``port_per_worker``), and the client namespace ``net.core.txrehash=0`` (FIELD-NOTES).
 
 Every namespace, link and process a test creates is removed at its end, failures included.
 """
@@ -48,8 +51,8 @@ def needs_root():
 class Dataplane:
     """tandemd on the userspace stack, with a client namespace on the other end of its device.
 
-    ``backend`` is ``tap`` or ``dpdk-af_packet``. The client namespace holds ``client_ip``; tandemd serves
-    ``server_ip:PORT``. Used as a context manager.
+    ``backend`` is ``tap``, ``dpdk-af_packet`` or ``dpdk-af_xdp``. The client namespace holds
+    ``client_ip`` on ``client_dev``; tandemd serves ``server_ip:PORT``. Used as a context manager.
     """
 
     count = 0
@@ -61,6 +64,7 @@ class Dataplane:
         self.backend = backend
         self.ns = f"tdu-{tag}"
         self.link = f"tdu{tag}"  # the device tandemd drives (tap) or the host end of the veth (dpdk)
+        self.client_dev = self.link if backend == "tap" else "eth0"
         subnet = f"10.{150 + Dataplane.count % 50}.{TAG % 250}"
         self.server_ip = f"{subnet}.2"
         self.client_ip = f"{subnet}.1"
@@ -84,7 +88,8 @@ class Dataplane:
             # through AF_PACKET unless offload is off (FIELD-NOTES).
             # TSO/GSO too: with them a veth hands AF_PACKET whole 64 KiB segments, which no 1514-byte
             # frame can carry. The kernel keeps off the DPDK side: no IPv6, no forwarding, no address.
-            sh("ip", "link", "add", self.link, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+            queues = ["numrxqueues", str(threads), "numtxqueues", str(threads)] if threads > 1 else []
+            sh("ip", "link", "add", self.link, *queues, "type", "veth", "peer", "name", "eth0", *queues, "netns", self.ns)
             sh("sysctl", "-qw", f"net.ipv6.conf.{self.link}.disable_ipv6=1", check=False)
             sh("sysctl", "-qw", f"net.ipv4.conf.{self.link}.forwarding=0", check=False)
             sh("ip", "link", "set", self.link, "up")
@@ -92,12 +97,22 @@ class Dataplane:
             if not shutil.which("ethtool"):
                 pytest.fail("ethtool is needed to turn checksum and segmentation offload off on the veth peer")
             sh("ip", "netns", "exec", self.ns, "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off")
-            qpairs = f",qpairs={threads}" if threads > 1 else ""
-            eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tdu{self.link}", f"--vdev=net_af_packet0,iface={self.link}{qpairs}"]
+            ports = ""
+            if self.backend == "dpdk-af_xdp":
+                # One single-queue port per worker, each on its own queue of the veth; the client's kernel
+                # must keep a flow on its queue (a retransmitted SYN would otherwise move).
+                vdevs = [f"--vdev=net_af_xdp{q},iface={self.link},start_queue={q},queue_count=1" for q in range(threads)]
+                if threads > 1:
+                    sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.core.txrehash=0")
+                    ports = "port_per_worker = true\n"
+            else:
+                qpairs = f",qpairs={threads}" if threads > 1 else ""
+                vdevs = [f"--vdev=net_af_packet0,iface={self.link}{qpairs}"]
+            eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tdu{self.link}", *vdevs]
             if not hugepages_ready():
-                eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", f"--vdev=net_af_packet0,iface={self.link}{qpairs}"]
+                eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", *vdevs]
             args = ", ".join(f'"{a}"' for a in eal)
-            section = f'[net]\nbackend = "dpdk"\n[net.dpdk]\neal_args = [{args}]\naddress = "{self.server_ip}/24"\n'
+            section = f'[net]\nbackend = "dpdk"\n[net.dpdk]\neal_args = [{args}]\naddress = "{self.server_ip}/24"\n{ports}'
         config = self.tmp_path / f"{self.link}.toml"
         config.write_text(section + extra)
         self.process = subprocess.Popen(
@@ -132,6 +147,13 @@ class Dataplane:
     def run(self, *cmd, check=True, timeout=120):
         """Runs a command in the client namespace."""
         return sh("ip", "netns", "exec", self.ns, *cmd, check=check, timeout=timeout)
+
+    def server_mac(self):
+        """tandemd's MAC, as the client's neighbour table learned it (after any connection)."""
+        neigh = self.run("ip", "neigh", "show", self.server_ip, "dev", self.client_dev).stdout
+        words = neigh.split()
+        assert "lladdr" in words, f"the client has no neighbour entry for {self.server_ip}: {neigh!r}"
+        return words[words.index("lladdr") + 1]
 
     def request(self, data):
         """Sends ``data`` from the client namespace and returns the reply up to the first END/STORED line."""
@@ -319,11 +341,13 @@ def test_ten_thousand_connections_are_accepted_and_served(tmp_path, backend):
         assert int(net["tcp_accepted"]) >= 10000, net
 
 
-def test_two_workers_each_serve_the_flows_of_their_own_queue(tmp_path):
-    """net_af_packet with qpairs=2 spreads flows by a header hash; each worker's stack serves its queue,
-    and ARP (all on one queue) reaches both stacks."""
+@pytest.mark.parametrize("backend", ["dpdk-af_packet", "dpdk-af_xdp"])
+def test_two_workers_each_serve_the_flows_of_their_own_queue(tmp_path, backend):
+    """net_af_packet with qpairs=2 spreads flows by a header hash; net_af_xdp, one single-queue port per
+    worker on a 2-queue veth, by the veth's queue choice. Each worker's stack serves its queue, and ARP
+    (all on one queue) reaches both stacks."""
     needs_root()
-    with Dataplane(tmp_path, "dpdk-af_packet", threads=2) as dataplane:
+    with Dataplane(tmp_path, backend, threads=2) as dataplane:
         run = dataplane.run(sys.executable, "-c", MANY, dataplane.server_ip, str(PORT), "400", check=False, timeout=300)
         print(run.stdout.strip())
         assert run.returncode == 0, run.stdout + run.stderr + dataplane.log.read_text()[-2000:]

@@ -244,6 +244,8 @@ enum WorkerNet {
     #[cfg(feature = "dpdk")]
     Dpdk {
         queue: crate::net::phy::dpdk::DpdkQueue,
+        /// The worker's index among the port's (or ports') workers, for the ARP exchange.
+        worker: usize,
         config: crate::net::stack::StackConfig,
         drop_percent: u8,
         arp: Arc<crate::net::phy::arp_share::ArpExchange>,
@@ -285,22 +287,42 @@ impl WorkerNet {
                     bail!("-p 0 (pick a free port) works with kernel sockets only; give the userspace stack a port");
                 }
                 let eal = Eal::init(&stack.eal_args)?;
-                let queues = u16::try_from(threads).context("too many workers for one DPDK port")?;
-                let mut port = Port::open(&eal, stack.port_id, queues)
-                    .with_context(|| format!("cannot open the DPDK port with {queues} queue pair(s), one per worker"))?;
-                let mac = port.mac();
+                let workers = u16::try_from(threads).context("too many workers for DPDK")?;
+                // Each worker's queue: queue w of one port, or queue 0 of port `port_id + w`.
+                let mut queues = Vec::new();
+                let mut mac = None;
+                if stack.port_per_worker {
+                    let first = stack.port_id.unwrap_or(0);
+                    for w in 0..workers {
+                        let port_id = first.checked_add(w).context("net.dpdk.port_id + workers is past the last port id")?;
+                        let mut port = Port::open(&eal, Some(port_id), 1)
+                            .with_context(|| format!("port_per_worker: cannot open DPDK port {port_id} for worker {w} (one --vdev per worker)"))?;
+                        if mac.is_some_and(|m| m != port.mac()) {
+                            bail!("port_per_worker: DPDK port {port_id} has another MAC than port {first}; the workers' ports must share one (one device's queues)");
+                        }
+                        mac = Some(port.mac());
+                        queues.push(port.take_queue(0).context("a DPDK port opened with one queue has none")?);
+                    }
+                } else {
+                    let mut port = Port::open(&eal, stack.port_id, workers)
+                        .with_context(|| format!("cannot open the DPDK port with {workers} queue pair(s), one per worker"))?;
+                    mac = Some(port.mac());
+                    for q in 0..workers {
+                        queues.push(port.take_queue(q).context("the DPDK port has fewer queues than workers")?);
+                    }
+                }
+                let mac = mac.context("no worker")?;
                 if stack.mac.is_some_and(|m| m != mac) {
                     bail!("net.dpdk.mac: setting a MAC other than the port's own is not supported yet (the port's is {})", format_mac(mac));
                 }
                 let arp = crate::net::phy::arp_share::ArpExchange::new(threads);
                 let mut nets = Vec::new();
-                for q in 0..queues {
-                    let queue = port.take_queue(q).context("the DPDK port has fewer queues than workers")?;
+                for (worker, queue) in queues.into_iter().enumerate() {
                     let service = settings.failover.as_ref().and_then(|f| f.stack.as_ref());
-                    let config = stack_config(stack, service, settings.port, mac, usize::from(q));
-                    nets.push(WorkerNet::Dpdk { queue, config, drop_percent: stack.drop_percent, arp: arp.clone(), bell: Default::default() });
+                    let config = stack_config(stack, service, settings.port, mac, worker);
+                    nets.push(WorkerNet::Dpdk { queue, worker, config, drop_percent: stack.drop_percent, arp: arp.clone(), bell: Default::default() });
                 }
-                tracing::info!(mac = %format_mac(mac), queues, address = %stack.address, "DPDK port open");
+                tracing::info!(mac = %format_mac(mac), workers, port_per_worker = stack.port_per_worker, address = %stack.address, "DPDK open");
                 // The queues keep the port and EAL alive; these handles may go.
                 let addr = SocketAddr::new(stack.address.into(), settings.port);
                 Ok((nets, vec![addr]))
@@ -336,11 +358,10 @@ impl WorkerNet {
                 Ok(crate::net::stack::StackTransport::new(phy, config, bell))
             }),
             #[cfg(feature = "dpdk")]
-            WorkerNet::Dpdk { queue, config, drop_percent, arp, bell } => start.run(move || {
+            WorkerNet::Dpdk { queue, worker, config, drop_percent, arp, bell } => start.run(move || {
                 use crate::net::phy::{arp_share::ArpShare, check::Checked, lossy::Lossy};
                 queue.register_thread()?;
-                let id = usize::from(queue.queue_id());
-                let phy = Lossy::new(Checked::new(ArpShare::new(queue, id, arp)), drop_percent, config.seed);
+                let phy = Lossy::new(Checked::new(ArpShare::new(queue, worker, arp)), drop_percent, config.seed);
                 Ok(crate::net::stack::StackTransport::new(phy, config, bell))
             }),
         }
