@@ -14,6 +14,7 @@ Two devices carry the frames:
 Every namespace, link and process a test creates is removed at its end, failures included.
 """
 
+import atexit
 import os
 import pathlib
 import shutil
@@ -203,11 +204,26 @@ sys.stdout.write(data.decode())
 """
 
 
+_hugepages_before = []
+
+
+def _restore_hugepages():
+    if _hugepages_before:
+        try:
+            pathlib.Path("/proc/sys/vm/nr_hugepages").write_text(_hugepages_before[0])
+        except OSError:
+            pass
+
+
 def hugepages_ready():
-    """Reserves 2 MiB hugepages for DPDK if the machine allows it; False means run EAL with --no-huge."""
+    """Reserves 2 MiB hugepages for DPDK if the machine allows it (the old reservation is restored when
+    the test run ends); False means run EAL with --no-huge."""
     nr = pathlib.Path("/proc/sys/vm/nr_hugepages")
     try:
         if int(nr.read_text()) < 256:
+            if not _hugepages_before:
+                _hugepages_before.append(nr.read_text())
+                atexit.register(_restore_hugepages)
             nr.write_text("256\n")
         if int(nr.read_text()) < 128:
             return False

@@ -209,9 +209,60 @@ pub struct StackCounters {
     pub cell_polls: u64,
 }
 
+/// Socket buffers of one worker, reused from connection to connection (smoltcp's buffers are fixed, so
+/// every connection takes a pair; allocating and zeroing them per connection is what this saves).
+struct BufferPool {
+    rx: usize,
+    tx: usize,
+    /// Every pair ever allocated (leaked boxes, freed when the pool drops), and the free ones.
+    slots: Vec<(*mut u8, *mut u8)>,
+    free: Vec<usize>,
+}
+
+impl BufferPool {
+    fn new(rx: usize, tx: usize) -> BufferPool {
+        BufferPool { rx, tx, slots: Vec::new(), free: Vec::new() }
+    }
+
+    /// A buffer pair for a new socket, and its slot (to give back once that socket is dropped).
+    fn take(&mut self) -> (usize, tcp::SocketBuffer<'static>, tcp::SocketBuffer<'static>) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            let rx = Box::into_raw(vec![0u8; self.rx].into_boxed_slice()) as *mut u8;
+            let tx = Box::into_raw(vec![0u8; self.tx].into_boxed_slice()) as *mut u8;
+            self.slots.push((rx, tx));
+            self.slots.len() - 1
+        });
+        let (rx, tx) = self.slots[slot];
+        // SAFETY: the slot is not free, so no other socket holds these buffers: the socket that held
+        // them before was dropped before `give_back`. They stay allocated until the pool drops, after
+        // every socket (the cells are declared, and dropped, before the pool).
+        let (rx, tx) = unsafe { (std::slice::from_raw_parts_mut(rx, self.rx), std::slice::from_raw_parts_mut(tx, self.tx)) };
+        (slot, tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx))
+    }
+
+    /// Returns a slot whose socket has been dropped.
+    fn give_back(&mut self, slot: usize) {
+        self.free.push(slot);
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        for &(rx, tx) in &self.slots {
+            // SAFETY: allocated in `take` as boxed slices of these lengths; no socket is left.
+            unsafe {
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(rx, self.rx)));
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(tx, self.tx)));
+            }
+        }
+    }
+}
+
 /// A few sockets and what they need.
 struct Cell {
     sockets: SocketSet<'static>,
+    /// Each socket's buffer slot in the pool.
+    slots: HashMap<SocketHandle, usize>,
     /// Sockets here, counted against [`CELL_SOCKETS`].
     members: usize,
     /// Egress is due: a frame came in, the worker wrote or read, or a socket moved in.
@@ -222,7 +273,7 @@ struct Cell {
 
 impl Cell {
     fn new() -> Cell {
-        Cell { sockets: SocketSet::new(Vec::new()), members: 0, dirty: false, due: None }
+        Cell { sockets: SocketSet::new(Vec::new()), slots: HashMap::new(), members: 0, dirty: false, due: None }
     }
 }
 
@@ -231,6 +282,8 @@ pub struct StackTransport<P: Phy> {
     phy: P,
     iface: Interface,
     cells: Vec<Cell>,
+    /// After `cells`: dropped after every socket.
+    pool: BufferPool,
     /// Cells (other than the listen cell) with room for another socket.
     roomy: Vec<usize>,
     /// Cells whose egress is due this round.
@@ -342,6 +395,7 @@ impl<P: Phy> StackTransport<P> {
             phy,
             iface,
             cells: vec![Cell::new()],
+            pool: BufferPool::new(config.rx_buffer, config.tx_buffer),
             roomy: Vec::new(),
             dirty: Vec::new(),
             flows: HashMap::new(),
@@ -383,8 +437,7 @@ impl<P: Phy> StackTransport<P> {
 
     /// Opens one more listening socket on the port, in the listen cell.
     fn listen_socket(&mut self) -> SocketHandle {
-        let rx = tcp::SocketBuffer::new(vec![0; self.config.rx_buffer]);
-        let tx = tcp::SocketBuffer::new(vec![0; self.config.tx_buffer]);
+        let (slot, rx, tx) = self.pool.take();
         let mut socket = tcp::Socket::new(rx, tx);
         // Request/response: no Nagle, no delayed ACK (FIELD-NOTES: 40 ms stalls otherwise).
         socket.set_nagle_enabled(false);
@@ -394,7 +447,9 @@ impl<P: Phy> StackTransport<P> {
         socket.register_recv_waker(&self.handshake_waker);
         let cell = &mut self.cells[LISTEN_CELL];
         cell.members += 1;
-        cell.sockets.add(socket)
+        let handle = cell.sockets.add(socket);
+        cell.slots.insert(handle, slot);
+        handle
     }
 
     /// A cell with room for one more socket (a new one when all are full).
@@ -411,16 +466,24 @@ impl<P: Phy> StackTransport<P> {
         cell
     }
 
-    /// Takes a socket out of its cell (its flow, if any, stays for the caller to deal with).
-    fn remove(&mut self, place: Place) -> tcp::Socket<'static> {
+    /// Takes a socket out of its cell, with its buffer slot (its flow, if any, stays for the caller).
+    fn remove(&mut self, place: Place) -> (tcp::Socket<'static>, usize) {
         let cell = &mut self.cells[place.cell];
         cell.members -= 1;
         if place.cell != LISTEN_CELL && cell.members == CELL_SOCKETS - 1 {
             self.roomy.push(place.cell);
         }
+        let slot = cell.slots.remove(&place.handle).expect("every socket has a buffer slot");
         match cell.sockets.remove(place.handle) {
-            smoltcp::socket::Socket::Tcp(socket) => socket,
+            smoltcp::socket::Socket::Tcp(socket) => (socket, slot),
         }
+    }
+
+    /// Drops a socket for good; its buffers go back to the pool.
+    fn discard(&mut self, place: Place) {
+        let (socket, slot) = self.remove(place);
+        drop(socket);
+        self.pool.give_back(slot);
     }
 
     /// Moves sockets that left `Listen` out of the listen cell (entering their flows), hands finished
@@ -438,11 +501,12 @@ impl<P: Phy> StackTransport<P> {
             }
             self.listening.swap_remove(i);
             let remote = remote_of(socket);
-            let socket = self.remove(Place { cell: LISTEN_CELL, handle });
+            let (socket, slot) = self.remove(Place { cell: LISTEN_CELL, handle });
             let cell = self.cell_with_room();
             let c = &mut self.cells[cell];
             c.members += 1;
             let place = Place { cell, handle: c.sockets.add(socket) };
+            c.slots.insert(place.handle, slot);
             if let Some(remote) = remote {
                 self.flows.insert(remote, cell);
             }
@@ -465,7 +529,7 @@ impl<P: Phy> StackTransport<P> {
                     if let Some(flow) = flow {
                         self.flows.remove(&flow);
                     }
-                    self.remove(place);
+                    self.discard(place);
                     self.counters.half_open_dropped += 1;
                 }
                 _ => {
@@ -574,7 +638,7 @@ impl<P: Phy> StackTransport<P> {
                         self.flows.remove(&remote);
                     }
                 }
-                self.remove(place);
+                self.discard(place);
                 continue;
             }
             if now.duration_since(since) > LINGER {
@@ -760,7 +824,7 @@ impl<P: Phy> Transport for StackTransport<P> {
                 if let Some(flow) = flow {
                     self.flows.remove(&flow);
                 }
-                self.remove(place);
+                self.discard(place);
             }
             _ => {
                 socket.close();
@@ -1037,6 +1101,12 @@ mod tests {
         assert!(server.flows.is_empty(), "and the flow is forgotten");
         assert_eq!(server.listening.len(), 4, "the backlog is refilled");
         assert_eq!(server.counters.accepted, 1);
+        // The closed connection's buffers wait in the pool; the next connection takes them.
+        assert_eq!((server.pool.slots.len(), server.pool.free.len()), (5, 1));
+        client.connect(40001);
+        exchange(&mut server, &mut client, 20);
+        assert!(server.accept(0).unwrap().is_some());
+        assert_eq!((server.pool.slots.len(), server.pool.free.len()), (5, 0), "no new buffers were allocated");
     }
 
     #[test]

@@ -218,6 +218,11 @@ impl Postbox {
         handled
     }
 
+    /// Whether this round queued messages not yet flushed.
+    pub fn has_outbound(&self) -> bool {
+        self.outbox.iter().any(|batch| !batch.is_empty())
+    }
+
     /// Whether any inbound ring holds a batch.
     pub fn has_inbound(&self) -> bool {
         (0..self.boxes.workers()).any(|from| from != self.me && !self.boxes.lane(from, self.me).batches.is_empty())

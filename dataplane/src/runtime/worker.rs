@@ -183,7 +183,9 @@ impl<T: Transport> Worker<T> {
             None => false,
         };
         self.release_held();
-        let busy = self.mail_held || replicating || !self.pending.is_empty() || self.postbox.has_inbound();
+        // Connections served above (released holds) may have mailed requests: they leave at the end of
+        // this round, so it must not sleep first.
+        let busy = self.mail_held || replicating || !self.pending.is_empty() || self.postbox.has_inbound() || self.postbox.has_outbound();
         let timeout = if busy || !self.postbox.prepare_sleep() {
             Duration::ZERO
         } else if self.replication.as_ref().is_some_and(ShardReplication::has_inbound) {
