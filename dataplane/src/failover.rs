@@ -6,6 +6,8 @@
 //! - [`take_service_address`]: adds the service address to the configured interface (netlink) and
 //!   announces it with gratuitous ARPs: a burst at once, then repeats, so that neighbours whose caches
 //!   missed the burst still move to this node.
+//! - [`release_after_stop`]: the stop hook's step: a node whose tandemd is not running as the active
+//!   holds no service address.
 //!
 //! The decision to promote is made by the replication core ([`crate::replication`]): a standby that
 //! was fully synced and has not heard from its active for `dead_after_ms`.
@@ -134,6 +136,38 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
         }
     }
     notes
+}
+
+/// What systemd's stop hook (ExecStopPost) runs, through `tandemd --release-service-address`: removes
+/// the service address from its interface unless a tandemd on this node is serving as the active (its
+/// admin endpoint answers and says so). A tandemd killed by a crash or a signal leaves the address on
+/// the interface, and the kernel keeps answering ARP and resetting connections for it (FIELD-NOTES.md);
+/// after this, only the node whose tandemd is the active holds it. Returns what was done, for the log.
+pub fn release_after_stop(settings: &crate::config::Settings) -> anyhow::Result<String> {
+    let Some(failover) = settings.failover.as_ref() else {
+        return Ok("no [failover] table: no service address to release".into());
+    };
+    let address = format!("{}/{} on {}", failover.service_ip, failover.prefix_len, failover.interface);
+    if let Some(socket) = &settings.admin_socket {
+        if let Some(role) = serving_role(socket) {
+            if role == "active" {
+                return Ok(format!("kept {address}: the tandemd at {} is serving as the active", socket.display()));
+            }
+        }
+    }
+    match takeover::release(&failover.interface, failover.service_ip, failover.prefix_len)? {
+        takeover::Released::Removed => Ok(format!("removed the service address {address}: no tandemd here serves as the active")),
+        takeover::Released::WasAbsent => Ok(format!("the service address {address} was not on this node")),
+    }
+}
+
+/// The role a live tandemd reports on its admin socket, or None when no process answers there.
+fn serving_role(socket: &Path) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"status\n").ok()?;
+    BufReader::new(stream).lines().map_while(Result::ok).find_map(|line| line.strip_prefix("role ").map(str::to_string))
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ pub enum TakeoverError {
 impl TakeoverError {
     /// An OS error from `action`; EPERM and EACCES become [`TakeoverError::NotPermitted`] naming the
     /// capability that is missing.
-    fn os(action: impl Into<String>, interface: &str, capability: &'static str, cause: io::Error) -> TakeoverError {
+    pub(crate) fn os(action: impl Into<String>, interface: &str, capability: &'static str, cause: io::Error) -> TakeoverError {
         let (action, interface) = (action.into(), interface.to_string());
         match cause.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => TakeoverError::NotPermitted { action, interface, capability },
@@ -167,7 +167,7 @@ pub fn announce(interface: &str, address: Ipv4Addr, count: usize, interval: Dura
         return Ok(0);
     }
     let frame = gratuitous_arp_frame(mac, address);
-    let socket = packet_socket(interface, index)?;
+    let socket = packet_socket(interface, index, 0)?;
     for sent in 0..count {
         if sent > 0 {
             std::thread::sleep(interval);
@@ -268,7 +268,7 @@ fn interface_name(interface: &str) -> Result<CString, TakeoverError> {
 }
 
 /// The kernel's index of `interface`, in the calling thread's network namespace.
-fn interface_index(interface: &str) -> Result<u32, TakeoverError> {
+pub(crate) fn interface_index(interface: &str) -> Result<u32, TakeoverError> {
     let name = interface_name(interface)?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -371,15 +371,17 @@ fn netlink_request(
     }
 }
 
-/// A raw packet socket bound to interface `index`, for sending whole Ethernet frames. It is bound
-/// with protocol 0, so the kernel queues no received frames on it.
-fn packet_socket(interface: &str, index: u32) -> Result<Socket, TakeoverError> {
-    let socket = Socket::new(Domain::PACKET, Type::RAW, Some(0.into()))
+/// A raw packet socket bound to interface `index`, for sending whole Ethernet frames. Bound with
+/// `ethertype` 0, the kernel queues no received frames on it; with another, it receives the frames of
+/// that EtherType (in network order on the wire; given here in host order).
+pub(crate) fn packet_socket(interface: &str, index: u32, ethertype: u16) -> Result<Socket, TakeoverError> {
+    let protocol = i32::from(ethertype.to_be());
+    let socket = Socket::new(Domain::PACKET, Type::RAW, Some(protocol.into()))
         .map_err(|e| TakeoverError::os("opening a packet socket", interface, "CAP_NET_RAW", e))?;
     // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
     let mut link: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     link.sll_family = libc::AF_PACKET as u16;
-    link.sll_protocol = 0;
+    link.sll_protocol = ethertype.to_be();
     link.sll_ifindex = index as i32;
     // SAFETY: `link` is a valid sockaddr_ll that outlives the call, and the length passed is its size.
     let rc = unsafe {
