@@ -13,6 +13,7 @@
 
 use std::mem::MaybeUninit;
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::takeover::{
@@ -67,25 +68,47 @@ pub fn holder(interface: &str, address: Ipv4Addr, tries: usize, wait: Duration) 
     let frame = probe_frame(ours, address);
     let mut buf = [MaybeUninit::<u8>::uninit(); 128];
     let os = |action: &str, cause| TakeoverError::os(format!("{action} (who holds {address}?)"), interface, "CAP_NET_RAW", cause);
+    // Waits run on poll(2), whose timeout is kept to the millisecond; a socket's receive timeout is
+    // rounded to the kernel's tick and overshot a 15 ms wait by 10 ms and more here.
+    socket.set_nonblocking(true).map_err(|e| os("making the probe socket non-blocking", e))?;
     for _ in 0..tries {
         socket.send(&frame).map_err(|e| os("sending an ARP probe", e))?;
         let deadline = Instant::now() + wait;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
-            socket.set_read_timeout(Some(left)).map_err(|e| os("setting the probe's timeout", e))?;
-            let len = match socket.recv(&mut buf) {
-                Ok(len) => len,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(len) => {
+                    // SAFETY: recv initialised the first `len` bytes of `buf` (at most its length).
+                    let received: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), len.min(buf.len())) };
+                    if let Some(mac) = parse_reply(received, address, ours) {
+                        close_later(socket);
+                        return Ok(Some(mac));
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(os("reading ARP replies", e)),
-            };
-            // SAFETY: recv initialised the first `len` bytes of `buf` (at most its length).
-            let received: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), len.min(buf.len())) };
-            if let Some(mac) = parse_reply(received, address, ours) {
-                return Ok(Some(mac));
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
+            let mut ready = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let millis = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            // SAFETY: `ready` is one valid pollfd that lives across the call, and 1 is its count.
+            if unsafe { libc::poll(&mut ready, 1, millis) } < 0 {
+                let cause = std::io::Error::last_os_error();
+                if cause.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(os("waiting for ARP replies", cause));
+                }
             }
         }
     }
+    close_later(socket);
     Ok(None)
+}
+
+/// Closes a packet socket on a thread of its own: closing one that receives frames waits for an RCU
+/// grace period (milliseconds), which a standby deciding whether to promote should not.
+fn close_later(socket: socket2::Socket) {
+    let _ = std::thread::Builder::new().name("tandem-arp-close".into()).spawn(move || drop(socket));
 }
 
 #[cfg(test)]

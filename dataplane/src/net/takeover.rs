@@ -375,8 +375,9 @@ fn netlink_request(
 /// `ethertype` 0, the kernel queues no received frames on it; with another, it receives the frames of
 /// that EtherType (in network order on the wire; given here in host order).
 pub(crate) fn packet_socket(interface: &str, index: u32, ethertype: u16) -> Result<Socket, TakeoverError> {
-    let protocol = i32::from(ethertype.to_be());
-    let socket = Socket::new(Domain::PACKET, Type::RAW, Some(protocol.into()))
+    // Opened with protocol 0 and given the EtherType at bind: a socket opened with one would be
+    // unhooked and hooked again by the bind, and unhooking waits for an RCU grace period (milliseconds).
+    let socket = Socket::new(Domain::PACKET, Type::RAW, Some(0.into()))
         .map_err(|e| TakeoverError::os("opening a packet socket", interface, "CAP_NET_RAW", e))?;
     // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
     let mut link: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
