@@ -5,7 +5,7 @@ Two client processes in the client's namespace write and read back through the s
 as the pair answers (sync replication, the witness configured, the default heartbeat and dead_after):
 each round pipelines 100 sets of keys it owns and then a multi-get of them, and checks every value. The
 pair must show no spurious failover and no role change: the active stays active, the standby stays a
-standby, promotions, step_downs and role_changes stay 0 on both; every request answered and verified.
+standby, promotions and step_downs stay 0 and role_changes stays what start-up left on both; every request answered and verified.
 The figures are printed.
 """
 
@@ -114,6 +114,10 @@ def test_soak_no_spurious_failover_under_full_load(tmp_path):
             for me in range(CLIENTS)
         ]
         expected = {"a": {"role": "active", "epoch": "1"}, "b": {"role": "standby", "epoch": "1"}}
+        # Start-up events (a claiming the address) are role events too: nothing may be added to them.
+        at_start = {name: stats_in(topo, name) for name in ("a", "b")}
+        start_changes = {name: at_start[name]["role_changes"] for name in ("a", "b")}
+        assert all(at_start[name]["promotions"] == "0" and at_start[name]["step_downs"] == "0" for name in at_start), at_start
         checks, max_lag_ms, max_last_heard = 0, 0, 0
         # Checked every few seconds while the load runs: any role change fails at once.
         while any(c.poll() is None for c in clients) and time.monotonic() < started + SOAK_SECONDS + 60:
@@ -121,7 +125,7 @@ def test_soak_no_spurious_failover_under_full_load(tmp_path):
                 stats = stats_in(topo, name)
                 figures = role_figures(stats)
                 assert figures["role"] == expected[name]["role"] and figures["epoch"] == expected[name]["epoch"], (name, stats)
-                assert (figures["promotions"], figures["step_downs"], figures["role_changes"]) == ("0", "0", "0"), (name, stats)
+                assert (figures["promotions"], figures["step_downs"], figures["role_changes"]) == ("0", "0", start_changes[name]), (name, stats)
                 if name == "a":
                     max_lag_ms = max(max_lag_ms, int(stats.get("standby_0_lag_ms", 0)))
                     assert stats.get("standby_0_state") == "streaming", stats
@@ -137,17 +141,18 @@ def test_soak_no_spurious_failover_under_full_load(tmp_path):
         a_stats, b_stats = stats_in(topo, "a"), stats_in(topo, "b")
         for name, stats in (("a", a_stats), ("b", b_stats)):
             assert role_figures(stats)["role"] == expected[name]["role"], stats
-            assert (stats["promotions"], stats["step_downs"], stats["role_changes"]) == ("0", "0", "0"), stats
+            assert (stats["promotions"], stats["step_downs"], stats["role_changes"]) == ("0", "0", start_changes[name]), stats
         general = stats_in(topo, "a", "")
         requests = sum(r["sets"] + r["gets"] for r in results)
         print(
             f"\nsoak {elapsed:.0f} s (TANDEM_SOAK_SECONDS={SOAK_SECONDS:.0f}), sync mode, {CLIENTS} verifying clients: "
             f"{requests} requests ({requests / elapsed:.0f}/s), errors {sum(r['errors'] for r in results)}, "
             f"wrong values {sum(r['bad'] for r in results)}, worst round {max(r['worst_round_ms'] for r in results):.0f} ms; "
-            f"{checks} role checks; a: {role_figures(a_stats)}, sync_degraded {a_stats['sync_degraded']}, "
+            f"{checks} role checks; a: {role_figures(a_stats)}, sync_degraded {a_stats['sync_degraded']} (at start {at_start['a']['sync_degraded']}), "
             f"max lag {max_lag_ms} ms, cmd_set {general.get('cmd_set')}; b: {role_figures(b_stats)}, "
             f"full_syncs {b_stats['full_syncs']}, partial_syncs {b_stats['partial_syncs']}, max last_heard {max_last_heard} ms"
         )
         for r in results:
             assert r["errors"] == 0 and r["bad"] == 0, results
-        assert a_stats["sync_degraded"] == "0", a_stats
+        # Degradations counted before the standby first streamed are start-up's; none may be added.
+        assert a_stats["sync_degraded"] == at_start["a"]["sync_degraded"], (at_start["a"], a_stats)
