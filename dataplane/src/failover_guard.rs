@@ -19,7 +19,7 @@
 //! section.
 //!
 //! - [`look`]: what the clients' link shows ([`ServiceSeen`]), bounded in time.
-//! - [`active_still_serves`]: the verdict the replication thread acts on, noted once per run of silence.
+//! - [`active_still_serves`]: the verdict the replication thread acts on (a refusal noted once).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -89,7 +89,7 @@ fn memcached_answers(addr: SocketAddr) -> Result<(), String> {
 }
 
 /// Whether the active, silent on the replication link, still serves the service address, in which
-/// case this standby must not promote. The first refusal of a run of silence is noted as a role event
+/// case this standby must not promote. The first refusal while following is noted as a role event
 /// (`noted` remembers it); every look is logged.
 pub(crate) fn active_still_serves(failover: &FailoverSettings, state: &NodeState, noted: &mut bool) -> bool {
     let started = std::time::Instant::now();

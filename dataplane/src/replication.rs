@@ -671,7 +671,7 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                 // with the active still silent in between, before this standby promotes: a standby whose
                 // own link just came back first gets the time to hear from its active again.
                 let mut answered_before = true;
-                // A run of silence while the service address is still served is noted once.
+                // A silent active that still serves the service address is noted once while following.
                 let mut served_noted = false;
                 let why = loop {
                     use replica::receiver::Exit;

@@ -17,8 +17,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::takeover::{
-    interface_index, interface_mac, packet_socket, MacAddress, TakeoverError, ARP_FRAME_LEN, ARP_HTYPE_ETHERNET,
-    ARP_OP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
+    arp_request_frame, interface_index, interface_mac, packet_socket, MacAddress, TakeoverError, ARP_FRAME_LEN,
+    ARP_HTYPE_ETHERNET, ETHERTYPE_ARP, ETHERTYPE_IPV4,
 };
 
 /// ARP operation: reply.
@@ -28,19 +28,7 @@ const ARP_OP_REPLY: u16 = 2;
 /// with sender IP 0.0.0.0 (RFC 5227's ARP Probe: the asker claims no address, so no receiver learns a
 /// mapping from it), target MAC zero, target IP `address`.
 pub fn probe_frame(mac: MacAddress, address: Ipv4Addr) -> [u8; ARP_FRAME_LEN] {
-    let mut frame = [0u8; ARP_FRAME_LEN];
-    frame[0..6].copy_from_slice(&MacAddress::BROADCAST.0);
-    frame[6..12].copy_from_slice(&mac.0);
-    frame[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
-    frame[14..16].copy_from_slice(&ARP_HTYPE_ETHERNET.to_be_bytes());
-    frame[16..18].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    frame[18] = 6;
-    frame[19] = 4;
-    frame[20..22].copy_from_slice(&ARP_OP_REQUEST.to_be_bytes());
-    frame[22..28].copy_from_slice(&mac.0); // sender MAC
-    // frame[28..32]: sender IP 0.0.0.0; frame[32..38]: target MAC zero.
-    frame[38..42].copy_from_slice(&address.octets()); // target IP
-    frame
+    arp_request_frame(mac, Ipv4Addr::UNSPECIFIED, address)
 }
 
 /// The MAC of a frame that is an ARP reply naming `address` as its sender IP, sent by a host other than

@@ -199,6 +199,13 @@ pub fn announce(interface: &str, address: Ipv4Addr, count: usize, interval: Dura
 /// the service address (FIELD-NOTES.md). Like any ARP, it updates entries neighbours already have
 /// (the clients that talked to the service); it does not make new ones unless they set `arp_accept`.
 pub fn gratuitous_arp_frame(mac: MacAddress, address: Ipv4Addr) -> [u8; ARP_FRAME_LEN] {
+    arp_request_frame(mac, address, address)
+}
+
+/// A broadcast ARP request from `mac`, asking for `target` in the name of `sender` (target MAC zero,
+/// padded to the minimum Ethernet frame): the announcement above, and the probe of
+/// [`super::arp_probe`] (sender 0.0.0.0).
+pub(crate) fn arp_request_frame(mac: MacAddress, sender: Ipv4Addr, target: Ipv4Addr) -> [u8; ARP_FRAME_LEN] {
     let mut frame = [0u8; ARP_FRAME_LEN];
     // Ethernet header.
     frame[0..6].copy_from_slice(&MacAddress::BROADCAST.0);
@@ -211,9 +218,9 @@ pub fn gratuitous_arp_frame(mac: MacAddress, address: Ipv4Addr) -> [u8; ARP_FRAM
     frame[19] = 4; // protocol address length
     frame[20..22].copy_from_slice(&ARP_OP_REQUEST.to_be_bytes());
     frame[22..28].copy_from_slice(&mac.0); // sender MAC
-    frame[28..32].copy_from_slice(&address.octets()); // sender IP
+    frame[28..32].copy_from_slice(&sender.octets()); // sender IP
     // frame[32..38]: target MAC, zero (RFC 5227: ignored, should be zero).
-    frame[38..42].copy_from_slice(&address.octets()); // target IP
+    frame[38..42].copy_from_slice(&target.octets()); // target IP
     // frame[42..60]: padding to the minimum Ethernet frame.
     frame
 }
