@@ -149,10 +149,13 @@ pub fn release_after_stop(settings: &crate::config::Settings) -> anyhow::Result<
     };
     let address = format!("{}/{} on {}", failover.service_ip, failover.prefix_len, failover.interface);
     if let Some(socket) = &settings.admin_socket {
-        if let Some(role) = serving_role(socket) {
-            if role == "active" {
-                return Ok(format!("kept {address}: the tandemd at {} is serving as the active", socket.display()));
-            }
+        match serving_role(socket) {
+            Serving::Nobody => {}
+            Serving::Role(role) if role == "standby" => {}
+            Serving::Role(role) => return Ok(format!("kept {address}: the tandemd at {} serves as the {role}", socket.display())),
+            // Something answers there: removing the address under a live active would be worse than
+            // leaving a crashed one's (the restarted tandemd or the new active's step-down removes it).
+            Serving::Unknown(why) => return Ok(format!("kept {address}: a process answers at {} but its role is unknown ({why})", socket.display())),
         }
     }
     match takeover::release(&failover.interface, failover.service_ip, failover.prefix_len)? {
@@ -161,13 +164,29 @@ pub fn release_after_stop(settings: &crate::config::Settings) -> anyhow::Result<
     }
 }
 
-/// The role a live tandemd reports on its admin socket, or None when no process answers there.
-fn serving_role(socket: &Path) -> Option<String> {
-    use std::io::{BufRead, BufReader};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"status\n").ok()?;
-    BufReader::new(stream).lines().map_while(Result::ok).find_map(|line| line.strip_prefix("role ").map(str::to_string))
+/// Who answers on a node's admin socket.
+enum Serving {
+    /// Nobody: no socket file, or nothing accepts on it (a dead tandemd's file).
+    Nobody,
+    /// A tandemd in this role.
+    Role(String),
+    /// Something accepted but did not say its role.
+    Unknown(String),
+}
+
+fn serving_role(socket: &Path) -> Serving {
+    use std::io::{BufRead, BufReader, ErrorKind};
+    let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => return Serving::Nobody,
+        Err(e) => return Serving::Unknown(e.to_string()),
+    };
+    let asked = stream.set_read_timeout(Some(Duration::from_secs(2))).and_then(|()| stream.write_all(b"status\n"));
+    if let Err(e) = asked {
+        return Serving::Unknown(e.to_string());
+    }
+    let role = BufReader::new(stream).lines().map_while(Result::ok).find_map(|line| line.strip_prefix("role ").map(str::to_string));
+    role.map_or_else(|| Serving::Unknown("no role in its status".into()), Serving::Role)
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ import harness
 from harness import requires_tandem
 from test_failover import Topology, node_config, request_in, sh, stats_in, wait_until
 
+# Tags of their own (test_failover and test_switchover use 0-9 above the same pid-derived base, below 10000).
+TAG_BASE = 10000 + os.getpid() % 1000 * 10
+
 pytestmark = [
     requires_tandem("failover is Tandem's own"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces (CI runs as root)"),
@@ -143,7 +146,7 @@ OBSERVER = textwrap.dedent(
 
 
 def test_cutting_only_the_replication_link_leaves_exactly_one_owner(tmp_path):
-    with SplitTopology(os.getpid() % 1000 * 10 + 7) as topo:
+    with SplitTopology(TAG_BASE) as topo:
         topo.start_pair(tmp_path, witness=True)
         macs = {mac_of(topo, "a"): "a", mac_of(topo, "b"): "b"}
         assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
@@ -227,12 +230,13 @@ def release_hook(topo, tmp_path, name):
 
 
 def test_a_crashed_tandemd_on_a_live_node_does_not_keep_the_service_address(tmp_path):
-    with Topology(os.getpid() % 1000 * 10 + 6) as topo:
+    with Topology(TAG_BASE + 1) as topo:
         a, b = topo.start_pair(tmp_path, witness=True)
         macs = {mac_of(topo, "a"): "a", mac_of(topo, "b"): "b"}
         assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
         # The hook on the node whose tandemd serves as the active leaves the address alone.
-        assert "kept" in release_hook(topo, tmp_path, "a") and topo.service_address_on("a")
+        out = release_hook(topo, tmp_path, "a")
+        assert "kept" in out and topo.service_address_on("a"), (out, a.poll(), (tmp_path / "a.log").read_text()[-3000:])
 
         # a's tandemd crashes; its machine and link stay up.
         a.send_signal(signal.SIGKILL)
@@ -390,7 +394,7 @@ def test_async_kill_under_load_loses_no_more_than_the_reported_loss_window(tmp_p
     for run in range(3):
         run_dir = tmp_path / f"run{run}"
         run_dir.mkdir()
-        sample, sampled_at, result = one_async_kill(run_dir, os.getpid() % 1000 * 10 + 3 + run, 2.0)
+        sample, sampled_at, result = one_async_kill(run_dir, TAG_BASE + 2 + run, 2.0)
         window = int(sample["loss_window_records"])
         assert int(sample["standby_0_unacked_records"]) == window, sample
         # Writes acknowledged before the sample are what the sample can speak for; those acknowledged

@@ -100,7 +100,7 @@ def role_figures(stats):
 
 
 def test_soak_no_spurious_failover_under_full_load(tmp_path):
-    with Topology(os.getpid() % 1000 * 10 + 5) as topo:
+    with Topology(20000 + os.getpid() % 1000 * 10) as topo:
         topo.start_pair(tmp_path, witness=True)
         script = tmp_path / "load.py"
         script.write_text(LOAD)
