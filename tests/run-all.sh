@@ -5,7 +5,7 @@
 # bounded time. Needs: cargo, python3 with venv, memcached and libmemcached-tools, and for the appliance
 # root, debootstrap, qemu-system-x86, OVMF, mtools, dosfstools, dnsmasq, and for the DPDK dataplane
 # libdpdk-dev, pkg-config, clang, libclang-dev, ethtool, iputils-ping (.ci/run installs them all).
-# FUZZ_SECONDS (default 60) bounds each fuzz target.
+# FUZZ_SECONDS (default 60) bounds each fuzz target; TANDEM_SOAK_SECONDS (default 600) the failover soak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -53,7 +53,14 @@ if [[ ! -x $venv/bin/pytest ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/requirements.txt
 fi
-TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs tests/python
+# The soak is its own step below.
+TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs tests/python --ignore=tests/python/test_soak.py
+
+step "soak: a failover pair under verified full-speed load for ${TANDEM_SOAK_SECONDS:-600} s (no role change)"
+# TANDEM_SOAK_SECONDS (default 600) bounds it; it needs root (namespaces) and says so when skipped.
+soak_start=$SECONDS
+TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs -s tests/python/test_soak.py
+echo "soak took $((SECONDS - soak_start)) s"
 
 step "appliance: build the image, boot one appliance, then a pair (qemu, TCG)"
 if ((EUID != 0)); then

@@ -131,6 +131,10 @@ pub struct Flags {
     /// TOML configuration file; flags override it.
     #[arg(long = "config")]
     pub config: Option<PathBuf>,
+    /// Do not serve: remove the configured service address from its interface unless a tandemd here
+    /// serves as the active, then exit (systemd's ExecStopPost: a crashed tandemd leaves it behind).
+    #[arg(long = "release-service-address")]
+    pub release_service_address: bool,
 }
 
 /// The TOML file.
@@ -342,6 +346,9 @@ pub struct FailoverSettings {
     pub state_dir: PathBuf,
     /// A standby promotes only while this address answers (ICMP echo), if set.
     pub witness: Option<std::net::Ipv4Addr>,
+    /// The client port (`-p`): a standby asks whether a memcached server still answers on the service
+    /// address there before it promotes (see `crate::failover_guard`). The pair serves one port.
+    pub service_port: u16,
 }
 
 /// Heartbeats and the silence that declares the active dead, by default: a median failover under
@@ -374,7 +381,7 @@ impl FailoverSettings {
         replication.heartbeat = heartbeat;
         replication.dead_after = Some(dead_after);
         replication.peer_timeout = replication.peer_timeout.max(dead_after);
-        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir, witness, stack: None })
+        Ok(FailoverSettings { service_ip, prefix_len, interface, state_dir, witness, stack: None, service_port: 11211 })
     }
 }
 
@@ -647,7 +654,7 @@ impl Settings {
             (None, _, _) => None,
         };
         s.replication = replication;
-        s.failover = failover;
+        s.failover = failover.map(|failover| FailoverSettings { service_port: s.port, ..failover });
         Ok(s)
     }
 }

@@ -9,6 +9,8 @@
 //! - [`ServiceSlot`]: the same in dataplane mode, where the address lives on the workers' userspace
 //!   stacks: claiming it asks every stack to add the address, and the first worker's stack announces it
 //!   through its NIC queue.
+//! - [`release_after_stop`]: the stop hook's step: a node whose tandemd is not running as the active
+//!   holds no service address.
 //!
 //! The decision to promote is made by the replication core ([`crate::replication`]): a standby that
 //! was fully synced and has not heard from its active for `dead_after_ms`.
@@ -198,6 +200,57 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
         }
     }
     notes
+}
+
+/// What systemd's stop hook (ExecStopPost) runs, through `tandemd --release-service-address`: removes
+/// the service address from its interface unless a tandemd on this node is serving as the active (its
+/// admin endpoint answers and says so). A tandemd killed by a crash or a signal leaves the address on
+/// the interface, and the kernel keeps answering ARP and resetting connections for it (FIELD-NOTES.md);
+/// after this, only the node whose tandemd is the active holds it. Returns what was done, for the log.
+pub fn release_after_stop(settings: &crate::config::Settings) -> anyhow::Result<String> {
+    let Some(failover) = settings.failover.as_ref() else {
+        return Ok("no [failover] table: no service address to release".into());
+    };
+    let address = format!("{}/{} on {}", failover.service_ip, failover.prefix_len, failover.interface);
+    if let Some(socket) = &settings.admin_socket {
+        match serving_role(socket) {
+            Serving::Nobody => {}
+            Serving::Role(role) if role == "standby" => {}
+            Serving::Role(role) => return Ok(format!("kept {address}: the tandemd at {} serves as the {role}", socket.display())),
+            // Something answers there: removing the address under a live active would be worse than
+            // leaving a crashed one's (the restarted tandemd or the new active's step-down removes it).
+            Serving::Unknown(why) => return Ok(format!("kept {address}: a process answers at {} but its role is unknown ({why})", socket.display())),
+        }
+    }
+    match takeover::release(&failover.interface, failover.service_ip, failover.prefix_len)? {
+        takeover::Released::Removed => Ok(format!("removed the service address {address}: no tandemd here serves as the active")),
+        takeover::Released::WasAbsent => Ok(format!("the service address {address} was not on this node")),
+    }
+}
+
+/// Who answers on a node's admin socket.
+enum Serving {
+    /// Nobody: no socket file, or nothing accepts on it (a dead tandemd's file).
+    Nobody,
+    /// A tandemd in this role.
+    Role(String),
+    /// Something accepted but did not say its role.
+    Unknown(String),
+}
+
+fn serving_role(socket: &Path) -> Serving {
+    use std::io::{BufRead, BufReader, ErrorKind};
+    let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => return Serving::Nobody,
+        Err(e) => return Serving::Unknown(e.to_string()),
+    };
+    let asked = stream.set_read_timeout(Some(Duration::from_secs(2))).and_then(|()| stream.write_all(b"status\n"));
+    if let Err(e) = asked {
+        return Serving::Unknown(e.to_string());
+    }
+    let role = BufReader::new(stream).lines().map_while(Result::ok).find_map(|line| line.strip_prefix("role ").map(str::to_string));
+    role.map_or_else(|| Serving::Unknown("no role in its status".into()), Serving::Role)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod failover;
+pub mod failover_guard;
 pub mod net;
 pub mod notify;
 pub mod protocol;

@@ -670,6 +670,8 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                 // with the active still silent in between, before this standby promotes: a standby whose
                 // own link just came back first gets the time to hear from its active again.
                 let mut answered_before = true;
+                // A silent active that still serves the service address is noted once while following.
+                let mut served_noted = false;
                 let why = loop {
                     use replica::receiver::Exit;
                     let why = match receiver.run() {
@@ -687,6 +689,11 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                         let answers = promotion.witness_answers(state, &mut refused_once);
                         if !(answers && answered_before) {
                             answered_before = answers;
+                            receiver.grace();
+                            continue;
+                        }
+                        // Only the replication link may have failed: one owner of the service address.
+                        if crate::failover_guard::active_still_serves(&promotion.failover, state, &mut served_noted) {
                             receiver.grace();
                             continue;
                         }

@@ -101,6 +101,8 @@ class Topology:
         self.host_if = {name: f"tfo{name}{tag}" for name in ("c", "a", "b")}
         self.addr = {"c": f"{self.subnet}.3", "a": f"{self.subnet}.1", "b": f"{self.subnet}.2"}
         self.service = f"{self.subnet}.100"
+        # Where the nodes replicate: the client network here (a topology may give it a link of its own).
+        self.replication_addr = self.addr
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "link", "set", self.bridge, "up")
         # The bridge's own address is the witness (it stands for the network the clients are on).
@@ -159,8 +161,8 @@ def node_config(tmp_path, topo, name, role, peer, mode="sync", witness=False):
     lines = [
         "[replication]",
         f'role = "{role}"',
-        f'listen = "{topo.addr[name]}:11311"',
-        f'peers = ["{topo.addr[peer]}:11311"]',
+        f'listen = "{topo.replication_addr[name]}:11311"',
+        f'peers = ["{topo.replication_addr[peer]}:11311"]',
         f'mode = "{mode}"',
         f'secret_file = "{secret}"',
         "[failover]",

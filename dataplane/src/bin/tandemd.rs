@@ -24,6 +24,10 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let flags = Flags::parse();
     let settings = Settings::from_flags(&flags)?;
+    if flags.release_service_address {
+        println!("tandemd: {}", dataplane::failover::release_after_stop(&settings)?);
+        return Ok(());
+    }
     let level = match settings.verbosity.load(Ordering::Relaxed) {
         0 => "warn",
         1 => "info",

@@ -10,6 +10,7 @@
 //! - [`takeover`]: claiming and releasing the service address (netlink) and announcing it with
 //!   gratuitous ARPs (packet socket), in kernel mode.
 //! - [`witness`]: whether the failover witness answers (ICMP echo).
+//! - [`arp_probe`]: which host holds an address on a link (an RFC 5227 ARP probe).
 //! - [`phy`] (feature `dpdk`): network devices for the userspace dataplane (DPDK queue pairs as smoltcp
 //!   devices).
 
@@ -17,6 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod arp_probe;
 pub mod kernel;
 pub mod phy;
 pub mod stack;

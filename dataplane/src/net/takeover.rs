@@ -110,7 +110,7 @@ pub enum TakeoverError {
 impl TakeoverError {
     /// An OS error from `action`; EPERM and EACCES become [`TakeoverError::NotPermitted`] naming the
     /// capability that is missing.
-    fn os(action: impl Into<String>, interface: &str, capability: &'static str, cause: io::Error) -> TakeoverError {
+    pub(crate) fn os(action: impl Into<String>, interface: &str, capability: &'static str, cause: io::Error) -> TakeoverError {
         let (action, interface) = (action.into(), interface.to_string());
         match cause.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => TakeoverError::NotPermitted { action, interface, capability },
@@ -167,7 +167,7 @@ pub fn announce(interface: &str, address: Ipv4Addr, count: usize, interval: Dura
         return Ok(0);
     }
     let frame = gratuitous_arp_frame(mac, address);
-    let socket = packet_socket(interface, index)?;
+    let socket = packet_socket(interface, index, 0)?;
     for sent in 0..count {
         if sent > 0 {
             std::thread::sleep(interval);
@@ -199,6 +199,13 @@ pub fn announce(interface: &str, address: Ipv4Addr, count: usize, interval: Dura
 /// the service address (FIELD-NOTES.md). Like any ARP, it updates entries neighbours already have
 /// (the clients that talked to the service); it does not make new ones unless they set `arp_accept`.
 pub fn gratuitous_arp_frame(mac: MacAddress, address: Ipv4Addr) -> [u8; ARP_FRAME_LEN] {
+    arp_request_frame(mac, address, address)
+}
+
+/// A broadcast ARP request from `mac`, asking for `target` in the name of `sender` (target MAC zero,
+/// padded to the minimum Ethernet frame): the announcement above, and the probe of
+/// [`super::arp_probe`] (sender 0.0.0.0).
+pub(crate) fn arp_request_frame(mac: MacAddress, sender: Ipv4Addr, target: Ipv4Addr) -> [u8; ARP_FRAME_LEN] {
     let mut frame = [0u8; ARP_FRAME_LEN];
     // Ethernet header.
     frame[0..6].copy_from_slice(&MacAddress::BROADCAST.0);
@@ -211,9 +218,9 @@ pub fn gratuitous_arp_frame(mac: MacAddress, address: Ipv4Addr) -> [u8; ARP_FRAM
     frame[19] = 4; // protocol address length
     frame[20..22].copy_from_slice(&ARP_OP_REQUEST.to_be_bytes());
     frame[22..28].copy_from_slice(&mac.0); // sender MAC
-    frame[28..32].copy_from_slice(&address.octets()); // sender IP
+    frame[28..32].copy_from_slice(&sender.octets()); // sender IP
     // frame[32..38]: target MAC, zero (RFC 5227: ignored, should be zero).
-    frame[38..42].copy_from_slice(&address.octets()); // target IP
+    frame[38..42].copy_from_slice(&target.octets()); // target IP
     // frame[42..60]: padding to the minimum Ethernet frame.
     frame
 }
@@ -268,7 +275,7 @@ fn interface_name(interface: &str) -> Result<CString, TakeoverError> {
 }
 
 /// The kernel's index of `interface`, in the calling thread's network namespace.
-fn interface_index(interface: &str) -> Result<u32, TakeoverError> {
+pub(crate) fn interface_index(interface: &str) -> Result<u32, TakeoverError> {
     let name = interface_name(interface)?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -371,15 +378,18 @@ fn netlink_request(
     }
 }
 
-/// A raw packet socket bound to interface `index`, for sending whole Ethernet frames. It is bound
-/// with protocol 0, so the kernel queues no received frames on it.
-fn packet_socket(interface: &str, index: u32) -> Result<Socket, TakeoverError> {
+/// A raw packet socket bound to interface `index`, for sending whole Ethernet frames. Bound with
+/// `ethertype` 0, the kernel queues no received frames on it; with another, it receives the frames of
+/// that EtherType (in network order on the wire; given here in host order).
+pub(crate) fn packet_socket(interface: &str, index: u32, ethertype: u16) -> Result<Socket, TakeoverError> {
+    // Opened with protocol 0 and given the EtherType at bind: a socket opened with one would be
+    // unhooked and hooked again by the bind, and unhooking waits for an RCU grace period (milliseconds).
     let socket = Socket::new(Domain::PACKET, Type::RAW, Some(0.into()))
         .map_err(|e| TakeoverError::os("opening a packet socket", interface, "CAP_NET_RAW", e))?;
     // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
     let mut link: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     link.sll_family = libc::AF_PACKET as u16;
-    link.sll_protocol = 0;
+    link.sll_protocol = ethertype.to_be();
     link.sll_ifindex = index as i32;
     // SAFETY: `link` is a valid sockaddr_ll that outlives the call, and the length passed is its size.
     let rc = unsafe {

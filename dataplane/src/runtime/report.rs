@@ -68,11 +68,21 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "ring_full_events", r.ring_full_events.to_string());
             push(&mut p, "ring_records_lost", r.ring_records_lost.to_string());
             push(&mut p, "ring_resyncs", r.ring_resyncs.to_string());
+            // Records each worker has logged (and answered) by now: a standby's report may be up to
+            // 50 ms old, so what it acked is older still and the difference can only overstate.
+            let logged = node.marks.logged();
+            let unacked = |acked: &[u64]| -> u64 { logged.iter().zip(acked).map(|(logged, acked)| logged.0.saturating_sub(*acked)).sum() };
+            // The async loss window: at most this many answered writes are lost if this node dies now,
+            // whichever standby takes over (per standby: standby_N_unacked_records).
+            if let Some(window) = r.peers.iter().map(|peer| unacked(&peer.acked)).max() {
+                push(&mut p, "loss_window_records", window.to_string());
+            }
             for (i, peer) in r.peers.iter().enumerate() {
                 let name = |field: &str| format!("standby_{i}_{field}");
                 push(&mut p, name("addr"), peer.addr.clone());
                 push(&mut p, name("state"), peer.state.to_string());
                 push(&mut p, name("acked"), list(&peer.acked));
+                push(&mut p, name("unacked_records"), unacked(&peer.acked).to_string());
                 push(&mut p, name("lag_records"), peer.lag_records.to_string());
                 push(&mut p, name("lag_bytes"), peer.lag_bytes.to_string());
                 push(&mut p, name("lag_ms"), peer.lag_millis.to_string());
