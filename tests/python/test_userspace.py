@@ -164,6 +164,16 @@ class Dataplane:
         reply = self.request(f"stats {group}\r\n".encode())
         return dict(line.split(" ", 2)[1:] for line in reply.splitlines() if line.startswith("STAT "))
 
+    def stats_until(self, group, done, timeout=6):
+        """`stats group` once ``done(stats)`` holds, or the last one after ``timeout`` seconds. Workers
+        publish their network counters once a second, from their next poll round (up to ~2 s late)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats(group)
+            if done(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
     def close(self):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -304,8 +314,7 @@ def test_a_lossy_link_still_gets_every_reply_right(tmp_path, backend):
             "--value-size", "uniform:1-8000", "--seed", "11", "--json", check=False, timeout=300,
         )
         assert run.returncode == 0, run.stdout + run.stderr
-        time.sleep(1.2)  # workers publish their network counters once a second
-        net = dataplane.stats("net")
+        net = dataplane.stats_until("net", lambda n: int(n.get("injected_rx_drops", 0)) > 0 and int(n.get("injected_tx_drops", 0)) > 0)
         print(f"setget through 1% loss: {net}")
         assert net["backend"] == dataplane.backend.split("-")[0]
         assert int(net["injected_rx_drops"]) > 0 and int(net["injected_tx_drops"]) > 0, net
@@ -352,8 +361,7 @@ def test_ten_thousand_connections_are_accepted_and_served(tmp_path, backend):
         run = dataplane.run(sys.executable, "-c", MANY, dataplane.server_ip, str(PORT), "10000", check=False, timeout=400)
         print(run.stdout.strip())
         assert run.returncode == 0, run.stdout + run.stderr + dataplane.log.read_text()[-2000:]
-        time.sleep(1.2)
-        net = dataplane.stats("net")
+        net = dataplane.stats_until("net", lambda n: int(n.get("tcp_accepted", 0)) >= 10000)
         assert int(net["tcp_accepted"]) >= 10000, net
 
 
@@ -367,8 +375,7 @@ def test_two_workers_each_serve_the_flows_of_their_own_queue(tmp_path, backend):
         run = dataplane.run(sys.executable, "-c", MANY, dataplane.server_ip, str(PORT), "400", check=False, timeout=300)
         print(run.stdout.strip())
         assert run.returncode == 0, run.stdout + run.stderr + dataplane.log.read_text()[-2000:]
-        time.sleep(1.2)
-        net = dataplane.stats("net")
+        net = dataplane.stats_until("net", lambda n: sum(int(n.get(f"worker_{w}_tcp_accepted", 0)) for w in (0, 1)) >= 400)
         print(f"two workers: {net}")
         per_worker = [int(net[f"worker_{w}_tcp_accepted"]) for w in (0, 1)]
         assert sum(per_worker) >= 400 and min(per_worker) > 50, per_worker
