@@ -117,14 +117,19 @@ pub struct ThreadBell {
     thread: OnceLock<Thread>,
 }
 
-impl ThreadBell {
-    /// Called once on the worker thread before it sleeps for the first time.
-    pub fn bind_current(&self) {
-        let _ = self.thread.set(std::thread::current());
+/// The worker's doorbell and its transport share the bell.
+impl crate::runtime::mailbox::Wake for Arc<ThreadBell> {
+    fn wake(&self) {
+        ThreadBell::wake(self);
     }
 }
 
-impl crate::runtime::mailbox::Wake for ThreadBell {
+impl ThreadBell {
+    /// Called on the worker thread before it sleeps (binds it the first time; after that, a load).
+    pub fn bind_current(&self) {
+        self.thread.get_or_init(std::thread::current);
+    }
+
     fn wake(&self) {
         if let Some(thread) = self.thread.get() {
             thread.unpark();

@@ -341,9 +341,9 @@ impl WorkerNet {
                 let waker = mio::Waker::new(poll.registry(), crate::net::kernel::WAKER)?;
                 Arc::new(mailbox::Doorbell::new(Box::new(PollWaker(waker))))
             }
-            WorkerNet::Tap { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(SharedBell(bell.clone())))),
+            WorkerNet::Tap { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(bell.clone()))),
             #[cfg(feature = "dpdk")]
-            WorkerNet::Dpdk { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(SharedBell(bell.clone())))),
+            WorkerNet::Dpdk { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(bell.clone()))),
         })
     }
 
@@ -420,15 +420,6 @@ fn format_mac(m: [u8; 6]) -> String {
 fn local_mac(address: std::net::Ipv4Addr) -> [u8; 6] {
     let a = address.octets();
     [0x02, 0x7a, a[0], a[1], a[2], a[3]]
-}
-
-/// A stack worker's doorbell, shared with its transport.
-struct SharedBell(Arc<crate::net::stack::ThreadBell>);
-
-impl mailbox::Wake for SharedBell {
-    fn wake(&self) {
-        mailbox::Wake::wake(&*self.0);
-    }
 }
 
 /// Wakes workers for the replication core: acks, snapshot requests, records to apply. Every worker is
