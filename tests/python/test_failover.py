@@ -241,26 +241,32 @@ def rejoin_old_active(tmp_path, topo):
     return a_stats
 
 
+def kill_under_the_client(tmp_path, topo, a):
+    """Runs CLIENT in the client namespace (300 writes through the service address), then kills node a's
+    machine as a machine dies: the process killed and its link cut together. Returns the client's result."""
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    go = tmp_path / f"go-{topo.tag}"
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", topo.ns["c"], sys.executable, str(script), topo.service, "11211", "300", str(go)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ready = json.loads(client.stdout.readline())
+    assert ready["ready"] == 300, ready
+    killed_at = time.time()
+    a.send_signal(signal.SIGKILL)
+    sh("ip", "link", "set", topo.host_if["a"], "down")
+    go.write_text(repr(killed_at))
+    result = json.loads(client.stdout.readline())
+    client.wait(timeout=30)
+    return result
+
+
 def one_failover(tmp_path, tag, rejoin=False):
     with Topology(tag) as topo:
         a, _ = topo.start_pair(tmp_path, witness=True)
-        script = tmp_path / "client.py"
-        script.write_text(CLIENT)
-        go = tmp_path / f"go-{tag}"
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", topo.ns["c"], sys.executable, str(script), topo.service, "11211", "300", str(go)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        ready = json.loads(client.stdout.readline())
-        assert ready["ready"] == 300, ready
-        # Machine death: the process killed and its link cut together.
-        killed_at = time.time()
-        a.send_signal(signal.SIGKILL)
-        sh("ip", "link", "set", topo.host_if["a"], "down")
-        go.write_text(repr(killed_at))
-        result = json.loads(client.stdout.readline())
-        client.wait(timeout=30)
+        result = kill_under_the_client(tmp_path, topo, a)
         b_stats = stats_in(topo, "b")
         if rejoin:
             a.wait(timeout=10)

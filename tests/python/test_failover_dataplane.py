@@ -8,9 +8,7 @@ tandemd's stack drives the same eth0 through net_af_packet with an address of it
 on the active, the service address. Root and the DPDK-enabled tandemd are needed (see test_userspace.py).
 """
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ import time
 import pytest
 
 from harness import requires_tandem
-from test_failover import CLIENT, SECRET, Topology, sh, wait_until
+from test_failover import SECRET, Topology, kill_under_the_client, sh, wait_until
 from test_userspace import dpdk_server, hugepages_ready
 
 pytestmark = [
@@ -107,22 +105,7 @@ def test_kill_the_active_in_dataplane_mode_the_standby_stack_serves_every_acknow
         wait_until(lambda: stats(topo, "b").get("state") == "streaming", "the standby to stream", 30)
         assert request(topo, topo.service, b"version\r\n").startswith(b"VERSION "), "the active's stack answers on the service address"
 
-        script = tmp_path / "client.py"
-        script.write_text(CLIENT)
-        go = tmp_path / "go"
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", topo.ns["c"], sys.executable, str(script), topo.service, "11211", "300", str(go)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        ready = json.loads(client.stdout.readline())
-        assert ready["ready"] == 300, ready
-        killed_at = time.time()
-        a.send_signal(signal.SIGKILL)
-        sh("ip", "link", "set", topo.host_if["a"], "down")
-        go.write_text(repr(killed_at))
-        result = json.loads(client.stdout.readline())
-        client.wait(timeout=30)
+        result = kill_under_the_client(tmp_path, topo, a)
         print(f"\ndataplane failover (kill + link down -> first acknowledged write on the service address): "
               f"{result['failover_ms']:.0f} ms, {result['acked']} acknowledged, {result['missing_count']} missing")
         assert result["failover_ms"] is not None, result

@@ -263,6 +263,11 @@ def tandem_bench():
     return str(path)
 
 
+# af_xdp too for these two (the others run over tap and af_packet).
+ALL_BACKENDS = BACKENDS + ["dpdk-af_xdp"]
+
+
+@pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)
 def test_memccapable_passes_over_the_userspace_stack(dataplane):
     memccapable = shutil.which("memccapable")
     if memccapable is None:
@@ -293,6 +298,7 @@ def test_pymemcache_integration_suite_passes_over_the_userspace_stack(dataplane)
     assert " passed" in run.stdout and " failed" not in run.stdout
 
 
+@pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)
 def test_verified_set_get_over_the_userspace_stack(dataplane):
     for protocol in ("text", "meta", "binary"):
         run = dataplane.run(
@@ -302,6 +308,9 @@ def test_verified_set_get_over_the_userspace_stack(dataplane):
         assert run.returncode == 0, run.stdout + run.stderr
     reply = dataplane.request(b"stats conns\r\n")
     assert f"tcp:{dataplane.server_ip}:{PORT}" in reply, reply
+    # The readiness probe, three setget runs and the stats requests: each a connection of its own.
+    net = dataplane.stats_until("net", lambda n: int(n.get("tcp_accepted", 0)) >= 5)
+    assert int(net["tcp_accepted"]) >= 5, net
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,4 +1,4 @@
-"""The userspace TCP dataplane under hostile and broken traffic, and over DPDK's af_xdp PMD.
+"""The userspace TCP dataplane under hostile and broken traffic (tap, net_af_packet, net_af_xdp).
 
 - Bad frames: from the client's namespace, through a raw AF_PACKET socket, frames cut short, IPv4 with a
   wrong header checksum, TCP with a wrong checksum forged onto an established connection (its next
@@ -8,7 +8,8 @@
 - A SYN flood beyond the socket pool: SYNs from spoofed addresses in the subnet that nobody answers, so
   the half-open connections stay half open, well past ``max_half_open``. The limit is hit, established
   clients are served during and after, and a new client gets in after the flood ends.
-- net_af_xdp: memccapable and verified set/get over DPDK's af_xdp PMD on a veth (one worker).
+
+memccapable and verified set/get over af_xdp run with the other backends in test_userspace.py.
 
 Needs root; the DPDK backends need tandemd built with the ``dpdk`` feature (``TANDEM_DPDK_SERVER``; under
 ``CI=true`` a missing build fails). Everything created is removed at the end, failures included.
@@ -16,13 +17,12 @@ Needs root; the DPDK backends need tandemd built with the ``dpdk`` feature (``TA
 
 import json
 import pathlib
-import shutil
 import sys
 import time
 
 import pytest
 
-from test_userspace import PORT, Dataplane, needs_root, tandem_bench
+from test_userspace import PORT, Dataplane, needs_root
 
 HERE = str(pathlib.Path(__file__).parent)
 
@@ -262,34 +262,3 @@ def test_after_a_syn_flood_a_new_client_gets_in(tmp_path, backend):
             f"({refusal}) for {seconds} s ({attempts} attempts, {outcome}; bound {NEW_CLIENT_BOUND} s): the half-open "
             f"sockets hold the whole pool until they time out, and no socket is left in Listen"
         )
-
-
-@pytest.fixture
-def af_xdp(tmp_path):
-    needs_root()
-    with Dataplane(tmp_path, "dpdk-af_xdp") as dataplane:
-        yield dataplane
-
-
-def test_memccapable_passes_over_af_xdp(af_xdp):
-    memccapable = shutil.which("memccapable")
-    if memccapable is None:
-        pytest.skip("memccapable (libmemcached-tools) is not installed")
-    run = af_xdp.run(memccapable, "-h", af_xdp.server_ip, "-p", str(PORT), "-t", "5", check=False)
-    passed = run.stdout.count("[pass]")
-    print(f"memccapable over af_xdp: {passed} passed")
-    assert passed == 54, run.stdout + run.stderr
-    assert "All tests passed" in run.stdout and run.returncode == 0
-
-
-def test_verified_set_get_over_af_xdp(af_xdp):
-    for protocol in ("text", "meta", "binary"):
-        run = af_xdp.run(
-            tandem_bench(), "setget", "--server", f"{af_xdp.server_ip}:{PORT}", "--protocol", protocol,
-            "--keys", "3000", "--value-size", "uniform:1-20000", "--seed", "7", check=False, timeout=180,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-    # The readiness probe, three setget runs, and this stats request: each a connection of its own.
-    net = wait_counters(af_xdp, {"tcp_accepted": 5})
-    print(f"af_xdp: {net}")
-    assert net["backend"] == "dpdk" and int(net["tcp_accepted"]) >= 5, net
