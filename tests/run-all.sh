@@ -49,12 +49,14 @@ else
     "apt-get install dpdk libdpdk-dev pkg-config clang libclang-dev, as .ci/run does)"
 fi
 
-step "RDMA verbs: verbs-sys"
+step "RDMA verbs: verbs-sys, and replica's verbs layer (feature rdma)"
 if pkg-config --exists libibverbs; then
   # The host needs no RDMA device for these: the layout test, the shim and the library's names; the
   # device tests say so and skip where ibv_get_device_list finds nothing (real verbs run in the guests).
   rdma_log=$(mktemp /tmp/tandem-cargo-rdma.XXXXXX)
   cargo test --release -p verbs-sys 2>&1 | tee "$rdma_log"
+  # A build directory of its own, as for DPDK: the feature must not rebuild the default replica.
+  cargo test --release -p replica --features rdma --target-dir "$target_dir/rdma" --lib rdma -- --nocapture 2>&1 | tee -a "$rdma_log"
   grep -E '^test result:' "$rdma_log" >>"$cargo_log"
 elif [[ ${CI:-} == true ]]; then
   echo "RDMA verbs tests FAILED to run: CI installs libibverbs-dev, but pkg-config --exists libibverbs failed"

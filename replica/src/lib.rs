@@ -10,6 +10,7 @@
 //! - [`frame`]: batch framing, and [`wire`]: the messages of a replication stream over TCP.
 //! - [`ring`]: the per-shard receive ring of fixed-size slots, with credits, that the RDMA transport
 //!   writes batch frames into; no I/O, so it is tested everywhere.
+//! - [`rdma`] (feature `rdma`, needs the system libibverbs): the verbs layer the RDMA transport uses.
 //! - [`handshake`]: mutual challenge-response authentication and the resume-or-full-sync decision.
 //! - [`port`]: what a shard's core and the replication core share (acks, snapshot requests and chunks,
 //!   records to apply, the applied position).
@@ -30,6 +31,8 @@ pub mod handshake;
 pub mod ids;
 pub mod log;
 pub mod port;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod receiver;
 pub mod record;
 pub mod ring;
