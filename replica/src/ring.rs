@@ -259,13 +259,15 @@ pub struct RingWriter {
     next: RingSeq,
     /// The reader's consumer position as last credited: every slot through it may be overwritten.
     consumed: RingSeq,
+    /// The last push was refused for lack of credits (a stall lasts until a push succeeds).
+    stalled: bool,
     stalls: u64,
 }
 
 impl RingWriter {
     /// A writer for a fresh ring (the reader expects ring seq 1 first), tagged with `ring_id`.
     pub fn new(layout: RingLayout, ring_id: u64) -> RingWriter {
-        RingWriter { layout, ring_id, next: RingSeq(1), consumed: RingSeq::ZERO, stalls: 0 }
+        RingWriter { layout, ring_id, next: RingSeq(1), consumed: RingSeq::ZERO, stalled: false, stalls: 0 }
     }
 
     pub fn layout(&self) -> RingLayout {
@@ -287,7 +289,7 @@ impl RingWriter {
         self.layout.slot_count - (self.written().0 - self.consumed.0) as usize
     }
 
-    /// Pushes refused for lack of credits so far.
+    /// Times the writer ran out of credits (each stall counts once, however often the push is retried).
     pub fn stalls(&self) -> u64 {
         self.stalls
     }
@@ -308,9 +310,11 @@ impl RingWriter {
         }
         let free = self.free_slots();
         if needed > free {
-            self.stalls += 1;
+            self.stalls += u64::from(!self.stalled);
+            self.stalled = true;
             return Err(RingError::Full { needed, free });
         }
+        self.stalled = false;
         let first = self.next;
         let mut spans = [0..0, 0..0];
         let mut span_count = 0;
@@ -655,6 +659,7 @@ mod tests {
         assert!(wire.recv().is_some());
         assert!(wire.recv().is_some());
         assert!(matches!(wire.push(b"fifth"), Err(RingError::Full { .. })));
+        assert_eq!(wire.writer.stalls(), 1, "one stall, retried");
         // Half of the ring consumed is past the quarter that makes a credit due.
         let credit = wire.reader.credit().expect("half the ring consumed");
         assert_eq!(wire.writer.take_credit(&credit), Ok(true));
