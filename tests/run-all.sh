@@ -57,6 +57,9 @@ if pkg-config --exists libibverbs; then
   cargo test --release -p verbs-sys 2>&1 | tee "$rdma_log"
   # Only the verbs tests: the ring and the rest of replica ran above, without the feature.
   cargo test --release -p replica --features rdma --lib rdma -- --nocapture 2>&1 | tee -a "$rdma_log"
+  # The ring over real verbs between two appliance guests (image/tests/test_rdma_smoke.py) runs this.
+  cargo build --release -p replica --features rdma --example rdma-smoke
+  export TANDEM_RDMA_SMOKE=$target_dir/release/examples/rdma-smoke
   grep -E '^test result:' "$rdma_log" >>"$cargo_log"
 elif [[ ${CI:-} == true ]]; then
   echo "RDMA verbs tests FAILED to run: CI installs libibverbs-dev, but pkg-config --exists libibverbs failed"

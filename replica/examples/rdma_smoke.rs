@@ -176,9 +176,6 @@ fn standby(mut side: Side, options: &Options) -> Result<()> {
     let ring = MemoryRegion::new(&side.pd, layout.region_len(), Access::RemoteWrite)?;
     let credit_out = MemoryRegion::new(&side.pd, 4096, Access::LocalOnly)?;
     let ring_id = u64::from(std::process::id()) << 32 | 0x7461_6e64;
-    for wr_id in 0..64 {
-        side.qp.post_recv(wr_id)?;
-    }
 
     let listener = TcpListener::bind(&options.addr)?;
     println!("standby: waiting on {}", options.addr);
@@ -194,6 +191,10 @@ fn standby(mut side: Side, options: &Options) -> Result<()> {
     let remote = Endpoint::decode(&read_exact::<{ Endpoint::LEN }>(&mut stream)?);
     let credit_region = RemoteRegion::decode(&read_exact::<{ RemoteRegion::LEN }>(&mut stream)?);
     side.qp.connect(side.local, side.endpoint.psn, &remote)?;
+    // Receives for the doorbells (a queue pair takes them from INIT on, not in RESET).
+    for wr_id in 0..64 {
+        side.qp.post_recv(wr_id)?;
+    }
     stream.write_all(b"R")?;
     read_exact::<1>(&mut stream)?;
     println!("standby: connected to {peer} (qp {}), ring of {SLOT_COUNT} x {SLOT_SIZE} bytes", remote.qp_num);
@@ -268,7 +269,18 @@ fn standby(mut side: Side, options: &Options) -> Result<()> {
 }
 
 fn active(mut side: Side, options: &Options) -> Result<()> {
-    let mut stream = TcpStream::connect(&options.addr)?;
+    // The standby may still be starting: try for a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stream = loop {
+        match TcpStream::connect(&options.addr) {
+            Ok(stream) => break stream,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("active: {} not answering yet ({error})", options.addr);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let remote = Endpoint::decode(&read_exact::<{ Endpoint::LEN }>(&mut stream)?);
     let ring_region = RemoteRegion::decode(&read_exact::<{ RemoteRegion::LEN }>(&mut stream)?);

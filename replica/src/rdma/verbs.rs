@@ -898,7 +898,8 @@ impl QueuePair {
     }
 
     /// Posts a receive with no buffer: a WRITE_WITH_IMM from the peer consumes one to deliver its
-    /// immediate data (the data itself lands in the region the WRITE names).
+    /// immediate data (the data itself lands in the region the WRITE names). Only from INIT on: in
+    /// RESET, rxe refuses it with EINVAL (seen in the guests).
     pub fn post_recv(&mut self, wr_id: u64) -> Result<(), VerbsError> {
         let mut wr = sys::ibv_recv_wr { wr_id, next: ptr::null_mut(), sg_list: ptr::null_mut(), num_sge: 0 };
         let mut bad: *mut sys::ibv_recv_wr = ptr::null_mut();
