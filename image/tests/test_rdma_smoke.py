@@ -108,6 +108,22 @@ def test_frames_cross_the_ring_one_sided_intact_and_in_order(boxes):
     assert f"the standby applied {FRAMES}" in active_out
 
 
+def test_the_verbs_layer_tests_run_against_a_device(boxes):
+    """replica's rdma::verbs tests (built with feature rdma) skip on a host without RDMA; here they run."""
+    binary = os.environ.get("TANDEM_RDMA_VERBS_TEST")
+    if not binary:
+        if os.environ.get("CI") == "true":
+            pytest.fail("TANDEM_RDMA_VERBS_TEST is not set (tests/run-all.sh sets it in its RDMA step)")
+        pytest.skip("TANDEM_RDMA_VERBS_TEST (replica's test binary with feature rdma) is not set")
+    box = boxes[0]
+    upload(box, Path(binary), "/usr/local/bin/replica-verbs-tests")
+    result = box.exec(["/usr/local/bin/replica-verbs-tests", "rdma::verbs", "--nocapture", "--test-threads=1"], timeout=300)
+    print(f"\n{result.out}{result.err}")
+    assert result.code == 0, result.out + result.err
+    assert "skipped" not in result.out + result.err, "a device test skipped inside a guest with rxe0"
+    assert "a_queue_pair_writes_into_a_region_through_the_device ... ok" in result.out
+
+
 def test_a_wrong_rkey_is_refused_by_name(boxes):
     active, standby = boxes
     standby_pid = start(standby, ["standby", f"0.0.0.0:{PORT + 1}", "--frames", "1"])
