@@ -4,7 +4,8 @@
 # (image/build, then VMs booted under qemu: one standalone, then a pair), and each fuzz target for a
 # bounded time. Needs: cargo, python3 with venv, memcached and libmemcached-tools, and for the appliance
 # root, debootstrap, qemu-system-x86, OVMF, mtools, dosfstools, dnsmasq, and for the DPDK dataplane
-# libdpdk-dev, pkg-config, clang, libclang-dev, ethtool, iputils-ping (.ci/run installs them all).
+# libdpdk-dev, pkg-config, clang, libclang-dev, ethtool, iputils-ping, and for the RDMA transport's
+# verbs libibverbs-dev, rdma-core, ibverbs-providers (.ci/run installs them all).
 # FUZZ_SECONDS (default 60) bounds each fuzz target; TANDEM_SOAK_SECONDS (default 600) the failover soak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,12 +16,13 @@ target_dir=${CARGO_TARGET_DIR:-$root/target}
 step() { printf '\n=== %s\n' "$*"; }
 
 step "build (release)"
-# dpdk-sys needs the system DPDK; it is built and tested in the DPDK step below.
-cargo build --release --workspace --exclude dpdk-sys --bins
+# dpdk-sys needs the system DPDK and verbs-sys the system libibverbs; each is built and tested in its
+# own step below.
+cargo build --release --workspace --exclude dpdk-sys --exclude verbs-sys --bins
 
 step "unit, property and Rust integration tests"
 cargo_log=$(mktemp /tmp/tandem-cargo-test.XXXXXX)  # per run: CI runs may overlap on one machine
-cargo test --release --workspace --exclude dpdk-sys -- --include-ignored 2>&1 | tee "$cargo_log"
+cargo test --release --workspace --exclude dpdk-sys --exclude verbs-sys -- --include-ignored 2>&1 | tee "$cargo_log"
 grep -E '^test result:' "$cargo_log" | awk '{p+=$4; f+=$6} END {print "cargo tests: " p " passed, " f " failed"}'
 
 step "DPDK dataplane: dpdk-sys, and smoltcp over net_af_packet (feature dpdk)"
@@ -45,6 +47,34 @@ elif [[ ${CI:-} == true ]]; then
 else
   echo "DPDK tests skipped: the system DPDK is not installed (pkg-config --exists libdpdk failed;" \
     "apt-get install dpdk libdpdk-dev pkg-config clang libclang-dev, as .ci/run does)"
+fi
+
+step "RDMA verbs: verbs-sys, and replica's verbs layer (feature rdma)"
+if pkg-config --exists libibverbs; then
+  # The host needs no RDMA device for these: the layout test, the shim and the library's names; the
+  # device tests say so and skip where ibv_get_device_list finds nothing (real verbs run in the guests).
+  rdma_log=$(mktemp /tmp/tandem-cargo-rdma.XXXXXX)
+  cargo test --release -p verbs-sys 2>&1 | tee "$rdma_log"
+  # Only the verbs tests: the ring and the rest of replica ran above, without the feature.
+  cargo test --release -p replica --features rdma --lib rdma -- --nocapture 2>&1 | tee -a "$rdma_log"
+  # The ring over real verbs between two appliance guests (image/tests/test_rdma_smoke.py) runs this,
+  # and in a guest the verbs tests that need a device (here they skip, saying so).
+  cargo build --release -p replica --features rdma --example rdma-smoke
+  export TANDEM_RDMA_SMOKE=$target_dir/release/examples/rdma-smoke
+  TANDEM_RDMA_VERBS_TEST=$(cargo test --release -p replica --features rdma --lib --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "replica" and m["profile"]["test"]:
+        print(m["executable"])')
+  export TANDEM_RDMA_VERBS_TEST
+  grep -E '^test result:' "$rdma_log" >>"$cargo_log"
+elif [[ ${CI:-} == true ]]; then
+  echo "RDMA verbs tests FAILED to run: CI installs libibverbs-dev, but pkg-config --exists libibverbs failed"
+  exit 1
+else
+  echo "RDMA verbs tests skipped: libibverbs is not installed (pkg-config --exists libibverbs failed;" \
+    "apt-get install libibverbs-dev rdma-core ibverbs-providers pkg-config clang libclang-dev, as .ci/run does)"
 fi
 
 step "python integration suite against $target_dir/release/tandemd"

@@ -8,6 +8,9 @@
 //! - [`backlog`]: the replication core's copy of each shard's recent records, read by every standby
 //!   at its own pace with its own cursor; decides partial resync or full sync.
 //! - [`frame`]: batch framing, and [`wire`]: the messages of a replication stream over TCP.
+//! - [`ring`]: the per-shard receive ring of fixed-size slots, with credits, that the RDMA transport
+//!   writes batch frames into; no I/O, so it is tested everywhere.
+//! - [`rdma`] (feature `rdma`, needs the system libibverbs): the verbs layer the RDMA transport uses.
 //! - [`handshake`]: mutual challenge-response authentication and the resume-or-full-sync decision.
 //! - [`port`]: what a shard's core and the replication core share (acks, snapshot requests and chunks,
 //!   records to apply, the applied position).
@@ -28,8 +31,11 @@ pub mod handshake;
 pub mod ids;
 pub mod log;
 pub mod port;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod receiver;
 pub mod record;
+pub mod ring;
 pub mod shipper;
 pub mod transport;
 pub mod wire;
