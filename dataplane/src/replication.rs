@@ -1045,7 +1045,7 @@ mod tests {
     }
 
     fn store() -> Store {
-        Store::new(StoreConfig { memory_bytes: 64 << 20, item_size_max: 4 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false })
+        Store::new(StoreConfig { memory_bytes: 64 << 20, item_size_max: 4 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false, memory_file: None, clock_origin: 0 })
             .unwrap()
     }
 

@@ -106,6 +106,8 @@ impl<T: Transport> Worker<T> {
             shard_index: id,
             shard_count: threads,
             try_hugepages: true,
+            memory_file: settings.memory_file.as_ref().map(|path| crate::config::shard_memory_file(path, id)),
+            clock_origin: Clock::global().started_unix(),
         })
         .with_context(|| format!("worker {id}: cannot build its store of {share} bytes"))?;
         let backing = store.backing();
