@@ -478,6 +478,9 @@ impl Receiver {
                 }
                 self.history = Some(history);
                 self.epoch = epoch;
+                for port in &self.ports {
+                    *port.following.lock().unwrap() = Some((history, epoch));
+                }
                 let full = plan.iter().filter(|s| matches!(s, ShardStart::FullSync)).count();
                 for (shard, start) in plan.iter().enumerate() {
                     match *start {

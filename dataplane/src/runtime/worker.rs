@@ -111,6 +111,9 @@ impl<T: Transport> Worker<T> {
         })
         .with_context(|| format!("worker {id}: cannot build its store of {share} bytes"))?;
         let backing = store.backing();
+        if let Some(state) = &shared.replication {
+            state.report_restored(id, store.restored_mark());
+        }
         let mut shard = Shard::new(id, store, settings.clone());
         shard.store.set_read_only(settings.read_only());
         let replication = replication.map(|side| {

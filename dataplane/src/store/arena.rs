@@ -78,6 +78,8 @@ impl Region {
     /// Writes `bytes` at `at`, after every earlier store of the program (see the type's docs).
     pub fn write(&mut self, at: usize, bytes: &[u8]) {
         assert!(at + bytes.len() <= self.len, "a write past the region");
+        #[cfg(test)]
+        super::persist::checkpoints::hit();
         compiler_fence(Ordering::SeqCst);
         // SAFETY: in bounds (checked above) of a live mapping this region alone writes (`&mut self`).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(at), bytes.len()) }
@@ -87,6 +89,8 @@ impl Region {
     /// An aligned 8-byte field written with one store, so a kill leaves the old value or the new one.
     pub fn write_u64(&mut self, at: usize, value: u64) {
         assert!(at + 8 <= self.len && (self.base.as_ptr() as usize + at) % 8 == 0, "an unaligned field");
+        #[cfg(test)]
+        super::persist::checkpoints::hit();
         compiler_fence(Ordering::SeqCst);
         // SAFETY: in bounds and aligned (checked above); this region alone writes it (`&mut self`).
         unsafe { std::ptr::write_volatile(self.base.as_ptr().add(at).cast::<u64>(), value.to_le()) }

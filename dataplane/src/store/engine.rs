@@ -405,6 +405,8 @@ impl Store {
         self.cas_sequence = persisted.max(from_items);
         self.cas_reserved = self.cas_sequence;
         self.applied_cas_max = cas_max;
+        // A kill while a reclaim was using the reserved segment leaves none free: reclaim again.
+        while self.evict && self.segments.free_count() < RESERVED_SEGMENTS && self.evict_oldest(0) {}
         self.stats.segments_used.set(self.segments.in_use() as u64);
         Ok(())
     }
@@ -944,6 +946,8 @@ impl Store {
     /// Accounts an item as dead (its index entry is gone or repointed).
     fn forget(&mut self, addr: usize, header: &Header) {
         // After the write that replaced it is published (see `persist`): a rebuild never revives it.
+        #[cfg(test)]
+        super::persist::checkpoints::hit();
         item::mark_dead(&mut self.arena.bytes_mut()[addr..]);
         let total = header.total_len();
         self.account(addr, total, false);

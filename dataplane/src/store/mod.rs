@@ -293,6 +293,8 @@ mod item;
 mod persist;
 mod segment;
 #[cfg(test)]
+mod restart_tests;
+#[cfg(test)]
 mod tests;
 
 pub use engine::{ChangeSink, ItemRef, ScanCursor, Store};

@@ -248,3 +248,29 @@ pub fn file_clock_origin(path: &std::path::Path) -> Option<u64> {
     }
     Some(u64::from_le_bytes(header[ORIGIN_AT..ORIGIN_AT + 8].try_into().expect("8 bytes")))
 }
+
+/// A test hook called before each step of a write that a kill could cut (each metadata write, each
+/// dead mark): a test copies the file there to restart from every intermediate state.
+#[cfg(test)]
+pub mod checkpoints {
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut()>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = RefCell::new(None);
+    }
+
+    /// Installs (or with `None` removes) this thread's hook.
+    pub fn set(hook: Option<Hook>) {
+        HOOK.with(|h| *h.borrow_mut() = hook);
+    }
+
+    pub fn hit() {
+        HOOK.with(|h| {
+            if let Some(hook) = h.borrow_mut().as_mut() {
+                hook();
+            }
+        });
+    }
+}
