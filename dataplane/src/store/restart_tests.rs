@@ -262,9 +262,9 @@ fn a_write_that_evicts_cut_at_any_step_resurrects_nothing() {
     let prepare = |store: &mut Store| {
         for i in 0..400 {
             set(store, format!("k{i}").as_bytes(), &[b'v'; 10_000], i, Expiry::Never, 100);
-            if i % 4 == 0 {
-                store.get(format!("k{}", i / 2).as_bytes(), GetOptions::default(), 100);
-            }
+        }
+        for i in (0..400).step_by(2) {
+            store.get(format!("k{i}").as_bytes(), GetOptions::default(), 100);
         }
     };
     cut_at_every_step("evicting", 4 * MIB, prepare, |store| {
