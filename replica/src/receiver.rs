@@ -488,7 +488,12 @@ impl Receiver {
                             conn.received[shard] = after;
                             self.held.push_back((shard, Inbound::Resume { after }));
                         }
-                        ShardStart::FullSync => conn.awaiting_snapshot[shard] = true,
+                        ShardStart::FullSync => {
+                            // What the shard holds is no position in this stream (a restarted old active's
+                            // may even be beyond the active's newest): nothing is acked until the snapshot.
+                            conn.received[shard] = LogSeq::ZERO;
+                            conn.awaiting_snapshot[shard] = true;
+                        }
                     }
                 }
                 if full > 0 {
