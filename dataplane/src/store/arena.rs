@@ -88,7 +88,7 @@ impl Region {
 
     /// An aligned 8-byte field written with one store, so a kill leaves the old value or the new one.
     pub fn write_u64(&mut self, at: usize, value: u64) {
-        assert!(at + 8 <= self.len && (self.base.as_ptr() as usize + at) % 8 == 0, "an unaligned field");
+        assert!(at + 8 <= self.len && (self.base.as_ptr() as usize + at).is_multiple_of(8), "an unaligned field");
         #[cfg(test)]
         super::persist::checkpoints::hit();
         compiler_fence(Ordering::SeqCst);
