@@ -1257,19 +1257,7 @@ mod tests {
         }
     }
 
-    /// Key, flags, value, CAS and expiry of every live item.
-    type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
-
-    fn contents(store: &Store, now: RelTime) -> Contents {
-        let mut items = Vec::new();
-        store.for_each_live(now, |item| {
-            let mut value = Vec::new();
-            item.copy_value_into(&mut value);
-            items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
-        });
-        items.sort();
-        items
-    }
+    use crate::store::contents;
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]

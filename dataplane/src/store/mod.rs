@@ -298,5 +298,22 @@ mod restart_tests;
 mod tests;
 
 pub use engine::{ChangeSink, ItemRef, ScanCursor, Store};
+
+/// Key, flags, value, CAS and expiry of every live item (tests compare stores with it).
+#[cfg(test)]
+pub(crate) type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
+
+/// Everything live in `store`, sorted (tests only).
+#[cfg(test)]
+pub(crate) fn contents(store: &Store, now: RelTime) -> Contents {
+    let mut items = Vec::new();
+    store.for_each_live(now, |item| {
+        let mut value = Vec::new();
+        item.copy_value_into(&mut value);
+        items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
+    });
+    items.sort();
+    items
+}
 pub use persist::{file_clock_origin, MarkKind, ReplicationMark};
 pub use segment::SEGMENT_SIZE;

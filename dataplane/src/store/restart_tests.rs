@@ -46,33 +46,8 @@ fn open(path: &Path, memory_bytes: usize) -> Store {
     Store::new(config(path, memory_bytes)).expect("a store on a memory file")
 }
 
-type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
-
-fn contents(store: &Store, now: RelTime) -> Contents {
-    let mut items = Vec::new();
-    store.for_each_live(now, |item| {
-        let mut value = Vec::new();
-        item.copy_value_into(&mut value);
-        items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
-    });
-    items.sort();
-    items
-}
-
 fn set(store: &mut Store, key: &[u8], value: &[u8], flags: u32, expiry: Expiry, now: RelTime) -> StoreResult {
-    let request = StoreRequest {
-        key,
-        value,
-        client_flags: flags,
-        expiry,
-        mode: StoreMode::Set,
-        compare_cas: None,
-        invalidate: false,
-        new_cas: None,
-        vivify_on_miss: None,
-        key_binary: false,
-    };
-    store.store(&request, now)
+    store.store(&StoreRequest { client_flags: flags, expiry, ..request_for(key, value) }, now)
 }
 
 fn delete(store: &mut Store, key: &[u8], now: RelTime) -> DeleteResult {
