@@ -706,6 +706,24 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_file_comes_from_e_or_the_file_one_per_shard() {
+        assert_eq!(Settings::from_flags(&flags(&[])).unwrap().memory_file, None);
+        let s = Settings::from_flags(&flags(&["-e", "/dev/shm/tandem"])).unwrap();
+        assert_eq!(s.memory_file, Some(PathBuf::from("/dev/shm/tandem")));
+        assert_eq!(shard_memory_file(s.memory_file.as_ref().unwrap(), 3), PathBuf::from("/dev/shm/tandem.3"));
+        let dir = std::env::temp_dir().join(format!("tandem-config-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem.toml");
+        std::fs::write(&path, "[server]\nmemory_file = \"/dev/hugepages/tandem\"\n").unwrap();
+        let s = Settings::from_flags(&flags(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(s.memory_file, Some(PathBuf::from("/dev/hugepages/tandem")));
+        let s = Settings::from_flags(&flags(&["--config", path.to_str().unwrap(), "--memory-file", "/dev/shm/x"])).unwrap();
+        assert_eq!(s.memory_file, Some(PathBuf::from("/dev/shm/x")), "the flag wins");
+        assert!(Settings::from_flags(&flags(&["-e", "/"])).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn udp_is_refused_clearly() {
         let err = Settings::from_flags(&flags(&["-U", "11211"])).unwrap_err().to_string();
         assert!(err.contains("-U") && err.contains("TCP only"), "{err}");

@@ -37,6 +37,8 @@ pub struct Arena {
     base: NonNull<u8>,
     len: usize,
     backing: Backing,
+    /// A memory file, held open and locked (`flock`) so that no second process maps it meanwhile.
+    _file: Option<std::fs::File>,
 }
 
 /// A mapped file, as [`Arena::map_file`] opened it.
@@ -127,7 +129,7 @@ impl Arena {
         if try_hugepages && len & (HUGE_PAGE_SIZE - 1) == 0 {
             if let Some(base) = mmap_anonymous(len, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB, false) {
                 tracing::info!(bytes = len, backing = Backing::HugePages.name(), "item memory mapped");
-                return Ok(Arena { map_base: base, map_len: len, base, len, backing: Backing::HugePages });
+                return Ok(Arena { map_base: base, map_len: len, base, len, backing: Backing::HugePages, _file: None });
             }
         }
         let base = mmap_anonymous(len, 0, true)
@@ -136,7 +138,7 @@ impl Arena {
         let advised = unsafe { libc::madvise(base.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } == 0;
         let backing = if advised { Backing::TransparentHugePages } else { Backing::SmallPages };
         tracing::info!(bytes = len, backing = backing.name(), "item memory mapped");
-        Ok(Arena { map_base: base, map_len: len, base, len, backing })
+        Ok(Arena { map_base: base, map_len: len, base, len, backing, _file: None })
     }
 
     /// Maps `path` shared, sized to `header + table` bytes of metadata (rounded up to a huge page, so the
@@ -148,6 +150,11 @@ impl Arena {
         let fail = |source: std::io::Error| StoreError::File { path: path.to_path_buf(), source };
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(fail)?;
         let fd = file.as_raw_fd();
+        // SAFETY: a plain system call on an open descriptor.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(fail(std::io::Error::new(error.kind(), format!("locked by another process? {error}"))));
+        }
         // SAFETY: statfs fills the zeroed struct it is given for an open descriptor.
         let hugetlbfs = unsafe {
             let mut fs: libc::statfs = std::mem::zeroed();
@@ -177,7 +184,7 @@ impl Arena {
         tracing::info!(bytes = len, path = %path.display(), backing = backing.name(), reused, "item memory mapped from a file");
         // SAFETY: `offset < total`: the items start inside the mapping; `header` and `header + table` too.
         let (base, table_base) = unsafe { (map_base.as_ptr().add(offset), map_base.as_ptr().add(header)) };
-        let arena = Arena { map_base, map_len: total, base: NonNull::new(base).expect("inside a mapping"), len, backing };
+        let arena = Arena { map_base, map_len: total, base: NonNull::new(base).expect("inside a mapping"), len, backing, _file: Some(file) };
         Ok(FileArena {
             arena,
             header: Region { base: map_base, len: header },

@@ -109,6 +109,7 @@ fn a_restarted_store_holds_exactly_what_was_live() {
         (contents(&store, now), cas)
     };
     let mut store = open(&file.0, 16 * MIB);
+    assert!(Store::new(config(&file.0, 16 * MIB)).is_err(), "a file in use by another store is refused");
     store.check_invariants();
     assert_eq!(store.restored_mark().map(|m| m.kind), Some(MarkKind::None));
     assert_eq!(contents(&store, now), before, "every live item, value, flags, expiry and CAS");
