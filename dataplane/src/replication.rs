@@ -777,7 +777,7 @@ fn offer_restored(receiver: &mut Receiver, state: &NodeState, ports: &[Arc<Shard
     if let Some(history) = chosen {
         let history = ReplicationId(history);
         tracing::info!(%history, %epoch, ?offered, "restored from memory files: offering to resume");
-        receiver.set_history(history);
+        receiver.set_restored_history(history);
         receiver.set_epoch(epoch);
     }
 }

@@ -427,6 +427,30 @@ def test_a_standby_killed_and_restarted_on_its_memory_file_resumes_partially(sta
         remove_memory_files(mem, pair.threads)
 
 
+def test_a_restarted_standby_whose_active_restarted_too_is_refilled_by_a_full_sync(start, tmp_path):
+    """The active restarted without a memory file (a new history): the standby's restored contents belong
+    to a history it does not know; they are replaced by a full sync, not kept and not stuck."""
+    pair = Pair(start, tmp_path)
+    mem = memory_file(tmp_path, "orphan")
+    try:
+        standby = pair.standby(name="mem", flags=["-e", mem])
+        wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standby to stream")
+        pair.active.raw().expect(b"set old 0 0 1\r\nx\r\n", b"STORED\r\n")
+        wait_converged(pair.active, standby)
+        for node in (standby, pair.active):
+            node.process.kill()
+            node.process.wait(timeout=10)
+        pair.active = pair.start("--config", str(tmp_path / "active.toml"), "-t", str(pair.threads))
+        pair.active.raw().expect(b"set new 0 0 1\r\ny\r\n", b"STORED\r\n")
+        restarted = pair.standby(name="mem", flags=["-e", mem])
+        wait_for(lambda: repl_stats(restarted)["state"] == "streaming", "the restarted standby to stream")
+        s = repl_stats(restarted)
+        assert int(s["refused"]) >= 1 and s["full_syncs"] == "1", s
+        assert set(wait_converged(pair.active, restarted)) == {b"new"}
+    finally:
+        remove_memory_files(mem, pair.threads)
+
+
 def test_three_standbys_one_killed_and_restarted(start, tmp_path):
     pair = Pair(start, tmp_path)
     mems = [memory_file(tmp_path, f"s{i}") for i in range(3)]
