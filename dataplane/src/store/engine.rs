@@ -22,6 +22,10 @@
 //! flush, the first tick after the grace resets the whole store instead of scanning it, and a flush of
 //! a store that holds no live item resets it at once.
 //!
+//! With a memory file (see `persist`), an item that stops being its key's item (replaced, deleted,
+//! evicted, reclaimed, moved by a second chance) is also marked DEAD in its header, after the write
+//! that replaced it is published, and [`Store::new`] rebuilds the index from the segments.
+//!
 //! Hot paths allocate nothing: reads return [`ItemRef`]s borrowed from the arena, writes copy into it.
 //! The exceptions are amortized: the index grows by half when full, and append/prepend assemble the new
 //! value in a scratch buffer the store keeps (a reclaim during the write may move the old value).
