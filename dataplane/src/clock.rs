@@ -1,7 +1,9 @@
 //! The server's clock: memcached's relative time, and conversion of client expiration times.
 //!
 //! Items carry times as [`RelTime`], seconds since shortly before the process started (memcached's
-//! `rel_time_t`), so 32 bits last 136 years and `0` can mean "never". Each worker reads the clock once
+//! `rel_time_t`), so 32 bits last 136 years and `0` can mean "never". A process restarted on a memory
+//! file continues its predecessor's clock instead ([`Clock::continue_from`]), so restored items keep
+//! their expiry times. Each worker reads the clock once
 //! per poll round and passes `now` down; the store never reads a clock itself, which keeps it
 //! deterministic under test.
 
@@ -40,19 +42,34 @@ impl Expiry {
 pub struct Clock {
     started: Instant,
     started_unix: u64,
+    /// RelTime at `started`.
+    offset: u64,
 }
 
 /// Offset so that `now()` is never 0 and an exptime of "1 second ago" is representable.
 const ORIGIN_SLACK_SECS: u64 = 2;
 
+static GLOBAL: OnceLock<Clock> = OnceLock::new();
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 impl Clock {
     /// The global clock, created on first use.
     pub fn global() -> &'static Clock {
-        static CLOCK: OnceLock<Clock> = OnceLock::new();
-        CLOCK.get_or_init(|| {
-            let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            Clock { started: Instant::now(), started_unix: unix.saturating_sub(ORIGIN_SLACK_SECS) }
-        })
+        GLOBAL.get_or_init(|| Clock { started: Instant::now(), started_unix: unix_now().saturating_sub(ORIGIN_SLACK_SECS), offset: ORIGIN_SLACK_SECS })
+    }
+
+    /// Makes the global clock continue one that started at unix time `origin` (a previous run's, whose
+    /// memory file holds items timed by it), so that stored expiry times keep their meaning. Only before
+    /// the clock's first use, and only for an origin in the past; returns whether it took effect.
+    pub fn continue_from(origin: u64) -> bool {
+        let now = unix_now();
+        if origin.saturating_add(ORIGIN_SLACK_SECS) > now || now - origin >= u64::from(u32::MAX / 2) {
+            return false;
+        }
+        GLOBAL.set(Clock { started: Instant::now(), started_unix: origin, offset: now - origin }).is_ok()
     }
 
     /// Unix time of RelTime 0.
@@ -62,7 +79,7 @@ impl Clock {
 
     /// The current relative time in seconds.
     pub fn now(&self) -> RelTime {
-        (self.started.elapsed().as_secs() + ORIGIN_SLACK_SECS) as RelTime
+        (self.started.elapsed().as_secs() + self.offset) as RelTime
     }
 
     /// Unix time for a relative time.

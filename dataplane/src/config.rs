@@ -34,6 +34,9 @@ pub struct Settings {
     pub flush_enabled: bool,
     /// `-A` turns `shutdown` on.
     pub shutdown_enabled: bool,
+    /// `-e`: keep each shard's items in `<path>.<shard>` (see [`shard_memory_file`]) so that a restarted
+    /// tandemd finds them again.
+    pub memory_file: Option<PathBuf>,
     /// `-M` turns eviction off.
     pub evictions: bool,
     /// `-R`: requests handled per connection per event before yielding to others.
@@ -70,6 +73,7 @@ impl Default for Settings {
             cas_enabled: true,
             flush_enabled: true,
             shutdown_enabled: false,
+            memory_file: None,
             evictions: true,
             reqs_per_event: 20,
             verbosity: AtomicU32::new(0),
@@ -122,6 +126,10 @@ pub struct Flags {
     /// Disable CAS (responses carry 0).
     #[arg(short = 'C', long = "disable-cas")]
     pub disable_cas: bool,
+    /// Keep the cache in memory files (one per shard: PATH.0, PATH.1 ...), ideally on tmpfs or hugetlbfs,
+    /// so a restarted tandemd finds its items again (and a standby resumes replication).
+    #[arg(short = 'e', long = "memory-file", value_name = "PATH")]
+    pub memory_file: Option<PathBuf>,
     /// Return an error when memory is full instead of evicting.
     #[arg(short = 'M', long = "disable-evictions")]
     pub disable_evictions: bool,
@@ -517,6 +525,8 @@ pub struct ServerSection {
     pub shutdown_command: Option<bool>,
     pub evictions: Option<bool>,
     pub verbosity: Option<u32>,
+    /// `-e`: the memory file path (one file per shard, `<path>.<shard>`).
+    pub memory_file: Option<PathBuf>,
 }
 
 /// A size written as bytes or with a suffix.
@@ -558,6 +568,13 @@ pub fn parse_size(text: &str) -> Option<usize> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// Shard `shard`'s memory file for the `-e` path `path`: `<path>.<shard>`.
+pub fn shard_memory_file(path: &std::path::Path, shard: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{shard}"));
+    PathBuf::from(name)
 }
 
 /// CPUs available to this process (the default thread count).
@@ -645,6 +662,10 @@ impl Settings {
         s.flush_enabled = !flags.disable_flush && server.flush_all.unwrap_or(true);
         s.shutdown_enabled = flags.enable_shutdown || server.shutdown_command.unwrap_or(false);
         s.evictions = !flags.disable_evictions && server.evictions.unwrap_or(true);
+        s.memory_file = flags.memory_file.clone().or(server.memory_file);
+        if s.memory_file.as_ref().is_some_and(|path| path.as_os_str().is_empty() || path.file_name().is_none()) {
+            return Err(invalid("memory_file", "needs a file path (PATH.<shard> is created for each shard)"));
+        }
         let verbosity = if flags.verbose > 0 { flags.verbose as u32 } else { server.verbosity.unwrap_or(0) };
         s.verbosity = AtomicU32::new(verbosity);
         s.admin_socket = match (file.admin.and_then(|a| a.socket), &replication, &failover) {
@@ -682,6 +703,24 @@ mod tests {
         assert_eq!((s.port, s.memory_limit, s.threads, s.max_connections, s.item_size_max, s.reqs_per_event), (1234, 128 << 20, 3, 10, 2 << 20, 5));
         assert!(s.shutdown_enabled && !s.flush_enabled && !s.cas_enabled && !s.evictions);
         assert_eq!(s.verbosity.into_inner(), 2);
+    }
+
+    #[test]
+    fn the_memory_file_comes_from_e_or_the_file_one_per_shard() {
+        assert_eq!(Settings::from_flags(&flags(&[])).unwrap().memory_file, None);
+        let s = Settings::from_flags(&flags(&["-e", "/dev/shm/tandem"])).unwrap();
+        assert_eq!(s.memory_file, Some(PathBuf::from("/dev/shm/tandem")));
+        assert_eq!(shard_memory_file(s.memory_file.as_ref().unwrap(), 3), PathBuf::from("/dev/shm/tandem.3"));
+        let dir = std::env::temp_dir().join(format!("tandem-config-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem.toml");
+        std::fs::write(&path, "[server]\nmemory_file = \"/dev/hugepages/tandem\"\n").unwrap();
+        let s = Settings::from_flags(&flags(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(s.memory_file, Some(PathBuf::from("/dev/hugepages/tandem")));
+        let s = Settings::from_flags(&flags(&["--config", path.to_str().unwrap(), "--memory-file", "/dev/shm/x"])).unwrap();
+        assert_eq!(s.memory_file, Some(PathBuf::from("/dev/shm/x")), "the flag wins");
+        assert!(Settings::from_flags(&flags(&["-e", "/"])).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use replica::{Epoch, LogSeq, Record, ReplicationId, ShardId as LogShard};
 use crate::clock::{Clock, RelTime};
 use crate::config::{FailoverSettings, ReplicationSettings, Role};
 use crate::shard::Shard;
-use crate::store::{ChangeSink, ItemRef, ItemView, ScanCursor};
+use crate::store::{ChangeSink, ItemRef, ItemView, MarkKind, ReplicationMark, ScanCursor};
 
 /// Index slots a snapshot visits between checks of the chunk size.
 const SCAN_SLOTS: usize = 4096;
@@ -141,6 +141,11 @@ pub struct ShardReplication {
     applied: LogSeq,
     /// Where this worker publishes its rounds and its log position.
     marks: Arc<WorkerMarks>,
+    /// The history this shard's contents belong to: an active's own, or the stream a standby follows
+    /// (recorded in the store's memory file with the position, see [`ShardReplication::record_position`]).
+    history: Option<(ReplicationId, Epoch)>,
+    /// Set by the replication core when this shard's restored contents cannot be resumed from.
+    discard: Arc<AtomicBool>,
 }
 
 /// What each worker publishes once per round for a role change that must know every worker moved on
@@ -203,6 +208,8 @@ impl ShardReplication {
                 }
                 // Two relaxed-cost stores per round (not per request).
                 self.marks.logged[index].store(position, Ordering::Release);
+                // Every change of the round is logged: the memory file's position is exact again.
+                self.record_position(shard, MarkKind::Logged, position);
                 self.snapshot_step(shard)
             }
             Role::Standby => self.apply(shard),
@@ -265,9 +272,23 @@ impl ShardReplication {
         true
     }
 
+    /// Records in the store's memory file (if it has one) where its contents stand: `seq` of this shard's
+    /// history. An active calls it once every change is logged; a standby once the records are applied.
+    fn record_position(&self, shard: &mut Shard, kind: MarkKind, seq: u64) {
+        let mark = match self.history {
+            Some((history, epoch)) if kind != MarkKind::None => ReplicationMark { kind, history: history.0, epoch: epoch.0, seq },
+            _ => ReplicationMark::NONE,
+        };
+        shard.store.set_replication_mark(&mark);
+    }
+
     /// Applies what the receiver queued; returns whether more may be waiting.
     fn apply(&mut self, shard: &mut Shard) -> bool {
         use std::sync::atomic::Ordering;
+        if self.discard.swap(false, Ordering::AcqRel) {
+            tracing::info!(shard = self.shard.0, "restored contents not resumable: shard emptied");
+            shard.store.discard_restored();
+        }
         let mut applied_any = false;
         let mut budget = 64;
         while budget > 0 {
@@ -285,9 +306,13 @@ impl ShardReplication {
                 Inbound::Resume { after } => {
                     self.in_snapshot = false;
                     self.applied = after;
+                    self.history = self.port.following();
                 }
                 Inbound::SnapshotBegin { at } => {
                     tracing::info!(shard = self.shard.0, at = at.0, "full sync: shard wiped, snapshot follows");
+                    // No position until the snapshot is whole (before anything is wiped).
+                    shard.store.set_replication_mark(&ReplicationMark::NONE);
+                    self.history = self.port.following();
                     shard.store.clear();
                     self.in_snapshot = true;
                     self.applied = at;
@@ -307,6 +332,9 @@ impl ShardReplication {
         if applied_any {
             // A half-applied snapshot is not a position anyone can resume from.
             let published = if self.in_snapshot { 0 } else { self.applied.0 };
+            // After the records it covers were applied: a restart re-applies rather than skips.
+            let kind = if self.in_snapshot { MarkKind::None } else { MarkKind::Applied };
+            self.record_position(shard, kind, published);
             self.port.applied.store(published, Ordering::Release);
             self.bell.ring();
         }
@@ -336,8 +364,9 @@ pub enum Report {
 
 /// A role change handed to one worker.
 pub enum Handover {
-    /// Promoted: the log the store now writes to, and the bell of the replication core that drains it.
-    Active { sink: LogSink, bell: Arc<Bell>, mode: Mode },
+    /// Promoted: the log the store now writes to, and the bell of the replication core that drains it;
+    /// the new history and epoch.
+    Active { sink: LogSink, bell: Arc<Bell>, mode: Mode, history: (ReplicationId, Epoch) },
     /// Stepped down: no more log; what arrives is applied, and the receiver's bell is rung. `applied`:
     /// where the shard's copy stands in the history the node presents (its own log's end after a
     /// planned step-down, so the new active can resume it; zero otherwise).
@@ -374,6 +403,42 @@ pub struct NodeState {
     pub(crate) changing: Mutex<()>,
     /// Bumped when an active steps down: a step-down acts only on the reign it was decided in.
     pub(crate) reign: AtomicU64,
+    /// What each shard's store restored from its memory file.
+    restore: RestoreBoard,
+}
+
+/// What each worker's store restored from its memory file, reported once at start; a standby's
+/// replication core waits for every shard's report before it presents its position to an active.
+struct RestoreBoard {
+    /// Per shard: `None` until reported, then the mark restored (`Some(None)`: nothing restored).
+    reports: Mutex<Vec<Option<Option<ReplicationMark>>>>,
+    reported: std::sync::Condvar,
+    /// Per shard: set when its restored contents cannot be resumed from (the shard empties them).
+    discard: Vec<Arc<AtomicBool>>,
+}
+
+impl RestoreBoard {
+    fn new(shards: usize) -> RestoreBoard {
+        RestoreBoard {
+            reports: Mutex::new(vec![None; shards]),
+            reported: std::sync::Condvar::new(),
+            discard: (0..shards).map(|_| Arc::new(AtomicBool::new(false))).collect(),
+        }
+    }
+
+    /// Every shard's report, once all are in; `None` if the node stops first.
+    fn wait(&self, stopping: &AtomicBool) -> Option<Vec<Option<ReplicationMark>>> {
+        let mut reports = self.reports.lock().unwrap();
+        loop {
+            if reports.iter().all(Option::is_some) {
+                return Some(reports.iter().map(|r| r.flatten()).collect());
+            }
+            if stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            reports = self.reported.wait_timeout(reports, std::time::Duration::from_millis(100)).unwrap().0;
+        }
+    }
 }
 
 /// Role changes by kind, for `stats replication`.
@@ -441,6 +506,12 @@ impl NodeState {
         self.handovers[worker].lock().unwrap().take()
     }
 
+    /// A worker's report of what its store restored from a memory file (`None`: nothing), once, at start.
+    pub fn report_restored(&self, shard: usize, mark: Option<ReplicationMark>) {
+        self.restore.reports.lock().unwrap()[shard] = Some(mark);
+        self.restore.reported.notify_all();
+    }
+
     /// Records a role change or role event with its reason (logged, and listed by `stats replication`).
     pub fn note(&self, reason: String) {
         tracing::warn!(%reason, "role change");
@@ -454,7 +525,8 @@ impl Handover {
         replication.in_snapshot = false;
         replication.snapshot = None;
         match self {
-            Handover::Active { sink, bell, mode } => {
+            Handover::Active { sink, bell, mode, history } => {
+                replication.history = Some(history);
                 replication.role = Role::Active;
                 replication.mode = mode;
                 replication.bell = bell;
@@ -610,12 +682,24 @@ impl Node {
             promotion: context.clone(),
             changing: Mutex::new(()),
             reign: AtomicU64::new(0),
+            restore: RestoreBoard::new(shards),
         });
+        let own_history = match state.report() {
+            Report::Active { history, epoch, .. } => Some((history, epoch)),
+            Report::Standby { .. } => None,
+        };
         if let (Role::Active, Some(context)) = (settings.role, context) {
             context.watch_for_a_newer_active(state.clone(), Epoch(persisted.0.max(1)));
         }
         let thread_state = state.clone();
-        let thread = spawn("tandem-repl", cpu, move || drive(runner, &thread_state))?;
+        let thread_ports = ports.clone();
+        let thread = spawn("tandem-repl", cpu, move || {
+            let mut runner = runner;
+            if let Runner::Follow(receiver, _) = &mut runner {
+                offer_restored(receiver, &thread_state, &thread_ports);
+            }
+            drive(runner, &thread_state)
+        })?;
         let sides = sinks
             .into_iter()
             .enumerate()
@@ -633,6 +717,8 @@ impl Node {
                     in_snapshot: false,
                     applied: LogSeq::ZERO,
                     marks: state.marks.clone(),
+                    history: own_history,
+                    discard: state.restore.discard[s].clone(),
                 },
                 sink,
             })
@@ -649,6 +735,50 @@ impl Node {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A standby starting on restored stores presents their position: the history most shards' contents
+/// belong to, and per shard the sequence number its contents reached in it. A shard whose contents are
+/// not at a usable position in that history (a full sync was under way, it was an active killed between
+/// a change and its logging, or another history) is emptied first and presents zero, so whatever the
+/// active decides (a full sync, or the whole log from its start) starts from nothing.
+fn offer_restored(receiver: &mut Receiver, state: &NodeState, ports: &[Arc<ShardPort>]) {
+    let Some(marks) = state.restore.wait(&state.stopping) else { return };
+    if marks.iter().all(Option::is_none) {
+        return;
+    }
+    let mut counts: Vec<([u8; 20], usize)> = Vec::new();
+    for mark in marks.iter().flatten().filter(|m| m.usable()) {
+        match counts.iter_mut().find(|(history, _)| *history == mark.history) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((mark.history, 1)),
+        }
+    }
+    let chosen = counts.iter().max_by_key(|(_, count)| *count).map(|(history, _)| *history);
+    let (_, mut epoch, _) = receiver.position();
+    let mut offered = Vec::new();
+    for (shard, mark) in marks.iter().enumerate() {
+        let Some(mark) = mark else { continue };
+        if mark.usable() && Some(mark.history) == chosen {
+            ports[shard].applied.store(mark.seq, Ordering::Release);
+            epoch = epoch.max(Epoch(mark.epoch));
+            offered.push((shard, mark.seq));
+            continue;
+        }
+        let why = match mark.kind {
+            MarkKind::None => "no replication position (never replicated, or a full sync was under way)",
+            MarkKind::ActiveChanging => "it was an active killed before its last changes were logged: it may hold writes no standby received",
+            _ => "its position is in another history than the other shards'",
+        };
+        tracing::warn!(shard, why, "restored shard cannot resume: emptied, it takes a full sync");
+        state.restore.discard[shard].store(true, Ordering::Release);
+    }
+    if let Some(history) = chosen {
+        let history = ReplicationId(history);
+        tracing::info!(%history, %epoch, ?offered, "restored from memory files: offering to resume");
+        receiver.set_restored_history(history);
+        receiver.set_epoch(epoch);
     }
 }
 
@@ -807,7 +937,8 @@ impl Promotion {
         };
         state.control.lock().unwrap().promote = None;
         for (worker, sink) in sinks.into_iter().enumerate() {
-            *state.handovers[worker].lock().unwrap() = Some(Handover::Active { sink, bell: bell.clone(), mode: self.settings.mode });
+            let history = (new_history, epoch);
+            *state.handovers[worker].lock().unwrap() = Some(Handover::Active { sink, bell: bell.clone(), mode: self.settings.mode, history });
         }
         *state.report.lock().unwrap() = report;
         if let Some(stopper) = stopper {
@@ -1045,7 +1176,7 @@ mod tests {
     }
 
     fn store() -> Store {
-        Store::new(StoreConfig { memory_bytes: 64 << 20, item_size_max: 4 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false })
+        Store::new(StoreConfig { memory_bytes: 64 << 20, item_size_max: 4 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false, memory_file: None, clock_origin: 0 })
             .unwrap()
     }
 
@@ -1126,19 +1257,7 @@ mod tests {
         }
     }
 
-    /// Key, flags, value, CAS and expiry of every live item.
-    type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
-
-    fn contents(store: &Store, now: RelTime) -> Contents {
-        let mut items = Vec::new();
-        store.for_each_live(now, |item| {
-            let mut value = Vec::new();
-            item.copy_value_into(&mut value);
-            items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
-        });
-        items.sort();
-        items
-    }
+    use crate::store::contents;
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]

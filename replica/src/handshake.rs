@@ -477,6 +477,12 @@ impl ActiveHandshake {
                     None => true,
                     Some(until) => until.get(shard.index()).is_some_and(|&until| after <= until),
                 };
+                if !shared {
+                    // An old active that kept logging after this one took over: what it holds beyond the
+                    // takeover point never reached us, so its copy is replaced, not resumed.
+                    tracing::warn!(%shard, standby_at = after.0, takeover_at = ?shared_until.and_then(|u| u.get(shard.index())).map(|s| s.0),
+                        "the peer holds records of the previous history beyond the takeover point (writes this active never got): full sync");
+                }
                 if shared && can_resume(shard, after) {
                     ShardStart::Resume { after }
                 } else {

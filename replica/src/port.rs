@@ -9,11 +9,11 @@
 //! - [`Wake`]: how the replication core wakes a shard's core (the server implements it).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::ids::LogSeq;
+use crate::ids::{Epoch, LogSeq, ReplicationId};
 
 /// Snapshot chunks in flight from a shard to the shipper (each up to [`SNAPSHOT_CHUNK_BYTES`]).
 pub const SNAPSHOT_QUEUE: usize = 8;
@@ -82,6 +82,9 @@ pub struct ShardPort {
     pub applied: AtomicU64,
     /// Standby: emptied buffers of applied messages, back to the receiver for reuse.
     pub spare: ArrayQueue<Vec<u8>>,
+    /// Standby: the history and epoch of the stream the receiver accepted last, set before it hands the
+    /// shard anything of it (a shard that keeps its contents across restarts records its position in it).
+    pub following: Mutex<Option<(ReplicationId, Epoch)>>,
 }
 
 impl Default for ShardPort {
@@ -93,6 +96,7 @@ impl Default for ShardPort {
             inbound: ArrayQueue::new(INBOUND_QUEUE),
             applied: AtomicU64::new(0),
             spare: ArrayQueue::new(SPARE_BUFFERS),
+            following: Mutex::new(None),
         }
     }
 }
@@ -100,6 +104,11 @@ impl Default for ShardPort {
 impl ShardPort {
     pub fn applied(&self) -> LogSeq {
         LogSeq(self.applied.load(Ordering::Acquire))
+    }
+
+    /// The history and epoch of the stream accepted last (see [`ShardPort::following`]).
+    pub fn following(&self) -> Option<(ReplicationId, Epoch)> {
+        *self.following.lock().unwrap()
     }
 
     /// A copy of `bytes` in a recycled buffer when one is spare.

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::handshake::{Message as Handshake, Nonce, Outcome, ShardStart, StandbyConfig, StandbyHandshake};
+use crate::handshake::{Message as Handshake, Nonce, Outcome, RefuseReason, ShardStart, StandbyConfig, StandbyHandshake};
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::port::{Bell, Inbound, ShardPort, Wake};
 use crate::shipper::unix_millis;
@@ -145,6 +145,8 @@ pub struct Receiver {
     promote: Arc<AtomicBool>,
     /// The active that handed over to this standby, once it accepted.
     handed_over: Option<SocketAddr>,
+    /// `history` came from memory files (see [`Receiver::set_restored_history`]), until accepted.
+    restored_history: bool,
 }
 
 impl Receiver {
@@ -174,6 +176,7 @@ impl Receiver {
             last_heard: Instant::now(),
             promote,
             handed_over: None,
+            restored_history: false,
         };
         Ok((receiver, handle))
     }
@@ -198,6 +201,14 @@ impl Receiver {
     /// a full sync, when the new active's log continues that history.
     pub fn set_history(&mut self, history: ReplicationId) {
         self.history = Some(history);
+    }
+
+    /// As [`Receiver::set_history`], for contents restored from memory files after a restart: an active
+    /// that refuses the history as unknown (it restarted with a new one) gets asked for a full sync
+    /// instead, which replaces them.
+    pub fn set_restored_history(&mut self, history: ReplicationId) {
+        self.history = Some(history);
+        self.restored_history = true;
     }
 
     /// Treats this standby's copy as complete, as if it had streamed every shard once: it may take
@@ -478,6 +489,10 @@ impl Receiver {
                 }
                 self.history = Some(history);
                 self.epoch = epoch;
+                self.restored_history = false;
+                for port in &self.ports {
+                    *port.following.lock().unwrap() = Some((history, epoch));
+                }
                 let full = plan.iter().filter(|s| matches!(s, ShardStart::FullSync)).count();
                 for (shard, start) in plan.iter().enumerate() {
                     match *start {
@@ -485,7 +500,12 @@ impl Receiver {
                             conn.received[shard] = after;
                             self.held.push_back((shard, Inbound::Resume { after }));
                         }
-                        ShardStart::FullSync => conn.awaiting_snapshot[shard] = true,
+                        ShardStart::FullSync => {
+                            // What the shard holds is no position in this stream (a restarted old active's
+                            // may even be beyond the active's newest): nothing is acked until the snapshot.
+                            conn.received[shard] = LogSeq::ZERO;
+                            conn.awaiting_snapshot[shard] = true;
+                        }
                     }
                 }
                 if full > 0 {
@@ -498,6 +518,15 @@ impl Receiver {
             }
             Some(outcome) => {
                 self.counters.refused += 1;
+                if self.restored_history
+                    && matches!(outcome, Outcome::RefusedByPeer(RefuseReason::UnknownHistory { .. }))
+                {
+                    // Contents restored from memory files, of a history this active does not continue (it
+                    // restarted too): not a mis-pointed standby's data to keep, a cache to refill.
+                    tracing::warn!("the active does not know the restored contents' history: asking for a full sync");
+                    self.history = None;
+                    self.restored_history = false;
+                }
                 // A refusal (wrong secret, stale epoch, other shard count) does not change by itself
                 // within milliseconds: ask again later, not in a tight loop.
                 self.dial_after = Instant::now() + REFUSED_BACKOFF;

@@ -101,6 +101,8 @@ class Topology:
         self.host_if = {name: f"tfo{name}{tag}" for name in ("c", "a", "b")}
         self.addr = {"c": f"{self.subnet}.3", "a": f"{self.subnet}.1", "b": f"{self.subnet}.2"}
         self.service = f"{self.subnet}.100"
+        # Memory files (-e) the nodes were given, removed on close.
+        self.memory_files = []
         # Where the nodes replicate: the client network here (a topology may give it a link of its own).
         self.replication_addr = self.addr
         sh("ip", "link", "add", self.bridge, "type", "bridge")
@@ -128,10 +130,18 @@ class Topology:
         self.processes.append(process)
         return process
 
-    def start_pair(self, tmp_path, witness=False):
-        """Node a active, node b its standby; returns once b streams."""
-        a = self.start(tmp_path, "a", node_config(tmp_path, self, "a", "active", "b", witness=witness))
-        b = self.start(tmp_path, "b", node_config(tmp_path, self, "b", "standby", "a", witness=witness))
+    def memory_file(self, name):
+        """Node ``name``'s memory file (`[server] memory_file`), on tmpfs."""
+        path = f"/dev/shm/tandem-fo-{os.getpid()}-{self.tag}-{name}"
+        self.memory_files.append(path)
+        return path
+
+    def start_pair(self, tmp_path, witness=False, memory=False):
+        """Node a active, node b its standby; returns once b streams. With ``memory``, both keep their
+        cache in memory files, so a restarted node finds it again."""
+        mem = {name: self.memory_file(name) if memory else None for name in ("a", "b")}
+        a = self.start(tmp_path, "a", node_config(tmp_path, self, "a", "active", "b", witness=witness, memory_file=mem["a"]))
+        b = self.start(tmp_path, "b", node_config(tmp_path, self, "b", "standby", "a", witness=witness, memory_file=mem["b"]))
         wait_until(lambda: stats_in(self, "b").get("state") == "streaming", "the standby to stream")
         return a, b
 
@@ -153,12 +163,19 @@ class Topology:
             sh("ip", "netns", "del", ns, check=False)
             sh("ip", "link", "del", self.host_if[name], check=False)
         sh("ip", "link", "del", self.bridge, check=False)
+        for path in self.memory_files:
+            for shard in range(2):
+                try:
+                    os.unlink(f"{path}.{shard}")
+                except FileNotFoundError:
+                    pass
 
 
-def node_config(tmp_path, topo, name, role, peer, mode="sync", witness=False):
+def node_config(tmp_path, topo, name, role, peer, mode="sync", witness=False, memory_file=None):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    lines = [
+    server = ["[server]", f'memory_file = "{memory_file}"'] if memory_file else []
+    lines = server + [
         "[replication]",
         f'role = "{role}"',
         f'listen = "{topo.replication_addr[name]}:11311"',
@@ -203,7 +220,7 @@ def stats_in(topo, name, group="replication"):
     out = sh(
         "ip", "netns", "exec", topo.ns[name], sys.executable, "-c",
         "import socket;s=socket.create_connection(('127.0.0.1',11211),timeout=2);"
-        f"s.sendall(b'stats {group}\\r\\n');import time;d=b''\n"
+        f"s.sendall(b'{('stats ' + group).strip()}\\r\\n');import time;d=b''\n"
         "while not d.endswith(b'END\\r\\n'): d+=s.recv(65536)\nprint(d.decode())",
     ).stdout
     return dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("STAT "))
@@ -223,10 +240,16 @@ def request_in(topo, name, host, data, expect=b"\r\n"):
 
 
 def rejoin_old_active(tmp_path, topo):
-    """The old active's machine comes back (link up, tandemd started with its unchanged config)."""
+    """The old active's machine comes back (link up, tandemd started with its unchanged config). It never
+    holds the service address meanwhile."""
     sh("ip", "link", "set", topo.host_if["a"], "up")
     topo.start(tmp_path, "a", tmp_path / "a.toml")
-    wait_until(lambda: stats_in(topo, "a").get("state") == "streaming", "the old active to follow the new one", 20)
+
+    def streaming_without_the_address():
+        assert not topo.service_address_on("a"), "the restarted old active holds the service address"
+        return stats_in(topo, "a").get("state") == "streaming"
+
+    wait_until(streaming_without_the_address, "the old active to follow the new one", 20)
     a_stats = stats_in(topo, "a")
     assert a_stats["role"] == "standby", a_stats
     assert "started_as_standby" in a_stats["last_role_change"] or "removed_the_service_address" in a_stats["last_role_change"], a_stats
@@ -265,13 +288,47 @@ def kill_under_the_client(tmp_path, topo, a):
 
 def one_failover(tmp_path, tag, rejoin=False):
     with Topology(tag) as topo:
-        a, _ = topo.start_pair(tmp_path, witness=True)
+        # The node that comes back keeps its cache in a memory file.
+        a, _ = topo.start_pair(tmp_path, witness=True, memory=rejoin)
         result = kill_under_the_client(tmp_path, topo, a)
         b_stats = stats_in(topo, "b")
         if rejoin:
             a.wait(timeout=10)
-            rejoin_old_active(tmp_path, topo)
+            a_stats = rejoin_old_active(tmp_path, topo)
+            # Every write it took was acknowledged in sync mode, so the new active had them all when it took
+            # over: the old active resumes from its restored cache.
+            assert (a_stats["full_syncs"], a_stats["partial_syncs"]) == ("0", "1"), f"a partial resync: {a_stats}"
+            assert stats(topo, "a")["memory_backing"] == "memory_file"
+            assert request_in(topo, "c", topo.addr["a"], b"get pre:299\r\n", b"END\r\n") == b"VALUE pre:299 0 4\r\nv299\r\nEND\r\n"
         return result, b_stats
+
+
+def stats(topo, name):
+    return stats_in(topo, name, group="")
+
+
+def test_an_old_active_with_writes_beyond_the_takeover_point_rejoins_with_a_full_sync(tmp_path):
+    """The standby is frozen past the peer timeout, so the active takes writes alone (sync mode degrades);
+    then the active dies and the standby takes over without them. Restarted on its memory file, the old
+    active must not keep them: the new active sees it is beyond the takeover point and sends a full sync."""
+    with Topology(os.getpid() % 1000 * 10 + 7) as topo:
+        a, b = topo.start_pair(tmp_path, witness=True, memory=True)
+        assert request_in(topo, "c", topo.service, b"set shared 0 0 1\r\ns\r\n") == b"STORED\r\n"
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)
+            assert request_in(topo, "c", topo.service, b"set alone 0 0 1\r\na\r\n") == b"STORED\r\n"
+            a.send_signal(signal.SIGKILL)
+            sh("ip", "link", "set", topo.host_if["a"], "down")
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        a.wait(timeout=10)
+        wait_until(lambda: stats_in(topo, "b").get("role") == "active", "the standby to take over", 15)
+        a_stats = rejoin_old_active(tmp_path, topo)
+        assert (a_stats["full_syncs"], a_stats["partial_syncs"]) == ("1", "0"), f"a full sync: {a_stats}"
+        assert "beyond the takeover point" in (tmp_path / "b.log").read_text()
+        got = request_in(topo, "c", topo.addr["a"], b"get shared alone back\r\n", b"END\r\n")
+        assert b"VALUE shared" in got and b"VALUE back" in got and b"alone" not in got, got
 
 
 def test_kill_the_active_the_standby_serves_every_acknowledged_write(tmp_path):

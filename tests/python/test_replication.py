@@ -7,7 +7,10 @@ expiry and CAS; `get` for values and flags):
 - a standby serves reads and refuses writes (text, meta, binary);
 - a standby cut off under load resumes from the backlog (partial resync), one killed and restarted
   gets a full sync, one started late under load gets a full sync; all converge;
-- three standbys, one killed and restarted mid-run: the others are unaffected;
+- a standby killed with SIGKILL under load and restarted on its memory file (`-e`) resumes from the
+  backlog (a partial resync, on both ends' stats) and converges;
+- three standbys, one killed and restarted mid-run: the others are unaffected (and with memory files,
+  the restarted one resumes partially);
 - a wrong secret, another shard count, or garbage on the replication port is refused, nothing is applied,
   and the active keeps serving.
 Every wait is bounded.
@@ -64,7 +67,7 @@ class Pair:
         self.active = start("--config", str(config), "-t", str(threads), *self.flags)
         self.standbys = 0
 
-    def standby(self, threads=None, secret=None, name=None):
+    def standby(self, threads=None, secret=None, name=None, flags=()):
         self.standbys += 1
         name = name or f"standby{self.standbys}"
         fields = dict(role="standby", peers=[f"127.0.0.1:{self.repl_port}"], peer_timeout_ms=1000)
@@ -73,7 +76,7 @@ class Pair:
             path.write_bytes(secret)
             fields["secret_file"] = str(path)
         config = write_config(self.tmp_path, name, **fields)
-        return self.start("--config", str(config), "-t", str(threads or self.threads), *self.flags)
+        return self.start("--config", str(config), "-t", str(threads or self.threads), *self.flags, *flags)
 
 
 def metadump(server):
@@ -380,9 +383,86 @@ def test_a_restarted_standby_and_a_late_one_get_a_full_sync_under_load(start, tm
     assert int(repl_stats(pair.active)["snapshot_bytes"]) > 0
 
 
+def memory_file(tmp_path, name):
+    """A memory file path on tmpfs when there is one (what -e is for), else in the test's directory."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        path = os.path.join(shm, f"tandem-test-{os.getpid()}-{tmp_path.name}-{name}")
+    else:
+        path = str(tmp_path / f"{name}.mem")
+    return path
+
+
+def remove_memory_files(path, shards):
+    for shard in range(shards):
+        try:
+            os.unlink(f"{path}.{shard}")
+        except FileNotFoundError:
+            pass
+
+
+def test_a_standby_killed_and_restarted_on_its_memory_file_resumes_partially(start, tmp_path):
+    pair = Pair(start, tmp_path)
+    mem = memory_file(tmp_path, "standby")
+    try:
+        standby = pair.standby(name="mem", flags=["-e", mem])
+        wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standby to stream")
+        assert stats(standby)["memory_backing"] in ("memory_file", "hugepages_file")
+        with Writer(pair.active, b"load", seconds=30, delay=0.003) as writer:
+            wait_for(lambda: writer.count > 3000, "some load")
+            standby.process.kill()
+            standby.process.wait(timeout=10)
+            at_kill = writer.count
+            wait_for(lambda: writer.count > at_kill + 1000, "load while the standby is down")
+            restarted = pair.standby(name="mem", flags=["-e", mem])
+            wait_for(lambda: repl_stats(restarted)["state"] == "streaming", "the restarted standby to stream")
+            wait_for(lambda: writer.count > at_kill + 3000, "load after the restart")
+        s = repl_stats(restarted)
+        assert (s["full_syncs"], s["partial_syncs"]) == ("0", "1"), f"the restarted standby resumed: {s}"
+        a = repl_stats(pair.active)
+        assert int(a["partial_syncs"]) == 1 and int(a["full_syncs"]) == 1, f"one full sync (the first), one partial: {a}"
+        final = wait_converged(pair.active, restarted)
+        assert len(final) > 3000
+    finally:
+        remove_memory_files(mem, pair.threads)
+
+
+def test_a_restarted_standby_whose_active_restarted_too_is_refilled_by_a_full_sync(start, tmp_path):
+    """The active restarted without a memory file (a new history): the standby's restored contents belong
+    to a history it does not know; they are replaced by a full sync, not kept and not stuck."""
+    pair = Pair(start, tmp_path)
+    mem = memory_file(tmp_path, "orphan")
+    try:
+        standby = pair.standby(name="mem", flags=["-e", mem])
+        wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standby to stream")
+        pair.active.raw().expect(b"set old 0 0 1\r\nx\r\n", b"STORED\r\n")
+        wait_converged(pair.active, standby)
+        for node in (standby, pair.active):
+            node.process.kill()
+            node.process.wait(timeout=10)
+        pair.active = pair.start("--config", str(tmp_path / "active.toml"), "-t", str(pair.threads))
+        pair.active.raw().expect(b"set new 0 0 1\r\ny\r\n", b"STORED\r\n")
+        restarted = pair.standby(name="mem", flags=["-e", mem])
+        wait_for(lambda: repl_stats(restarted)["state"] == "streaming", "the restarted standby to stream")
+        s = repl_stats(restarted)
+        assert int(s["refused"]) >= 1 and s["full_syncs"] == "1", s
+        assert set(wait_converged(pair.active, restarted)) == {b"new"}
+    finally:
+        remove_memory_files(mem, pair.threads)
+
+
 def test_three_standbys_one_killed_and_restarted(start, tmp_path):
     pair = Pair(start, tmp_path)
-    standbys = [pair.standby(name=f"s{i}") for i in range(3)]
+    mems = [memory_file(tmp_path, f"s{i}") for i in range(3)]
+    try:
+        three_standbys_one_killed_and_restarted(pair, mems)
+    finally:
+        for mem in mems:
+            remove_memory_files(mem, pair.threads)
+
+
+def three_standbys_one_killed_and_restarted(pair, mems):
+    standbys = [pair.standby(name=f"s{i}", flags=["-e", mems[i]]) for i in range(3)]
     for standby in standbys:
         wait_for(lambda: repl_stats(standby)["state"] == "streaming", "every standby to stream")
     with Writer(pair.active, b"three", seconds=30, delay=0.003) as writer:
@@ -390,7 +470,7 @@ def test_three_standbys_one_killed_and_restarted(start, tmp_path):
         standbys[1].process.kill()
         standbys[1].process.wait(timeout=10)
         wait_for(lambda: writer.count > 4000, "load without it")
-        standbys[1] = pair.standby(name="s1")
+        standbys[1] = pair.standby(name="s1", flags=["-e", mems[1]])
         wait_for(lambda: writer.count > 6000, "load with it back")
     final = None
     for standby in standbys:
@@ -399,6 +479,8 @@ def test_three_standbys_one_killed_and_restarted(start, tmp_path):
     for untouched in (standbys[0], standbys[2]):
         assert repl_stats(untouched)["connects"] == "1", "the other standbys never lost their link"
     assert repl_stats(pair.active)["standbys"] == "3"
+    restarted = repl_stats(standbys[1])
+    assert (restarted["full_syncs"], restarted["partial_syncs"]) == ("0", "1"), f"it resumed from its memory file: {restarted}"
 
 
 def test_bad_peers_are_refused_and_nothing_is_applied(start, tmp_path):

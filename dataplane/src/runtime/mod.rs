@@ -81,6 +81,14 @@ impl Server {
                 failover.stack = Some(Arc::new(crate::failover::ServiceSlot::new(failover.service_ip, failover.prefix_len)));
             }
         }
+        if let Some(path) = &settings.memory_file {
+            // Restored items are timed by the clock of the run that wrote them: continue it.
+            if let Some(origin) = crate::store::file_clock_origin(&crate::config::shard_memory_file(path, 0)) {
+                if crate::clock::Clock::continue_from(origin) {
+                    tracing::info!(origin, "continuing the clock of the memory file's previous run");
+                }
+            }
+        }
         let start_notes = crate::failover::resolve_start_role(&mut settings);
         let settings = Arc::new(settings);
         let threads = settings.threads;

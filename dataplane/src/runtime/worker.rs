@@ -106,9 +106,14 @@ impl<T: Transport> Worker<T> {
             shard_index: id,
             shard_count: threads,
             try_hugepages: true,
+            memory_file: settings.memory_file.as_ref().map(|path| crate::config::shard_memory_file(path, id)),
+            clock_origin: Clock::global().started_unix(),
         })
         .with_context(|| format!("worker {id}: cannot build its store of {share} bytes"))?;
         let backing = store.backing();
+        if let Some(state) = &shared.replication {
+            state.report_restored(id, store.restored_mark());
+        }
         let mut shard = Shard::new(id, store, settings.clone());
         shard.store.set_read_only(settings.read_only());
         let replication = replication.map(|side| {

@@ -22,6 +22,10 @@
 //! flush, the first tick after the grace resets the whole store instead of scanning it, and a flush of
 //! a store that holds no live item resets it at once.
 //!
+//! With a memory file (see `persist`), an item that stops being its key's item (replaced, deleted,
+//! evicted, reclaimed, moved by a second chance) is also marked DEAD in its header, after the write
+//! that replaced it is published, and [`Store::new`] rebuilds the index from the segments.
+//!
 //! Hot paths allocate nothing: reads return [`ItemRef`]s borrowed from the arena, writes copy into it.
 //! The exceptions are amortized: the index grows by half when full, and append/prepend assemble the new
 //! value in a scratch buffer the store keeps (a reclaim during the write may move the old value).
@@ -30,8 +34,9 @@ use super::arena::Arena;
 use super::decimal;
 use super::index::{self, tag_of, Index};
 use super::item::{self, Header, ValueChunks, ACCESSED, FETCHED, KEY_BINARY, STALE, WIN_SENT};
+use super::persist::{FileHeader, MarkKind, ReplicationMark, Shape, HEADER_LEN};
 use super::segment::{
-    address, offset_of, SegmentId, SegmentMeta, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE, SMALL_ITEM_MAX,
+    address, offset_of, SegmentId, SegmentMeta, SegmentTable, Segments, NO_SEGMENT, RESERVED_SEGMENTS, SEGMENT_SIZE, SMALL_ITEM_MAX,
 };
 use super::*;
 use crate::route::key_hash;
@@ -82,7 +87,17 @@ pub struct Store {
     read_only: bool,
     /// The highest CAS applied from a replication log.
     applied_cas_max: u64,
+    /// The memory file's header, with a memory file.
+    file: Option<FileHeader>,
+    /// CAS sequence numbers below this are reserved in the memory file (it is written ahead in steps of
+    /// [`CAS_RESERVE`], so a restarted store never issues a CAS again).
+    cas_reserved: u64,
+    /// The replication mark the memory file held when this store was restored from it.
+    restored: Option<ReplicationMark>,
 }
+
+/// CAS sequence numbers reserved in the memory file at a time.
+const CAS_RESERVE: u64 = 4096;
 
 /// What the store remembers of the last `flush_all` (see the module docs).
 #[derive(Clone, Copy, Default)]
@@ -215,7 +230,8 @@ enum CasCheck {
 }
 
 impl Store {
-    /// Maps the arena and builds an empty store.
+    /// Maps the arena and builds an empty store, or with a memory file, the store the file holds (see
+    /// [`Store::restored_mark`]); a file that does not hold a store of this shape is reinitialized.
     pub fn new(config: StoreConfig) -> Result<Store, StoreError> {
         let addressable = (index::MAX_ADDRESS + 1) & !(SEGMENT_SIZE - 1);
         if config.memory_bytes > addressable {
@@ -225,15 +241,42 @@ impl Store {
         if segment_count < MIN_SEGMENTS {
             return Err(StoreError::TooSmall { memory: config.memory_bytes, item_size_max: config.item_size_max });
         }
-        let arena = Arena::map(segment_count * SEGMENT_SIZE, config.try_hugepages)?;
+        let (arena, segments, file, reused) = match &config.memory_file {
+            None => (Arena::map(segment_count * SEGMENT_SIZE, config.try_hugepages)?, Segments::new(segment_count, None), None, false),
+            Some(path) => {
+                let table_len = super::segment::table_len(segment_count);
+                let mapped = Arena::map_file(path, HEADER_LEN, table_len, segment_count * SEGMENT_SIZE)?;
+                let table = SegmentTable::new(mapped.table);
+                let mut header = FileHeader::new(mapped.header);
+                let shape = file_shape(&config, segment_count);
+                let checked = if mapped.reused { header.check(&shape) } else { Err("a new file".into()) };
+                let restored = match checked {
+                    Ok(()) => Segments::restore(segment_count, table),
+                    Err(why) => Err((table, why)),
+                };
+                let (segments, reused) = match restored {
+                    Ok(segments) => (segments, true),
+                    Err((table, why)) => {
+                        if mapped.reused {
+                            tracing::warn!(path = %path.display(), %why, "memory file not reused: starting empty");
+                        }
+                        header.invalidate();
+                        let segments = Segments::new(segment_count, Some(table));
+                        header.init(&shape);
+                        (segments, false)
+                    }
+                };
+                (mapped.arena, segments, Some(header), reused)
+            }
+        };
         let index = Index::with_items(arena.len() / PRESIZE_BYTES_PER_ITEM);
         let stats = Arc::new(StoreStats::default());
         stats.segments_total.set(segment_count as u64);
         stats.index_bytes.set(index.bytes() as u64);
         let shard_count = config.shard_count.max(1) as u64;
-        Ok(Store {
+        let mut store = Store {
             arena,
-            segments: Segments::new(segment_count),
+            segments,
             index,
             stats,
             item_size_max: config.item_size_max,
@@ -249,7 +292,145 @@ impl Store {
             changes: None,
             read_only: false,
             applied_cas_max: 0,
-        })
+            file,
+            cas_reserved: 0,
+            restored: None,
+        };
+        if reused {
+            match store.rebuild() {
+                Ok(()) => {
+                    let mark = store.file.as_ref().map_or(ReplicationMark::NONE, FileHeader::mark);
+                    tracing::info!(
+                        items = store.stats.curr_items.get(),
+                        bytes = store.stats.bytes.get(),
+                        segments = store.segments.in_use(),
+                        ?mark,
+                        "store restored from its memory file"
+                    );
+                    store.restored = Some(mark);
+                }
+                Err(why) => {
+                    tracing::warn!(%why, "memory file not reused: its contents are damaged; starting empty");
+                    store.start_empty_file(&file_shape(&config, segment_count));
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The replication mark of the memory file this store was restored from (`None`: not restored).
+    pub fn restored_mark(&self) -> Option<ReplicationMark> {
+        self.restored
+    }
+
+    /// Records where the contents stand in a replication history (a memory file keeps it; without one
+    /// this does nothing). See `persist` for the rule it must follow.
+    pub fn set_replication_mark(&mut self, mark: &ReplicationMark) {
+        if let Some(file) = self.file.as_mut() {
+            file.set_mark(mark);
+        }
+    }
+
+    /// Empties the store and its memory file (a restored store whose position cannot be used).
+    pub fn discard_restored(&mut self) {
+        self.restored = None;
+        self.reset();
+        self.set_replication_mark(&ReplicationMark::NONE);
+    }
+
+    /// Reinitializes the memory file for an empty store.
+    fn start_empty_file(&mut self, shape: &Shape) {
+        self.restored = None;
+        if let Some(file) = self.file.as_mut() {
+            file.invalidate();
+        }
+        self.reset();
+        self.flush_mark = FlushMark::default();
+        self.cas_sequence = 0;
+        self.cas_reserved = 0;
+        self.applied_cas_max = 0;
+        if let Some(file) = self.file.as_mut() {
+            file.init(shape);
+        }
+    }
+
+    /// Rebuilds the index and the accounting from the items the segments hold: the log is walked from
+    /// the oldest segment, each segment up to its write offset; items marked dead or flushed are
+    /// skipped, and a later copy of a key replaces an earlier one. An item cut by a kill (a large one
+    /// whose later segments were not all written) is skipped; anything else that does not decode is
+    /// damage (`Err`). Expired items are linked and expire lazily as always.
+    fn rebuild(&mut self) -> Result<(), String> {
+        let file = self.file.as_ref().expect("a memory file");
+        let (flush_below, flush_at) = file.flush();
+        self.flush_mark = FlushMark { below_cas: flush_below, at: flush_at, only_flushed_items: false };
+        let mut cas_max = 0u64;
+        let log: Vec<SegmentId> = self.segments.log().map(|(segment, _)| segment).collect();
+        for &segment in &log {
+            let meta = *self.segments.meta(segment);
+            let mut offset = meta.first_item as usize;
+            let end = meta.write_offset as usize;
+            while offset < end {
+                let addr = address(segment, offset);
+                let bytes = &self.arena.bytes()[addr..address(segment, 0) + end];
+                let header_len = item::checked_header_len(bytes).ok_or_else(|| format!("segment {segment} offset {offset}: no item header"))?;
+                let header = Header::decode(bytes);
+                let head_len = header_len + header.key_len as usize;
+                let total = head_len + header.value_len as usize;
+                if header.key_len as usize > MAX_KEY_LEN || head_len > bytes.len() || total > self.max_item_len {
+                    return Err(format!("segment {segment} offset {offset}: an impossible item"));
+                }
+                let complete = if offset + total <= end {
+                    true
+                } else if offset + total > SEGMENT_SIZE && end == SEGMENT_SIZE {
+                    self.spanning_item_complete(segment, offset + total - SEGMENT_SIZE)
+                } else {
+                    return Err(format!("segment {segment} offset {offset}: an item past the write offset"));
+                };
+                if !complete {
+                    // Cut by a kill: only the newest item can be, and a resync re-applies it.
+                    break;
+                }
+                offset += total;
+                if item::is_marked_dead(bytes) || self.is_flushed(&header) {
+                    continue;
+                }
+                cas_max = cas_max.max(header.cas);
+                let mut key = [0u8; MAX_KEY_LEN];
+                let key = {
+                    let stored = item::key_of(bytes);
+                    key[..stored.len()].copy_from_slice(stored);
+                    &key[..stored.len()]
+                };
+                self.link(key, tag_of(key_hash(key)), addr, total);
+            }
+        }
+        let persisted = self.file.as_ref().map_or(0, FileHeader::cas_sequence);
+        let from_items = if cas_max == 0 { 0 } else { cas_max.saturating_sub(self.shard_index + 1) / self.shard_count + 1 };
+        self.cas_sequence = persisted.max(from_items);
+        self.cas_reserved = self.cas_sequence;
+        self.applied_cas_max = cas_max;
+        // A kill while a reclaim was using the reserved segment leaves none free: reclaim again.
+        while self.evict && self.segments.free_count() < RESERVED_SEGMENTS && self.evict_oldest(0) {}
+        self.stats.segments_used.set(self.segments.in_use() as u64);
+        Ok(())
+    }
+
+    /// Whether the later segments of an item spanning from a segment hold its last `rest` bytes.
+    fn spanning_item_complete(&self, from: SegmentId, mut rest: usize) -> bool {
+        let mut segment = self.segments.meta(from).next;
+        while rest > 0 {
+            if segment == NO_SEGMENT {
+                return false;
+            }
+            let meta = self.segments.meta(segment);
+            let piece = rest.min(SEGMENT_SIZE);
+            if meta.first_item as usize != piece || (meta.write_offset as usize) < piece {
+                return false;
+            }
+            rest -= piece;
+            segment = meta.next;
+        }
+        true
     }
 
     /// Where the arena's memory came from.
@@ -270,6 +451,9 @@ impl Store {
     /// A read; may touch, vivify, mark fetched, bump.
     pub fn get(&mut self, key: &[u8], options: GetOptions, now: RelTime) -> GetResult<'_> {
         let options = if self.read_only { GetOptions { no_bump: true, ..GetOptions::default() } } else { options };
+        if options.touch.is_some() || options.vivify.is_some() {
+            self.begin_change();
+        }
         let tag = tag_of(key_hash(key));
         let Some(Found { addr, header, .. }) = self.lookup_live(key, tag, now) else {
             return match options.vivify {
@@ -321,6 +505,7 @@ impl Store {
     /// A storage command. A SET (without CAS) that fails for size or memory also removes the old item,
     /// as memcached's text protocol does, so stale data does not outlive a failed overwrite.
     pub fn store(&mut self, request: &StoreRequest<'_>, now: RelTime) -> StoreResult {
+        self.begin_change();
         let key = request.key;
         let tag = tag_of(key_hash(key));
         let unconditional_set = request.mode == StoreMode::Set && request.compare_cas.is_none();
@@ -447,6 +632,7 @@ impl Store {
     }
 
     pub fn delete(&mut self, request: &DeleteRequest<'_>, now: RelTime) -> DeleteResult {
+        self.begin_change();
         let tag = tag_of(key_hash(request.key));
         let Some(Found { slot, addr, header }) = self.lookup_live(request.key, tag, now) else {
             return DeleteResult::NotFound;
@@ -478,6 +664,7 @@ impl Store {
     /// becomes a new item of its own length, which like memcached's fresh allocation keeps the flags
     /// and expiry but none of the state bits (fetched, stale, win, base64 key).
     pub fn arith(&mut self, request: &ArithRequest<'_>, now: RelTime) -> ArithResult {
+        self.begin_change();
         let key = request.key;
         let tag = tag_of(key_hash(key));
         let mut digits = [0u8; decimal::MAX_DIGITS];
@@ -539,6 +726,7 @@ impl Store {
     /// that later lookups treat these items as gone (see the module docs). Items written afterwards
     /// are unaffected. A store without live items is reset at once.
     pub fn flush(&mut self, now: RelTime) {
+        self.begin_change();
         if let Some(changes) = self.changes.as_mut() {
             changes.flush();
         }
@@ -549,6 +737,9 @@ impl Store {
     fn flush_below(&mut self, below_cas: u64, now: RelTime) {
         let only_flushed_items = self.stats.curr_items.get() > 0;
         self.flush_mark = FlushMark { below_cas, at: now, only_flushed_items };
+        if let Some(file) = self.file.as_mut() {
+            file.set_flush(below_cas, now);
+        }
         if !only_flushed_items {
             self.reset();
         }
@@ -667,7 +858,32 @@ impl Store {
     fn next_cas(&mut self) -> u64 {
         let cas = self.peek_next_cas();
         self.cas_sequence += 1;
+        self.reserve_cas();
         cas
+    }
+
+    /// Keeps the memory file's CAS counter ahead of every CAS issued (see [`CAS_RESERVE`]).
+    #[inline]
+    fn reserve_cas(&mut self) {
+        if self.cas_sequence >= self.cas_reserved {
+            if let Some(file) = self.file.as_mut() {
+                self.cas_reserved = self.cas_sequence + CAS_RESERVE;
+                file.set_cas_sequence(self.cas_reserved);
+            }
+        }
+    }
+
+    /// An active's client change is about to happen: until the round logs it, the memory file's
+    /// replication mark is not a usable position (see `persist`).
+    #[inline]
+    fn begin_change(&mut self) {
+        if self.changes.is_some() {
+            if let Some(file) = self.file.as_mut() {
+                if file.mark().kind == MarkKind::Logged {
+                    file.set_mark(&ReplicationMark { kind: MarkKind::ActiveChanging, ..file.mark() });
+                }
+            }
+        }
     }
 
     // ---- changing items ----
@@ -733,6 +949,10 @@ impl Store {
 
     /// Accounts an item as dead (its index entry is gone or repointed).
     fn forget(&mut self, addr: usize, header: &Header) {
+        // After the write that replaced it is published (see `persist`): a rebuild never revives it.
+        #[cfg(test)]
+        super::persist::checkpoints::hit();
+        item::mark_dead(&mut self.arena.bytes_mut()[addr..]);
         let total = header.total_len();
         self.account(addr, total, false);
         self.stats.curr_items.sub(1);
@@ -770,7 +990,13 @@ impl Store {
         let addr = self.write_item(new, now)?;
         let total = new.header(now).total_len();
         // Making room may have reclaimed segments, moving or dropping the old item: look it up again.
-        match self.find(new.key, tag) {
+        self.link(new.key, tag, addr, total);
+        Ok(addr)
+    }
+
+    /// Makes the item of `total` bytes at `addr` `key`'s item, replacing (and marking dead) any older one.
+    fn link(&mut self, key: &[u8], tag: u32, addr: usize, total: usize) {
+        match self.find(key, tag) {
             Some((slot, old_addr)) => {
                 let old = self.header_at(old_addr);
                 self.forget(old_addr, &old);
@@ -786,7 +1012,6 @@ impl Store {
         self.stats.curr_items.add(1);
         self.stats.total_items.incr();
         self.stats.bytes.add(total as u64);
-        Ok(addr)
     }
 
     /// Appends an item to the log (not yet indexed); returns its address.
@@ -814,9 +1039,9 @@ impl Store {
             let segment = self.segments.open_new_head().expect("make_room reserved the segments");
             let piece = rest.len().min(SEGMENT_SIZE);
             let at = address(segment, 0);
+            self.segments.set_first_item(segment, piece as u32);
             self.arena.bytes_mut()[at..at + piece].copy_from_slice(&rest[..piece]);
             self.segments.advance_head(piece);
-            self.segments.meta_mut(segment).first_item = piece as u32;
             rest = &rest[piece..];
         }
         self.stats.segments_used.set(self.segments.in_use() as u64);
@@ -919,6 +1144,7 @@ impl Store {
         bytes.copy_within(found.addr..found.addr + total, to);
         item::set_bits(&mut bytes[to..], found.header.bits & !ACCESSED);
         self.segments.advance_head(total);
+        item::mark_dead(&mut self.arena.bytes_mut()[found.addr..]);
         self.account(found.addr, total, false);
         self.account(to, total, true);
         self.index.relocate(slot, found.tag, to);
@@ -1072,6 +1298,7 @@ impl Store {
         // CAS values this store issues later (after a promotion) stay above every applied one.
         let sequence = cas.saturating_sub(self.shard_index + 1) / self.shard_count + 1;
         self.cas_sequence = self.cas_sequence.max(sequence);
+        self.reserve_cas();
         self.applied_cas_max = self.applied_cas_max.max(cas);
         let exptime = match expiry {
             Expiry::Immediately => return self.remove_quietly(key, tag),
@@ -1170,5 +1397,16 @@ impl Store {
             cursor.done = true;
         }
         cursor.done
+    }
+}
+
+/// The shape a store's memory file must have to be reused.
+fn file_shape(config: &StoreConfig, segment_count: usize) -> Shape {
+    Shape {
+        shard_index: config.shard_index as u64,
+        shard_count: config.shard_count.max(1) as u64,
+        segment_count: segment_count as u64,
+        memory_bytes: config.memory_bytes as u64,
+        clock_origin: config.clock_origin,
     }
 }

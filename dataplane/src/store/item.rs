@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //! 0       1     key_len
-//! 1       1     bits: FETCHED, ACCESSED, STALE, WIN_SENT, KEY_BINARY (state) and HAS_FLAGS (layout)
+//! 1       1     bits: FETCHED, ACCESSED, STALE, WIN_SENT, KEY_BINARY (state), DEAD and HAS_FLAGS
 //! 2       2     last_access: RelTime mod 2^16
 //! 4       4     exptime: RelTime, 0 = never
 //! 8       8     cas
@@ -35,6 +35,9 @@ pub const STALE: u8 = 0x04;
 pub const WIN_SENT: u8 = 0x08;
 /// The key arrived base64-encoded (meta `b`); meta `mg k` and `me` show it encoded again.
 pub const KEY_BINARY: u8 = 0x10;
+/// This copy of the item is no longer its key's item (replaced, deleted, evicted, reclaimed or moved):
+/// a store rebuilt from a memory file skips it. Set once, never cleared; kept by [`set_bits`].
+const DEAD: u8 = 0x40;
 /// Layout bit: the header carries 4 bytes of client flags.
 const HAS_FLAGS: u8 = 0x80;
 /// The state bits callers may set; [`HAS_FLAGS`] is managed by the codec.
@@ -154,7 +157,34 @@ pub fn key_of(item: &[u8]) -> &[u8] {
 /// Rewrites the state bits of the encoded item at the start of `item`.
 #[inline]
 pub fn set_bits(item: &mut [u8], bits: u8) {
-    item[BITS_AT] = (item[BITS_AT] & HAS_FLAGS) | (bits & STATE_BITS);
+    item[BITS_AT] = (item[BITS_AT] & (HAS_FLAGS | DEAD)) | (bits & STATE_BITS);
+}
+
+/// Marks the encoded item at the start of `item` dead (see [`DEAD`]).
+#[inline]
+pub fn mark_dead(item: &mut [u8]) {
+    item[BITS_AT] |= DEAD;
+}
+
+/// Whether the encoded item at the start of `item` is marked dead.
+#[inline]
+pub fn is_marked_dead(item: &[u8]) -> bool {
+    item[BITS_AT] & DEAD != 0
+}
+
+/// The length of the header encoded at the start of `bytes` and its key length, if the bytes hold a
+/// plausible whole header (a memory file's contents are checked before they are believed).
+pub fn checked_header_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < FIXED_LEN + 1 || bytes[BITS_AT] & !(STATE_BITS | DEAD | HAS_FLAGS) != 0 {
+        return None;
+    }
+    let mut at = FIXED_LEN;
+    if bytes[BITS_AT] & HAS_FLAGS != 0 {
+        at += FLAGS_LEN;
+    }
+    let varint = bytes.get(at..)?;
+    let len = varint.iter().take(MAX_VARINT_LEN).position(|b| b & 0x80 == 0)? + 1;
+    (at + len <= bytes.len()).then_some(at + len)
 }
 
 /// Rewrites the last access time in place.
@@ -335,6 +365,14 @@ mod tests {
         let updated = Header::decode(&buf);
         assert_eq!(updated, Header { bits: ACCESSED | WIN_SENT, last_access: 5, exptime: 99, cas: 42, ..header });
         assert_eq!(key_of(&buf), b"abc");
+        assert!(!is_marked_dead(&buf));
+        mark_dead(&mut buf);
+        set_bits(&mut buf, FETCHED);
+        assert!(is_marked_dead(&buf), "state updates keep the dead mark");
+        assert_eq!(Header::decode(&buf).bits, FETCHED, "the dead mark is not a state bit");
+        assert_eq!(Header::decode(&buf).client_flags, 7);
+        assert_eq!(checked_header_len(&buf), Some(len));
+        assert_eq!(checked_header_len(&buf[..len - 1]), None);
     }
 
     #[test]

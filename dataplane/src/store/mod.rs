@@ -4,7 +4,11 @@
 //! protocol needs (get with touch/vivify/recache, the store modes with CAS, delete with invalidation,
 //! incr/decr, flush) and hides how items are laid out:
 //! - `arena`: one mapping per shard, from 2 MiB hugepages when the machine has them, else transparent
-//!   huge pages, else 4 KiB pages; the choice is reported by [`Store::backing`].
+//!   huge pages, else 4 KiB pages; the choice is reported by [`Store::backing`]. With a memory file
+//!   (`-e`), a shared mapping of that file instead, so the items outlive the process.
+//! - `persist`: what a memory file holds besides the items (a header, the segment table, the flush
+//!   watermark, the CAS counter, the replication position), and the rebuild of a store from it after a
+//!   restart, kill -9 included.
 //! - `segment`: the arena is cut into fixed-size segments filled like a log; a segment holds items of any
 //!   size, so memory follows the workload when value sizes shift (no slab classes to calcify).
 //!   Items larger than what is left in a segment continue in the next one.
@@ -32,6 +36,10 @@ pub enum Backing {
     TransparentHugePages,
     /// Ordinary 4 KiB pages.
     SmallPages,
+    /// A memory file (`-e`) on hugetlbfs.
+    HugePageFile,
+    /// A memory file (`-e`) on tmpfs or another file system.
+    MemoryFile,
 }
 
 impl Backing {
@@ -41,6 +49,8 @@ impl Backing {
             Backing::HugePages => "hugepages",
             Backing::TransparentHugePages => "transparent_hugepages",
             Backing::SmallPages => "4k_pages",
+            Backing::HugePageFile => "hugepages_file",
+            Backing::MemoryFile => "memory_file",
         }
     }
 }
@@ -59,6 +69,12 @@ pub struct StoreConfig {
     pub shard_count: usize,
     /// Try MAP_HUGETLB first (else start at transparent huge pages).
     pub try_hugepages: bool,
+    /// Keep the items in this file (this shard's, e.g. `<memory_file>.<shard>`) and restore them from it
+    /// at start when it holds a store of the same shape; see `persist`.
+    pub memory_file: Option<std::path::PathBuf>,
+    /// Unix time of RelTime 0 in this process: a memory file written under another origin is not reused
+    /// (its expiry times would mean other moments).
+    pub clock_origin: u64,
 }
 
 /// Errors building a store.
@@ -66,6 +82,8 @@ pub struct StoreConfig {
 pub enum StoreError {
     #[error("cannot map {bytes} bytes of item memory: {source}")]
     Map { bytes: usize, source: std::io::Error },
+    #[error("memory file {path}: {source}")]
+    File { path: std::path::PathBuf, source: std::io::Error },
     #[error("memory limit of {memory} bytes is too small for items of up to {item_size_max} bytes")]
     TooSmall { memory: usize, item_size_max: usize },
 }
@@ -272,9 +290,30 @@ mod decimal;
 mod engine;
 mod index;
 mod item;
+mod persist;
 mod segment;
+#[cfg(test)]
+mod restart_tests;
 #[cfg(test)]
 mod tests;
 
 pub use engine::{ChangeSink, ItemRef, ScanCursor, Store};
+
+/// Key, flags, value, CAS and expiry of every live item (tests compare stores with it).
+#[cfg(test)]
+pub(crate) type Contents = Vec<(Vec<u8>, u32, Vec<u8>, u64, u32)>;
+
+/// Everything live in `store`, sorted (tests only).
+#[cfg(test)]
+pub(crate) fn contents(store: &Store, now: RelTime) -> Contents {
+    let mut items = Vec::new();
+    store.for_each_live(now, |item| {
+        let mut value = Vec::new();
+        item.copy_value_into(&mut value);
+        items.push((item.key().to_vec(), item.client_flags(), value, item.cas(), item.exptime()));
+    });
+    items.sort();
+    items
+}
+pub use persist::{file_clock_origin, MarkKind, ReplicationMark};
 pub use segment::SEGMENT_SIZE;

@@ -9,6 +9,11 @@
 //! The in-use segments form a singly linked log from the oldest (reclaimed first) to the newest. The
 //! newest may be *open*: new items are appended to it. [`Segments`] only keeps this bookkeeping; what
 //! happens to the items of a reclaimed segment is the engine's business.
+//!
+//! With a memory file, the log's shape (the oldest segment, and per segment the write offset, the first
+//! item and the link to the next) is mirrored into the file's segment table as it changes, each change
+//! after the item bytes it publishes: a segment is reset before it is linked, a write offset grows only
+//! after the bytes below it are written. [`Segments::restore`] reads the log back from the table.
 
 /// Bytes per segment.
 pub const SEGMENT_SIZE: usize = 1 << SEGMENT_SHIFT;
@@ -23,6 +28,8 @@ pub const RESERVED_SEGMENTS: usize = 1;
 pub type SegmentId = u32;
 /// "No segment" in links.
 pub const NO_SEGMENT: SegmentId = u32::MAX;
+
+use super::arena::Region;
 
 /// The metadata of one segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +85,57 @@ pub fn offset_of(addr: usize) -> usize {
     addr & (SEGMENT_SIZE - 1)
 }
 
+/// Bytes of the file's segment table: the oldest segment, then one entry per segment.
+pub fn table_len(count: usize) -> usize {
+    TABLE_ENTRY * (count + 1)
+}
+
+const TABLE_ENTRY: usize = 16;
+
+/// The segment table of a memory file (see the module docs).
+pub struct SegmentTable {
+    region: Region,
+}
+
+impl SegmentTable {
+    pub fn new(region: Region) -> SegmentTable {
+        SegmentTable { region }
+    }
+
+    fn entry(segment: SegmentId) -> usize {
+        TABLE_ENTRY * (segment as usize + 1)
+    }
+
+    fn set_oldest(&mut self, segment: SegmentId) {
+        self.region.write_u32(0, segment);
+    }
+
+    fn set_write_offset(&mut self, segment: SegmentId, offset: u32) {
+        self.region.write_u32(Self::entry(segment), offset);
+    }
+
+    fn set_first_item(&mut self, segment: SegmentId, offset: u32) {
+        self.region.write_u32(Self::entry(segment) + 4, offset);
+    }
+
+    fn set_next(&mut self, segment: SegmentId, next: SegmentId) {
+        self.region.write_u32(Self::entry(segment) + 8, next);
+    }
+
+    /// Resets a segment's entry (before it is linked into the log).
+    fn clear(&mut self, segment: SegmentId) {
+        let mut bytes = [0u8; TABLE_ENTRY];
+        bytes[8..12].copy_from_slice(&NO_SEGMENT.to_le_bytes());
+        self.region.write(Self::entry(segment), &bytes);
+    }
+
+    /// The entry of `segment`: write offset, first item, next.
+    fn read(&self, segment: SegmentId) -> (u32, u32, SegmentId) {
+        let at = Self::entry(segment);
+        (self.region.read_u32(at), self.region.read_u32(at + 4), self.region.read_u32(at + 8))
+    }
+}
+
 /// The log of in-use segments and the free list.
 pub struct Segments {
     metas: Vec<SegmentMeta>,
@@ -88,11 +146,13 @@ pub struct Segments {
     /// Whether `newest` takes appends.
     head_open: bool,
     in_log: usize,
+    /// The memory file's copy of the log's shape, if the store has one.
+    table: Option<SegmentTable>,
 }
 
 impl Segments {
-    /// `count` free segments.
-    pub fn new(count: usize) -> Segments {
+    /// `count` free segments, mirrored into `table` if given.
+    pub fn new(count: usize, table: Option<SegmentTable>) -> Segments {
         let mut segments = Segments {
             metas: vec![SegmentMeta::EMPTY; count],
             free: Vec::with_capacity(count),
@@ -100,13 +160,43 @@ impl Segments {
             newest: NO_SEGMENT,
             head_open: false,
             in_log: 0,
+            table,
         };
         segments.reset();
         segments
     }
 
+    /// The log a memory file's table describes (every segment sealed; live counts zero, for the
+    /// engine's rebuild to fill in), or why the table cannot be believed.
+    pub fn restore(count: usize, table: SegmentTable) -> Result<Segments, (SegmentTable, String)> {
+        let mut metas = vec![SegmentMeta::EMPTY; count];
+        let mut in_log = vec![false; count];
+        let oldest = table.region.read_u32(0);
+        let (mut current, mut newest, mut length) = (oldest, NO_SEGMENT, 0);
+        while current != NO_SEGMENT {
+            let segment = current as usize;
+            if segment >= count || in_log[segment] {
+                return Err((table, format!("segment link {current} is out of range or loops")));
+            }
+            in_log[segment] = true;
+            let (write_offset, first_item, next) = table.read(current);
+            if write_offset as usize > SEGMENT_SIZE || first_item as usize > SEGMENT_SIZE {
+                return Err((table, format!("segment {current}: offsets {write_offset}/{first_item} beyond a segment")));
+            }
+            metas[segment] = SegmentMeta { write_offset, first_item, live_bytes: 0, live_items: 0, next };
+            newest = current;
+            current = next;
+            length += 1;
+        }
+        let free = (0..count as SegmentId).rev().filter(|&s| !in_log[s as usize]).collect();
+        Ok(Segments { metas, free, oldest, newest, head_open: false, in_log: length, table: Some(table) })
+    }
+
     /// Every segment back on the free list, the log empty.
     pub fn reset(&mut self) {
+        if let Some(table) = self.table.as_mut() {
+            table.set_oldest(NO_SEGMENT);
+        }
         self.metas.fill(SegmentMeta::EMPTY);
         self.free.clear();
         self.free.extend((0..self.metas.len() as SegmentId).rev());
@@ -179,11 +269,20 @@ impl Segments {
     pub fn open_new_head(&mut self) -> Option<SegmentId> {
         let segment = self.free.pop()?;
         *self.meta_mut(segment) = SegmentMeta::EMPTY;
+        if let Some(table) = self.table.as_mut() {
+            table.clear(segment);
+        }
         if self.newest == NO_SEGMENT {
             self.oldest = segment;
+            if let Some(table) = self.table.as_mut() {
+                table.set_oldest(segment);
+            }
         } else {
             let newest = self.newest;
             self.meta_mut(newest).next = segment;
+            if let Some(table) = self.table.as_mut() {
+                table.set_next(newest, segment);
+            }
         }
         self.newest = segment;
         self.head_open = true;
@@ -198,6 +297,19 @@ impl Segments {
         let meta = self.meta_mut(head);
         meta.write_offset += bytes as u32;
         debug_assert!(meta.write_offset as usize <= SEGMENT_SIZE);
+        let offset = meta.write_offset;
+        if let Some(table) = self.table.as_mut() {
+            table.set_write_offset(head, offset);
+        }
+    }
+
+    /// Sets where the first item header of `segment` is (after the tail of a spanning item). Called
+    /// before anything is written to the segment, so its table entry never shows the tail as items.
+    pub fn set_first_item(&mut self, segment: SegmentId, offset: u32) {
+        self.meta_mut(segment).first_item = offset;
+        if let Some(table) = self.table.as_mut() {
+            table.set_first_item(segment, offset);
+        }
     }
 
     /// Removes `segment` from the log (its predecessor is `prev`, or [`NO_SEGMENT`] when it is the
@@ -207,9 +319,15 @@ impl Segments {
         if prev == NO_SEGMENT {
             debug_assert_eq!(self.oldest, segment);
             self.oldest = next;
+            if let Some(table) = self.table.as_mut() {
+                table.set_oldest(next);
+            }
         } else {
             debug_assert_eq!(self.meta(prev).next, segment);
             self.meta_mut(prev).next = next;
+            if let Some(table) = self.table.as_mut() {
+                table.set_next(prev, next);
+            }
         }
         if self.newest == segment {
             self.newest = prev;
@@ -242,7 +360,7 @@ mod tests {
 
     #[test]
     fn log_is_fifo_and_free_list_refills() {
-        let mut segments = Segments::new(3);
+        let mut segments = Segments::new(3, None);
         assert_eq!(segments.head_room(), 0);
         let a = segments.open_new_head().unwrap();
         segments.advance_head(100);

@@ -13,7 +13,7 @@ fn store_with(memory_bytes: usize, evict: bool) -> Store {
 }
 
 fn store_sized(memory_bytes: usize, item_size_max: usize, evict: bool) -> Store {
-    Store::new(StoreConfig { memory_bytes, item_size_max, evict, shard_index: 0, shard_count: 1, try_hugepages: false })
+    Store::new(StoreConfig { memory_bytes, item_size_max, evict, shard_index: 0, shard_count: 1, try_hugepages: false, memory_file: None, clock_origin: 0 })
         .expect("store")
 }
 
@@ -32,6 +32,8 @@ fn tiny_memory_is_refused() {
         shard_index: 0,
         shard_count: 1,
         try_hugepages: false,
+        memory_file: None,
+        clock_origin: 0,
     };
     assert!(matches!(Store::new(config), Err(StoreError::TooSmall { .. })));
 }
@@ -104,6 +106,8 @@ fn cas_values_are_unique_across_shards() {
         shard_index,
         shard_count: 3,
         try_hugepages: false,
+        memory_file: None,
+        clock_origin: 0,
     };
     let mut stores: Vec<Store> = (0..3).map(|i| Store::new(config(i)).unwrap()).collect();
     let mut seen = std::collections::HashSet::new();

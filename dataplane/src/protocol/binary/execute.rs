@@ -426,6 +426,8 @@ mod tests {
             shard_index: 0,
             shard_count: 1,
             try_hugepages: false,
+            memory_file: None,
+            clock_origin: 0,
         })
         .expect("store");
         Shard::new(0, store, Arc::new(settings))

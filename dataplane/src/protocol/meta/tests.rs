@@ -623,6 +623,8 @@ mod sessions {
             shard_index: 0,
             shard_count: 1,
             try_hugepages: false,
+            memory_file: None,
+            clock_origin: 0,
         })
         .expect("store");
         Shard::new(0, store, Arc::new(settings))
