@@ -69,6 +69,10 @@ pub struct CompareConfig {
     pub memcached: PathBuf,
     pub tandemd: PathBuf,
     pub server_threads: usize,
+    /// tandemd's own -t, when it differs from memcached's (each at its best thread count).
+    pub tandemd_threads: Option<usize>,
+    /// tandemd's `[net] backend` ("uring", "epoll"), written to a config file; its default if absent.
+    pub tandemd_backend: Option<String>,
     pub memory_mb: usize,
     pub item_size: Option<String>,
     pub rounds: usize,
@@ -113,7 +117,14 @@ pub struct CompareReport {
 
 fn server_args(config: &CompareConfig, port: u16, memcached: bool) -> Vec<String> {
     let mut args: Vec<String> = ["-p", &port.to_string(), "-l", "127.0.0.1", "-c", "4096"].map(String::from).to_vec();
-    args.extend(["-t".into(), config.server_threads.to_string(), "-m".into(), config.memory_mb.to_string()]);
+    let threads = if memcached { config.server_threads } else { config.tandemd_threads.unwrap_or(config.server_threads) };
+    args.extend(["-t".into(), threads.to_string(), "-m".into(), config.memory_mb.to_string()]);
+    if let (false, Some(backend)) = (memcached, &config.tandemd_backend) {
+        let path = std::env::temp_dir().join(format!("tandem-bench-{}-{port}.toml", std::process::id()));
+        if std::fs::write(&path, format!("[net]\nbackend = \"{backend}\"\n")).is_ok() {
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
+    }
     if let Some(item_size) = &config.item_size {
         args.extend(["-I".into(), item_size.clone()]);
     }

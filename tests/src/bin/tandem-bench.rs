@@ -88,6 +88,12 @@ enum Command {
         /// Server worker threads (-t), the same for both.
         #[arg(long, default_value_t = 2)]
         server_threads: usize,
+        /// tandemd's -t when it should differ from memcached's (--server-threads).
+        #[arg(long)]
+        tandemd_threads: Option<usize>,
+        /// tandemd's `[net] backend` (uring, epoll); tandemd's default if absent.
+        #[arg(long)]
+        tandemd_backend: Option<String>,
         /// Server memory in MB (-m), the same for both.
         #[arg(long, default_value_t = 1024)]
         memory: usize,
@@ -312,12 +318,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(status(report.errors == 0))
         }
-        Command::Compare { memcached, tandemd, server_threads, memory, item_size, rounds, workload, json } => {
+        Command::Compare { memcached, tandemd, server_threads, tandemd_threads, tandemd_backend, memory, item_size, rounds, workload, json } => {
             if !tandemd.exists() {
                 bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
             }
             let blast = workload.config(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-            let config = CompareConfig { memcached, tandemd, server_threads, memory_mb: memory, item_size, rounds, blast };
+            let config = CompareConfig { memcached, tandemd, server_threads, tandemd_threads, tandemd_backend, memory_mb: memory, item_size, rounds, blast };
             let report = compare::run(&config, |round| {
                 if !json {
                     println!(
