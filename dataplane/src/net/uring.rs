@@ -626,10 +626,11 @@ impl Transport for UringTransport {
                 (None, false) => Err(io::ErrorKind::WouldBlock.into()),
             };
         }
-        let n = unread.min(buf.capacity() - buf.len());
-        if n == 0 {
-            return Err(io::ErrorKind::WouldBlock.into());
+        if buf.capacity() == buf.len() {
+            // Never answer WouldBlock while input waits: nothing would report this connection again.
+            buf.reserve(unread.min(64 * 1024));
         }
+        let n = unread.min(buf.capacity() - buf.len());
         buf.extend_from_slice(&s.rx[s.rx_read..s.rx_read + n]);
         s.rx_read += n;
         if s.rx_read == s.rx.len() {
