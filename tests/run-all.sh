@@ -57,8 +57,8 @@ fi
 TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs tests/python --ignore=tests/python/test_soak.py
 
 step "protocol tests once more over each kernel-socket backend explicitly (io_uring, epoll)"
-# The suite above ran tandemd's default ([net] backend = "kernel": io_uring where the kernel allows it,
-# else epoll with a log line); these passes pin each backend (about a minute each).
+# The suite above ran tandemd's default ([net] backend = "kernel": epoll); these passes pin each
+# backend, io_uring first (about a minute each).
 protocol_tests=(tests/python/test_net_backend.py tests/python/test_text_commands.py tests/python/test_binary.py
   tests/python/test_meta.py tests/python/test_bad_input.py tests/python/test_memccapable.py)
 for backend in uring epoll; do

@@ -156,8 +156,8 @@ pub struct FileConfig {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct NetSection {
-    /// "kernel" (the default: kernel sockets, through io_uring where the kernel allows it), "uring" or
-    /// "epoll" (kernel sockets, waited for that way), "dpdk" or "tap".
+    /// "kernel" (the default: kernel sockets through epoll), "uring" (kernel sockets through io_uring,
+    /// epoll where the kernel does not allow it), "epoll" (the same as "kernel"), "dpdk" or "tap".
     pub backend: Option<String>,
     pub dpdk: Option<StackSection>,
     pub tap: Option<StackSection>,
@@ -209,10 +209,10 @@ pub enum NetBackend {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelIo {
     /// One io_uring per worker ([`crate::net::uring`]); falls back to epoll, with a log line, where
-    /// io_uring cannot be set up (an old kernel, or a container that forbids it).
-    #[default]
+    /// io_uring cannot be set up (an old kernel, or a container that forbids it). Opt-in: see README.
     Uring,
-    /// epoll through mio ([`crate::net::kernel`]).
+    /// epoll through mio ([`crate::net::kernel`]), the default.
+    #[default]
     Epoll,
 }
 
