@@ -261,7 +261,14 @@ struct Counters {
     recv_nobufs: u64,
     recv_paused: u64,
     accept_errors: u64,
+    /// Waits that returned over 50 ms after their timeout, and rounds whose work (between two waits)
+    /// took over 50 ms: where a stalled loop would show.
+    late_wakeups: u64,
+    slow_rounds: u64,
 }
+
+/// Beyond this, a late wake-up or a slow round is counted and logged.
+const STALL: Duration = Duration::from_millis(50);
 
 /// One worker's kernel sockets on one io_uring.
 pub struct UringTransport {
@@ -281,6 +288,8 @@ pub struct UringTransport {
     completions: Vec<(u64, i32, u32)>,
     round: u64,
     counters: Counters,
+    /// When the last wait returned (for `slow_rounds`).
+    woke_at: Option<Instant>,
 }
 
 impl UringTransport {
@@ -314,6 +323,7 @@ impl UringTransport {
             completions: Vec::with_capacity(RING_ENTRIES as usize * 4),
             round: 0,
             counters: Counters::default(),
+            woke_at: None,
         };
         transport.arm_bell()?;
         for index in 0..transport.listeners.len() {
@@ -557,7 +567,22 @@ impl Transport for UringTransport {
         let ts = types::Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
         let args = types::SubmitArgs::new().timespec(&ts);
         self.counters.enters += 1;
-        match self.ring.submitter().submit_with_args(1, &args) {
+        let entered = Instant::now();
+        if let Some(woke) = self.woke_at {
+            let work = entered - woke;
+            if work > STALL {
+                self.counters.slow_rounds += 1;
+                tracing::warn!(took = ?work, "io_uring worker: a slow round");
+            }
+        }
+        let entered_result = self.ring.submitter().submit_with_args(1, &args);
+        let woke = Instant::now();
+        self.woke_at = Some(woke);
+        if woke - entered > timeout + STALL {
+            self.counters.late_wakeups += 1;
+            tracing::warn!(waited = ?(woke - entered), ?timeout, "io_uring worker: woke late");
+        }
+        match entered_result {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
             Err(e) => return Err(e),
@@ -711,6 +736,8 @@ impl Transport for UringTransport {
             ("uring_recv_nobufs", c.recv_nobufs),
             ("uring_recv_paused", c.recv_paused),
             ("uring_accept_errors", c.accept_errors),
+            ("uring_late_wakeups", c.late_wakeups),
+            ("uring_slow_rounds", c.slow_rounds),
         ]);
     }
 }
