@@ -291,4 +291,17 @@ mod tests {
         assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(super::median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
+
+    #[test]
+    fn variants() {
+        use super::Variant;
+        let v = Variant::parse("uring:1").unwrap();
+        assert_eq!((v.backend.as_deref(), v.threads), (Some("uring"), Some(1)));
+        assert_eq!(v.name(false), "tandemd-uring-t1");
+        assert_eq!(v.name(true), "tandemd");
+        let v = Variant::parse(":2").unwrap();
+        assert_eq!((v.backend.as_deref(), v.threads), (None, Some(2)));
+        assert_eq!(Variant::parse("epoll").unwrap().name(false), "tandemd-epoll");
+        assert!(Variant::parse("uring:x").is_err());
+    }
 }
