@@ -572,7 +572,7 @@ impl Transport for UringTransport {
             let work = entered - woke;
             if work > STALL {
                 self.counters.slow_rounds += 1;
-                tracing::warn!(took = ?work, "io_uring worker: a slow round");
+                tracing::debug!(took = ?work, "io_uring worker: a slow round");
             }
         }
         let entered_result = self.ring.submitter().submit_with_args(1, &args);
