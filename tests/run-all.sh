@@ -86,6 +86,15 @@ fi
 # The soak is its own step below.
 TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs tests/python --ignore=tests/python/test_soak.py
 
+step "protocol tests once more over each kernel-socket backend explicitly (io_uring, epoll)"
+# The suite above ran tandemd's default ([net] backend = "kernel": epoll); these passes pin each
+# backend, io_uring first (about a minute each).
+protocol_tests=(tests/python/test_net_backend.py tests/python/test_text_commands.py tests/python/test_binary.py
+  tests/python/test_meta.py tests/python/test_bad_input.py tests/python/test_memccapable.py)
+for backend in uring epoll; do
+  TANDEM_NET_BACKEND=$backend TANDEM_SERVER=$target_dir/release/tandemd "$venv/bin/pytest" -q -rs "${protocol_tests[@]}"
+done
+
 step "soak: a failover pair under verified full-speed load for ${TANDEM_SOAK_SECONDS:-600} s (no role change)"
 # TANDEM_SOAK_SECONDS (default 600) bounds it; it needs root (namespaces) and says so when skipped.
 soak_start=$SECONDS

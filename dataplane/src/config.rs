@@ -49,6 +49,8 @@ pub struct Settings {
     pub failover: Option<FailoverSettings>,
     /// `[net]`: kernel sockets, or a userspace stack per worker.
     pub net: NetBackend,
+    /// `[net] backend`: with kernel sockets, how workers wait for them (epoll or io_uring).
+    pub kernel_io: KernelIo,
     /// `[admin] socket`: where `tandemctl` reaches this node (by default `<failover.state_dir>/admin.sock`
     /// with failover; none without replication).
     pub admin_socket: Option<PathBuf>,
@@ -80,6 +82,7 @@ impl Default for Settings {
             replication: None,
             failover: None,
             net: NetBackend::Kernel,
+            kernel_io: KernelIo::default(),
             admin_socket: None,
         }
     }
@@ -161,7 +164,8 @@ pub struct FileConfig {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct NetSection {
-    /// "kernel" (the default), "dpdk" or "tap".
+    /// "kernel" (the default: kernel sockets through epoll), "uring" (kernel sockets through io_uring,
+    /// epoll where the kernel does not allow it), "epoll" (the same as "kernel"), "dpdk" or "tap".
     pub backend: Option<String>,
     pub dpdk: Option<StackSection>,
     pub tap: Option<StackSection>,
@@ -207,6 +211,27 @@ pub enum NetBackend {
     Dpdk(StackSettings),
     /// smoltcp on a Linux tap device: one worker, for trying the userspace stack without DPDK.
     Tap(StackSettings),
+}
+
+/// How a worker drives its kernel sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelIo {
+    /// One io_uring per worker ([`crate::net::uring`]); falls back to epoll, with a log line, where
+    /// io_uring cannot be set up (an old kernel, or a container that forbids it). Opt-in: see README.
+    Uring,
+    /// epoll through mio ([`crate::net::kernel`]), the default.
+    #[default]
+    Epoll,
+}
+
+impl KernelIo {
+    /// The name `stats net` reports as the backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelIo::Uring => "uring",
+            KernelIo::Epoll => "epoll",
+        }
+    }
 }
 
 /// The userspace stack's settings, checked.
@@ -258,15 +283,15 @@ impl NetBackend {
     fn from_section(section: NetSection) -> Result<NetBackend, ConfigError> {
         let backend = section.backend.as_deref().unwrap_or("kernel");
         let (stack, prefix) = match backend {
-            "kernel" => {
+            "kernel" | "uring" | "epoll" => {
                 if section.dpdk.is_some() || section.tap.is_some() {
-                    return Err(invalid("net.backend", "is \"kernel\", but a [net.dpdk] or [net.tap] table is set; say which backend to use"));
+                    return Err(invalid("net.backend", format!("is {backend:?}, but a [net.dpdk] or [net.tap] table is set; say which backend to use")));
                 }
                 return Ok(NetBackend::Kernel);
             }
             "dpdk" => (section.dpdk.ok_or_else(|| invalid("net.dpdk", "missing: the dpdk backend needs eal_args and address"))?, "dpdk"),
             "tap" => (section.tap.ok_or_else(|| invalid("net.tap", "missing: the tap backend needs name and address"))?, "tap"),
-            other => return Err(invalid("net.backend", format!("{other:?} is not \"kernel\", \"dpdk\" or \"tap\""))),
+            other => return Err(invalid("net.backend", format!("{other:?} is not \"kernel\", \"uring\", \"epoll\", \"dpdk\" or \"tap\""))),
         };
         let key = |dpdk: &'static str, tap: &'static str| if prefix == "dpdk" { dpdk } else { tap };
         let text = stack.address.ok_or_else(|| invalid(key("net.dpdk.address", "net.tap.address"), "missing: A.B.C.D/len"))?;
@@ -594,6 +619,11 @@ impl Settings {
             None => FileConfig::default(),
         };
         let server = file.server;
+        let kernel_io = match file.net.as_ref().and_then(|n| n.backend.as_deref()) {
+            Some("epoll") => KernelIo::Epoll,
+            Some("uring") => KernelIo::Uring,
+            _ => KernelIo::default(),
+        };
         let net = file.net.map(NetBackend::from_section).transpose()?.unwrap_or(NetBackend::Kernel);
         let mut replication = file.replication.map(ReplicationSettings::from_section).transpose()?;
         let failover = match (file.failover, replication.as_mut()) {
@@ -601,7 +631,7 @@ impl Settings {
             (Some(_), None) => return Err(invalid("failover", "needs a [replication] table: failover promotes a standby")),
             (None, _) => None,
         };
-        let mut s = Settings { threads: available_cpus(), net, ..Settings::default() };
+        let mut s = Settings { threads: available_cpus(), net, kernel_io, ..Settings::default() };
 
         if let Some(port) = flags.udp_port {
             if port != 0 {

@@ -8,7 +8,8 @@ import harness  # noqa: E402
 
 
 def pytest_report_header(config):
-    return f"server under test: {harness.SERVER_KIND} ({harness.server_binary()})"
+    backend = f", [net] backend = {harness.NET_BACKEND}" if harness.NET_BACKEND else ""
+    return f"server under test: {harness.SERVER_KIND} ({harness.server_binary()}){backend}"
 
 
 @pytest.fixture

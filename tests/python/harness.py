@@ -4,6 +4,9 @@ The same tests run against tandemd and against memcached 1.6 (the reference):
 
 - ``TANDEM_SERVER``: path to the server binary (default ``target/release/tandemd`` in the repo root).
 - ``TANDEM_SERVER_KIND=memcached``: run ``/usr/bin/memcached`` instead (``TANDEM_SERVER`` overrides the path).
+- ``TANDEM_NET_BACKEND=uring|epoll``: start tandemd with ``[net] backend = "..."`` (a config file written
+  next to its log) unless the test passes its own ``--config``; the protocol tests run once per kernel-socket
+  backend in run-all.sh this way.
 - ``TANDEM_FORCE_TANDEM_TESTS=1``: also run the tests marked ``requires_tandem`` against memcached, to
   measure where memcached stands (they are expected to fail there).
 
@@ -37,6 +40,7 @@ START_TIMEOUT_S = 5.0
 SERVER_KIND = os.environ.get("TANDEM_SERVER_KIND", "tandemd")
 IS_MEMCACHED = SERVER_KIND == "memcached"
 FORCE_TANDEM_TESTS = os.environ.get("TANDEM_FORCE_TANDEM_TESTS") == "1"
+NET_BACKEND = os.environ.get("TANDEM_NET_BACKEND")
 
 
 def server_binary():
@@ -147,8 +151,13 @@ def start_server(flags=(), log_dir=None, nofile=None):
     last_error = None
     for _attempt in range(3):  # a free port can be taken between probing and binding
         port = free_port()
-        argv = [binary, "-p", str(port), "-l", HOST] + extra + flags
         log_path = pathlib.Path(log_dir or "/tmp") / f"server-{port}.log"
+        backend = []
+        if NET_BACKEND and not IS_MEMCACHED and not has_flag(flags, "--config"):
+            config = log_path.with_suffix(".toml")
+            config.write_text(f'[net]\nbackend = "{NET_BACKEND}"\n')
+            backend = ["--config", str(config)]
+        argv = [binary, "-p", str(port), "-l", HOST] + extra + backend + flags
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 argv,

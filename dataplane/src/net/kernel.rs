@@ -125,16 +125,22 @@ pub fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 
 /// A non-blocking listener on `addr` with SO_REUSEADDR and SO_REUSEPORT set.
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    Ok(TcpListener::from_std(reuseport_socket(addr, true)?))
+}
+
+/// A listening socket on `addr` with SO_REUSEADDR and SO_REUSEPORT set, non-blocking or not (io_uring
+/// waits on a blocking one itself).
+pub fn reuseport_socket(addr: SocketAddr, nonblocking: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
+    socket.set_nonblocking(nonblocking)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    Ok(TcpListener::from_std(socket.into()))
+    Ok(socket.into())
 }
 
 #[cfg(test)]

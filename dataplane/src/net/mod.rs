@@ -5,6 +5,8 @@
 //!
 //! - [`kernel`]: kernel TCP sockets, one SO_REUSEPORT listener per worker, polled with epoll (mio).
 //!   The default; runs anywhere without privileges.
+//! - [`uring`]: the same kernel sockets driven through one io_uring per worker (multishot accept and
+//!   receive, provided buffers, one send per connection per round); `[net] backend = "uring"`.
 //! - [`stack`]: a userspace TCP/IP stack (smoltcp) per worker over a [`stack::Phy`]: a DPDK queue, or
 //!   a tap device ([`phy`]).
 //! - [`takeover`]: claiming and releasing the service address (netlink) and announcing it with
@@ -23,6 +25,7 @@ pub mod kernel;
 pub mod phy;
 pub mod stack;
 pub mod takeover;
+pub mod uring;
 pub mod witness;
 
 /// Something a transport found ready during [`Transport::poll`].

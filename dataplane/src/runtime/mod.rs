@@ -89,6 +89,12 @@ impl Server {
                 }
             }
         }
+        if settings.net == crate::config::NetBackend::Kernel && settings.kernel_io == crate::config::KernelIo::Uring {
+            if let Err(e) = crate::net::uring::probe() {
+                tracing::warn!(error = %e, "io_uring cannot be set up here; serving kernel sockets through epoll instead");
+                settings.kernel_io = crate::config::KernelIo::Epoll;
+            }
+        }
         let start_notes = crate::failover::resolve_start_role(&mut settings);
         let settings = Arc::new(settings);
         let threads = settings.threads;
@@ -248,6 +254,7 @@ impl WorkerStart {
 /// One worker's network, chosen by `[net]`, prepared before its thread starts.
 enum WorkerNet {
     Kernel { poll: mio::Poll, addrs: Vec<SocketAddr> },
+    Uring { bell: Arc<crate::net::uring::Bell>, addrs: Vec<SocketAddr> },
     Tap { name: String, config: crate::net::stack::StackConfig, drop_percent: u8, bell: Arc<crate::net::stack::ThreadBell> },
     #[cfg(feature = "dpdk")]
     Dpdk {
@@ -271,7 +278,12 @@ impl WorkerNet {
             NetBackend::Kernel => {
                 let addrs = kernel_addresses(settings)?;
                 let nets = (0..threads)
-                    .map(|_| Ok(WorkerNet::Kernel { poll: mio::Poll::new()?, addrs: addrs.clone() }))
+                    .map(|_| {
+                        Ok(match settings.kernel_io {
+                            crate::config::KernelIo::Epoll => WorkerNet::Kernel { poll: mio::Poll::new()?, addrs: addrs.clone() },
+                            crate::config::KernelIo::Uring => WorkerNet::Uring { bell: crate::net::uring::Bell::new()?, addrs: addrs.clone() },
+                        })
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 Ok((nets, addrs))
             }
@@ -349,6 +361,7 @@ impl WorkerNet {
                 let waker = mio::Waker::new(poll.registry(), crate::net::kernel::WAKER)?;
                 Arc::new(mailbox::Doorbell::new(Box::new(PollWaker(waker))))
             }
+            WorkerNet::Uring { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(bell.clone()))),
             WorkerNet::Tap { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(bell.clone()))),
             #[cfg(feature = "dpdk")]
             WorkerNet::Dpdk { bell, .. } => Arc::new(mailbox::Doorbell::new(Box::new(bell.clone()))),
@@ -359,6 +372,8 @@ impl WorkerNet {
     fn run(self, start: WorkerStart) {
         match self {
             WorkerNet::Kernel { poll, addrs } => start.run(move || Ok(crate::net::kernel::KernelTransport::new(poll, &addrs)?)),
+            // The ring is set up here, on the worker's thread: SINGLE_ISSUER binds it to its creator.
+            WorkerNet::Uring { bell, addrs } => start.run(move || Ok(crate::net::uring::UringTransport::new(&addrs, bell)?)),
             WorkerNet::Tap { name, config, drop_percent, bell } => start.run(move || {
                 let phy = crate::net::phy::tap::TapPhy::open(&name)?;
                 let phy = crate::net::phy::lossy::Lossy::new(crate::net::phy::check::Checked::new(phy), drop_percent, config.seed);

@@ -304,6 +304,9 @@ fn net(shared: &Shared) -> Pairs {
         crate::config::NetBackend::Tap(_) => "tap",
     };
     push(&mut p, "backend", backend);
+    if shared.settings.net == crate::config::NetBackend::Kernel {
+        push(&mut p, "kernel_io", shared.settings.kernel_io.name());
+    }
     let mut sums: Vec<(&'static str, u64)> = Vec::new();
     for info in shared.worker_infos() {
         for &(name, value) in info.net.lock().unwrap().iter() {

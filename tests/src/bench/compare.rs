@@ -21,14 +21,15 @@ use super::verify::{set_all, BatchClient};
 
 /// One server under test, killed when dropped.
 pub struct ServerChild {
-    pub name: &'static str,
+    pub name: String,
     pub addr: SocketAddr,
     child: Child,
 }
 
 impl ServerChild {
     /// Starts `program` with `args` and waits (up to 10 s) until it accepts on `addr`.
-    pub fn start(name: &'static str, program: &PathBuf, args: &[String], addr: SocketAddr) -> Result<ServerChild> {
+    pub fn start(name: impl Into<String>, program: &PathBuf, args: &[String], addr: SocketAddr) -> Result<ServerChild> {
+        let name = name.into();
         let mut command = Command::new(program);
         command.args(args).stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: prctl is async-signal-safe and touches only the child's own state between fork and exec.
@@ -46,10 +47,10 @@ impl ServerChild {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
-                bail!("{name} exited at start-up with {status} (arguments {args:?})");
+                bail!("{} exited at start-up with {status} (arguments {args:?})", server.name);
             }
             if Instant::now() > deadline {
-                bail!("{name} did not accept on {addr} within 10 s");
+                bail!("{} did not accept on {addr} within 10 s", server.name);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -69,6 +70,8 @@ pub struct CompareConfig {
     pub memcached: PathBuf,
     pub tandemd: PathBuf,
     pub server_threads: usize,
+    /// The tandemd configurations to run, each against the same memcached in the same rounds.
+    pub variants: Vec<Variant>,
     pub memory_mb: usize,
     pub item_size: Option<String>,
     pub rounds: usize,
@@ -76,11 +79,53 @@ pub struct CompareConfig {
     pub blast: BlastConfig,
 }
 
+/// One tandemd configuration: its own -t (when it differs from memcached's) and `[net] backend`
+/// ("uring", "epoll"; written to a config file), tandemd's defaults where absent.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Variant {
+    pub threads: Option<usize>,
+    pub backend: Option<String>,
+}
+
+impl Variant {
+    /// `backend:threads`, `backend` or `:threads` (as `--variant` takes it).
+    pub fn parse(text: &str) -> Result<Variant> {
+        let (backend, threads) = text.split_once(':').unwrap_or((text, ""));
+        let threads = if threads.is_empty() { None } else { Some(threads.parse().with_context(|| format!("bad thread count in variant {text:?}"))?) };
+        let backend = (!backend.is_empty()).then(|| backend.to_string());
+        Ok(Variant { threads, backend })
+    }
+
+    fn name(&self, only: bool) -> String {
+        if only {
+            return "tandemd".into();
+        }
+        let mut name = String::from("tandemd");
+        if let Some(backend) = &self.backend {
+            name += &format!("-{backend}");
+        }
+        if let Some(threads) = self.threads {
+            name += &format!("-t{threads}");
+        }
+        name
+    }
+}
+
+/// One variant's medians, and their ratios to memcached's.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VariantReport {
+    pub name: String,
+    pub variant: Variant,
+    pub args: Vec<String>,
+    pub medians: Medians,
+    pub ratio: Medians,
+}
+
 /// One blast against one server.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Round {
     pub round: usize,
-    pub server: &'static str,
+    pub server: String,
     pub ops_per_sec: f64,
     pub p99_us: f64,
     pub cpu_us_per_request: f64,
@@ -105,15 +150,26 @@ pub struct CompareReport {
     pub tandemd_args: Vec<String>,
     pub rounds: Vec<Round>,
     pub memcached: Medians,
+    /// The first variant's medians.
     pub tandemd: Medians,
-    /// tandemd / memcached, for each median.
+    /// tandemd / memcached, for each median (the first variant).
     pub ratio: Medians,
+    /// Every variant (the first one included), in the order they ran in each round.
+    pub variants: Vec<VariantReport>,
     pub errors: u64,
 }
 
-fn server_args(config: &CompareConfig, port: u16, memcached: bool) -> Vec<String> {
+fn server_args(config: &CompareConfig, port: u16, variant: Option<&Variant>) -> Vec<String> {
+    let memcached = variant.is_none();
     let mut args: Vec<String> = ["-p", &port.to_string(), "-l", "127.0.0.1", "-c", "4096"].map(String::from).to_vec();
-    args.extend(["-t".into(), config.server_threads.to_string(), "-m".into(), config.memory_mb.to_string()]);
+    let threads = variant.and_then(|v| v.threads).unwrap_or(config.server_threads);
+    args.extend(["-t".into(), threads.to_string(), "-m".into(), config.memory_mb.to_string()]);
+    if let Some(backend) = variant.and_then(|v| v.backend.as_ref()) {
+        let path = std::env::temp_dir().join(format!("tandem-bench-{}-{port}.toml", std::process::id()));
+        if std::fs::write(&path, format!("[net]\nbackend = \"{backend}\"\n")).is_ok() {
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
+    }
     if let Some(item_size) = &config.item_size {
         args.extend(["-I".into(), item_size.clone()]);
     }
@@ -141,18 +197,22 @@ pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<C
     if config.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let memcached_port = crate::free_port();
-    let mut tandemd_port = crate::free_port();
-    while tandemd_port == memcached_port {
-        tandemd_port = crate::free_port();
+    let variants = if config.variants.is_empty() { vec![Variant::default()] } else { config.variants.clone() };
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < 1 + variants.len() {
+        let port = crate::free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
     }
-    let memcached_args = server_args(config, memcached_port, true);
-    let tandemd_args = server_args(config, tandemd_port, false);
+    let memcached_args = server_args(config, ports[0], None);
+    let variant_args: Vec<Vec<String>> = variants.iter().zip(&ports[1..]).map(|(v, &port)| server_args(config, port, Some(v))).collect();
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let servers = [
-        ServerChild::start("memcached", &config.memcached, &memcached_args, loopback(memcached_port))?,
-        ServerChild::start("tandemd", &config.tandemd, &tandemd_args, loopback(tandemd_port))?,
-    ];
+    let only = variants.len() == 1;
+    let mut servers = vec![ServerChild::start("memcached", &config.memcached, &memcached_args, loopback(ports[0]))?];
+    for ((variant, args), &port) in variants.iter().zip(&variant_args).zip(&ports[1..]) {
+        servers.push(ServerChild::start(variant.name(only), &config.tandemd, args, loopback(port))?);
+    }
     for server in &servers {
         let mut client = BatchClient::connect(server.addr, Protocol::Text)?;
         let (_, failures) = set_all(&mut client, config.blast.keys, config.blast.value_size, config.blast.seed, 100)?;
@@ -171,7 +231,7 @@ pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<C
             let report = BlastReport::new(&blast_config, &result, Some(usage));
             let entry = Round {
                 round,
-                server: server.name,
+                server: server.name.clone(),
                 ops_per_sec: report.ops_per_sec,
                 p99_us: report.latency.p99_us,
                 cpu_us_per_request: usage.cpu_us_per_request,
@@ -191,12 +251,23 @@ pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<C
             cpu_us_per_request: of(|r| r.cpu_us_per_request),
         }
     };
-    let (memcached, tandemd) = (medians("memcached"), medians("tandemd"));
-    let ratio = Medians {
-        ops_per_sec: tandemd.ops_per_sec / memcached.ops_per_sec,
-        p99_us: tandemd.p99_us / memcached.p99_us,
-        cpu_us_per_request: tandemd.cpu_us_per_request / memcached.cpu_us_per_request,
+    let memcached = medians("memcached");
+    let ratio_of = |m: Medians| Medians {
+        ops_per_sec: m.ops_per_sec / memcached.ops_per_sec,
+        p99_us: m.p99_us / memcached.p99_us,
+        cpu_us_per_request: m.cpu_us_per_request / memcached.cpu_us_per_request,
     };
+    let variant_reports: Vec<VariantReport> = variants
+        .iter()
+        .zip(variant_args)
+        .map(|(variant, args)| {
+            let name = variant.name(only);
+            let m = medians(&name);
+            VariantReport { name, variant: variant.clone(), args, medians: m, ratio: ratio_of(m) }
+        })
+        .collect();
+    let (tandemd, ratio) = (variant_reports[0].medians, variant_reports[0].ratio);
+    let tandemd_args = variant_reports[0].args.clone();
     let errors = rounds.iter().map(|r| r.errors).sum();
     drop(servers);
     Ok(CompareReport {
@@ -208,6 +279,7 @@ pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<C
         memcached,
         tandemd,
         ratio,
+        variants: variant_reports,
         errors,
     })
 }
@@ -218,5 +290,18 @@ mod tests {
     fn medians() {
         assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(super::median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn variants() {
+        use super::Variant;
+        let v = Variant::parse("uring:1").unwrap();
+        assert_eq!((v.backend.as_deref(), v.threads), (Some("uring"), Some(1)));
+        assert_eq!(v.name(false), "tandemd-uring-t1");
+        assert_eq!(v.name(true), "tandemd");
+        let v = Variant::parse(":2").unwrap();
+        assert_eq!((v.backend.as_deref(), v.threads), (None, Some(2)));
+        assert_eq!(Variant::parse("epoll").unwrap().name(false), "tandemd-epoll");
+        assert!(Variant::parse("uring:x").is_err());
     }
 }

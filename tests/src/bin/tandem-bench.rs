@@ -88,6 +88,11 @@ enum Command {
         /// Server worker threads (-t), the same for both.
         #[arg(long, default_value_t = 2)]
         server_threads: usize,
+        /// A tandemd configuration, `backend:threads` (e.g. `uring:1`, `epoll:2`, `:1`): its `[net]
+        /// backend` and its own -t (else --server-threads). Repeat to run several against the same
+        /// memcached in the same rounds (memcached, then each variant, in every round).
+        #[arg(long = "variant")]
+        variants: Vec<String>,
         /// Server memory in MB (-m), the same for both.
         #[arg(long, default_value_t = 1024)]
         memory: usize,
@@ -312,16 +317,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(status(report.errors == 0))
         }
-        Command::Compare { memcached, tandemd, server_threads, memory, item_size, rounds, workload, json } => {
+        Command::Compare { memcached, tandemd, server_threads, variants, memory, item_size, rounds, workload, json } => {
             if !tandemd.exists() {
                 bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
             }
             let blast = workload.config(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-            let config = CompareConfig { memcached, tandemd, server_threads, memory_mb: memory, item_size, rounds, blast };
+            let variants = variants.iter().map(|v| compare::Variant::parse(v)).collect::<anyhow::Result<Vec<_>>>()?;
+            let config = CompareConfig { memcached, tandemd, server_threads, variants, memory_mb: memory, item_size, rounds, blast };
             let report = compare::run(&config, |round| {
                 if !json {
                     println!(
-                        "round {} {:<9} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request (client {:.2})  {} errors",
+                        "round {} {:<16} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request (client {:.2})  {} errors",
                         round.round,
                         round.server,
                         round.ops_per_sec,
@@ -335,17 +341,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&report)?;
             } else {
-                for (name, m) in [("memcached", report.memcached), ("tandemd", report.tandemd)] {
-                    println!(
-                        "median {name:<9} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request",
-                        m.ops_per_sec, m.p99_us, m.cpu_us_per_request
-                    );
+                let m = report.memcached;
+                println!("median {:<16} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request", "memcached", m.ops_per_sec, m.p99_us, m.cpu_us_per_request);
+                for v in &report.variants {
+                    let m = v.medians;
+                    println!("median {:<16} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request", v.name, m.ops_per_sec, m.p99_us, m.cpu_us_per_request);
                 }
-                let r = report.ratio;
-                println!(
-                    "tandemd/memcached: ops/s {:.2}x  p99 {:.2}x  CPU/request {:.2}x",
-                    r.ops_per_sec, r.p99_us, r.cpu_us_per_request
-                );
+                for v in &report.variants {
+                    let r = v.ratio;
+                    println!("{}/memcached: ops/s {:.2}x  p99 {:.2}x  CPU/request {:.2}x", v.name, r.ops_per_sec, r.p99_us, r.cpu_us_per_request);
+                }
             }
             Ok(status(report.errors == 0))
         }
