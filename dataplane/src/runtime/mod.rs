@@ -47,6 +47,9 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Connections open across all workers, checked against `-c` on accept.
     pub open_connections: AtomicUsize,
+    /// The memory limit in bytes: `-m`, until `cache_memlimit` changes it (within the arenas mapped
+    /// from `-m` at start-up).
+    pub memory_limit: AtomicUsize,
     pub workers: Vec<OnceLock<WorkerInfo>>,
     pub started: std::time::Instant,
     /// This node's replication role and report, if it replicates.
@@ -105,6 +108,7 @@ impl Server {
             settings: settings.clone(),
             shutdown: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
+            memory_limit: AtomicUsize::new(settings.memory_limit),
             workers: (0..threads).map(|_| OnceLock::new()).collect(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|node| node.state.clone()),
@@ -191,9 +195,10 @@ impl Server {
 pub fn standalone_worker<T: crate::net::Transport>(mut settings: Settings, net: T) -> anyhow::Result<worker::Worker<T>> {
     settings.threads = 1;
     let shared = Arc::new(Shared {
-        settings: Arc::new(settings),
         shutdown: AtomicBool::new(false),
         open_connections: AtomicUsize::new(0),
+        memory_limit: AtomicUsize::new(settings.memory_limit),
+        settings: Arc::new(settings),
         workers: vec![OnceLock::new()],
         started: std::time::Instant::now(),
         replication: None,
