@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import time
+import urllib.parse
 
 import pytest
 
@@ -702,6 +703,13 @@ def test_stats_cachedump_class_per_shard_covers_every_key(start):
     items = stats(server, "items")
     assert [int(items[f"items:{c}:number"]) for c in (1, 2)] == [len(per_class[0]), len(per_class[1])]
     assert cachedump(conn, b"stats cachedump 3 0\r\n") == []
+    # lru_crawler metadump (and me) name the same class.
+    conn.send(b"lru_crawler metadump all\r\n")
+    lines = conn.recv_until(b"END\r\n").split(b"\r\n")[:-2]
+    metadump_class = {urllib.parse.unquote_to_bytes(re.search(rb"key=(\S+)", line).group(1)): int(re.search(rb" cls=(\d+)", line).group(1))
+                      for line in lines}
+    assert {key for key, c in metadump_class.items() if c == 1} == per_class[0]
+    assert {key for key, c in metadump_class.items() if c == 2} == per_class[1]
 
 
 def test_pymemcache_integration_suite_passes(server):

@@ -236,7 +236,7 @@ fn cachedump(shard: &mut Shard, class: u32, limit: u32, out: &mut Vec<u8>) {
 }
 
 /// This shard's lines of `lru_crawler metadump`, in memcached 1.6.18's format:
-/// `key=<uri-encoded> exp=<unix|-1> la=<unix> cas=<cas> fetch=<yes|no> cls=1 size=<bytes>`.
+/// `key=<uri-encoded> exp=<unix|-1> la=<unix> cas=<cas> fetch=<yes|no> cls=<shard + 1> size=<bytes>`.
 fn metadump(shard: &mut Shard, out: &mut Vec<u8>) {
     use crate::store::ItemDebug;
     use std::io::Write;
@@ -254,9 +254,10 @@ fn metadump(shard: &mut Shard, out: &mut Vec<u8>) {
         let fetch = if item.fetched() { "yes" } else { "no" };
         let _ = writeln!(
             out,
-            " exp={exp} la={} cas={} fetch={fetch} cls=1 size={}",
+            " exp={exp} la={} cas={} fetch={fetch} cls={} size={}",
             clock.to_unix(item.last_access()),
             item.cas(),
+            shard.id + 1,
             item.total_size()
         );
     });
