@@ -43,7 +43,7 @@ fn run<C: Codec>(shard: &mut Shard, input: &[u8], out: &mut Vec<u8>) {
             Parse::Request { request, consumed } => {
                 match C::route(&request) {
                     Route::Key(_) => C::execute(shard, &request, out),
-                    Route::AllShards => {
+                    Route::AllShards | Route::SlabClass(_) => {
                         C::execute(shard, &request, out);
                         C::finish_keys(&request, out);
                     }

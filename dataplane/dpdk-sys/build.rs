@@ -104,6 +104,7 @@ fn main() {
         .allowlist_function("rte_eth_dev_stop")
         .allowlist_function("rte_eth_dev_close")
         .allowlist_function("rte_eth_macaddr_get")
+        .allowlist_function("rte_eth_dev_default_mac_addr_set")
         .allowlist_function("rte_eth_promiscuous_enable")
         .allowlist_function("rte_eth_promiscuous_disable")
         .allowlist_function("rte_eth_stats_get")

@@ -273,8 +273,15 @@ fn parse_mac(key: &'static str, text: &str) -> Result<[u8; 6], ConfigError> {
     if parts.next().is_some() {
         return Err(bad());
     }
-    if mac[0] & 1 != 0 || mac == [0; 6] {
-        return Err(invalid(key, format!("{text:?} is not a unicast address")));
+    // The interface's own address must be one a neighbour can point at: unicast and not all zeros.
+    if mac == [0xff; 6] {
+        return Err(invalid(key, format!("{text:?} is the broadcast address, not a unicast one")));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(invalid(key, format!("{text:?} is a multicast address (the low bit of its first byte is set), not a unicast one")));
+    }
+    if mac == [0; 6] {
+        return Err(invalid(key, format!("{text:?} is all zeros, not a unicast address")));
     }
     Ok(mac)
 }

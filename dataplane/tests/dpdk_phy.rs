@@ -66,19 +66,19 @@ fn smoltcp_over_dpdk_answers_ping_and_echoes_tcp() {
         .expect("a second EAL start is refused");
     assert!(again.to_string().contains("already"), "{again}");
     assert_eq!(eal.port_count(), 1);
-    let missing = Port::open(&eal, Some(7), 1)
+    let missing = Port::open(&eal, Some(7), 1, None)
         .err()
         .expect("port 7 does not exist");
     assert!(
         missing.to_string().contains("port 7 does not exist"),
         "{missing}"
     );
-    let two = Port::open(&eal, None, 2)
+    let two = Port::open(&eal, None, 2, None)
         .err()
         .expect("net_af_packet0 has one qpair");
     println!("two queues on one qpair: {two}");
 
-    let mut port = Port::open(&eal, None, 1).expect("the af_packet port opens");
+    let mut port = Port::open(&eal, None, 1, None).expect("the af_packet port opens");
     assert_eq!(port.queues(), 1);
     assert_eq!(port.mac(), net.our_mac, "the port's MAC is the veth's");
     let queue = port.take_queue(0).expect("queue 0");

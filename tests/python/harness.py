@@ -18,6 +18,8 @@ What this module offers:
 - ``RawConn``: a raw TCP connection with a timeout, for asserting exact bytes.
 - ``requires_tandem(reason)``: a marker that skips, with its reason printed under ``pytest -rs``, when the
   server is memcached and the test pins one of tandemd's deliberate improvements.
+- ``pymemcache_suite(host, port)`` and ``assert_pymemcache_suite_passed(run)``: pymemcache's own
+  integration tests, all of them, against a server.
 
 Every wait here is bounded in both iterations and time, and every socket has a timeout.
 """
@@ -27,6 +29,7 @@ import pathlib
 import resource
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -283,6 +286,24 @@ class RawConn:
             if not chunk:
                 return True
         return False
+
+
+def pymemcache_suite(host, port):
+    """The command line that runs pymemcache's own integration tests (every one) against host:port.
+    pymemcache skips three of them itself (its issue 39); -rs prints why."""
+    import pymemcache
+
+    suite = pathlib.Path(pymemcache.__file__).parent / "test" / "test_integration.py"
+    return [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:warnings", "-m", "integration",
+            str(suite), "--server", host, "--port", str(port)]
+
+
+def assert_pymemcache_suite_passed(run):
+    """``run``: the finished ``pymemcache_suite`` process (text output)."""
+    print(run.stdout[-300:])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout
+    assert "deselected" not in run.stdout, run.stdout
 
 
 def stats(server, group=None):

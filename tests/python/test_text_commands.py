@@ -6,12 +6,15 @@ Expiry tests use 1-3 s TTLs and bounded polling.
 
 import random
 import re
+import subprocess
 import time
+import urllib.parse
 
 import pytest
 
 import harness
 from harness import IS_MEMCACHED, requires_tandem, stats
+from loadgen import pipelined_hits, pipelined_set
 
 MAX_KEY = b"k" * 250
 # The largest value memcached 1.6.18 stores with a 250-byte key at -I 1m (measured: item header, key and
@@ -579,3 +582,137 @@ def test_values_larger_than_a_segment_round_trip_and_evict(start):
     assert client.get(b"churn:19") == bytes([19]) * (5 * 1000 * 1000)
     assert client.get(b"churn:0") is None
     assert int(stats(server)["evictions"]) > 0
+
+
+# --- cache_memlimit and stats cachedump ---------------------------------------------------------
+# pymemcache's own suite (its test_misc) uses both.
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("line, reply", [
+    (b"cache_memlimit\r\n", b"ERROR\r\n"),
+    (b"cache_memlimit x\r\n", b"ERROR\r\n"),
+    (b"cache_memlimit -1\r\n", b"ERROR\r\n"),
+    (b"cache_memlimit 50 foo bar\r\n", b"ERROR\r\n"),
+    (b"cache_memlimit 7\r\n", b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"),
+    (b"cache_memlimit 1000000001\r\n", b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"),
+    (b"stats cachedump\r\n", b"CLIENT_ERROR bad command line\r\n"),
+    (b"stats cachedump 1\r\n", b"CLIENT_ERROR bad command line\r\n"),
+    (b"stats cachedump x 1\r\n", b"CLIENT_ERROR bad command line format\r\n"),
+    (b"stats cachedump 1 -1\r\n", b"CLIENT_ERROR bad command line format\r\n"),
+    (b"stats cachedump 64 1\r\n", b"CLIENT_ERROR Illegal slab id\r\n"),
+    (b"stats cachedump 63 1\r\n", b"END\r\n"),
+    (b"stats cachedump 0 0\r\n", b"END\r\n"),
+])
+def test_cache_memlimit_and_cachedump_answer_bad_arguments_as_memcached(conn, line, reply):
+    conn.expect(line, reply)
+    conn.expect(b"version\r\n", b"VERSION ")  # nothing else was sent
+
+
+def test_cache_memlimit_with_noreply_is_silent_even_when_refused(server, conn):
+    conn.send(b"cache_memlimit 7 noreply\r\ncache_memlimit x noreply\r\ncache_memlimit 32 noreply\r\n")
+    conn.expect(b"mn\r\n", b"MN\r\n")
+    assert int(stats(server)["limit_maxbytes"]) == 32 * MIB
+
+
+def test_cache_memlimit_changes_limit_maxbytes(server, conn):
+    conn.expect(b"cache_memlimit 32\r\n", b"OK\r\n")
+    assert int(stats(server)["limit_maxbytes"]) == 32 * MIB
+    assert int(stats(server, "settings")["maxbytes"]) == 32 * MIB
+    conn.expect(b"cache_memlimit 64 x\r\n", b"OK\r\n")  # a last token other than noreply is ignored
+    assert int(stats(server)["limit_maxbytes"]) == 64 * MIB
+
+
+@requires_tandem("memcached mallocs more pages; tandemd's arenas are mapped from -m at start-up")
+def test_cache_memlimit_above_the_start_up_limit_is_refused(start):
+    server = start("-m", "64", "-t", "2")
+    conn = server.raw()
+    conn.expect(b"cache_memlimit 65\r\n", b"MEMLIMIT_ADJUST_FAILED out of bounds or unable to adjust\r\n")
+    assert int(stats(server)["limit_maxbytes"]) == 64 * MIB
+
+
+@requires_tandem("memcached keeps the slab pages it holds when its limit is lowered; tandemd evicts down to it")
+def test_a_lowered_cache_memlimit_caps_the_items_kept(start):
+    server = start("-m", "64", "-t", "2")
+    conn = server.raw(timeout=30)
+    value = b"v" * 1000
+    assert pipelined_set(conn, [b"before:%d" % i for i in range(70_000)], value) == 70_000
+    assert int(stats(server)["bytes"]) > 48 * MIB
+    conn.expect(b"cache_memlimit 16\r\n", b"OK\r\n")
+    assert int(stats(server)["limit_maxbytes"]) == 16 * MIB
+    # Writing more makes each shard evict down to its half of the new limit.
+    after = [b"after:%d" % i for i in range(40_000)]
+    assert pipelined_set(conn, after, value) == len(after)
+    general = stats(server)
+    print(f"after cache_memlimit 16: bytes {general['bytes']}, curr_items {general['curr_items']}, "
+          f"segments_used {general['segments_used']}/{general['segments_total']}, evictions {general['evictions']}")
+    assert int(general["bytes"]) <= 16 * MIB
+    assert int(general["segments_used"]) * MIB <= 16 * MIB
+    assert int(general["segments_total"]) == 16
+    assert 8_000 < int(general["curr_items"]) < 16 * MIB // 1000
+    assert pipelined_hits(conn, after[-2000:], len(value)) == 2000, "the newest items are kept"
+    assert pipelined_hits(conn, [b"before:%d" % i for i in range(69_000, 70_000)], len(value)) == 0
+    # Raised again, up to -m: the store grows back.
+    conn.expect(b"cache_memlimit 64\r\n", b"OK\r\n")
+    assert pipelined_set(conn, [b"again:%d" % i for i in range(60_000)], value) == 60_000
+    assert int(stats(server)["bytes"]) > 48 * MIB
+
+
+CACHEDUMP_LINE = re.compile(rb"ITEM (\S+) \[(\d+) b; (\d+) s\]")
+
+
+def cachedump(conn, line):
+    conn.send(line)
+    reply = conn.recv_until(b"END\r\n")
+    assert reply.endswith(b"END\r\n"), reply
+    lines = reply.split(b"\r\n")[:-2]
+    assert all(CACHEDUMP_LINE.fullmatch(item) for item in lines), reply
+    return [CACHEDUMP_LINE.fullmatch(item).groups() for item in lines]
+
+
+def test_stats_cachedump_lists_keys_sizes_and_expiry(start):
+    # One worker: its store is class 1 (memcached puts these small items in class 1 too).
+    conn = start("-t", "1").raw()
+    conn.expect(b"set foo 0 0 3\r\nbar\r\n", b"STORED\r\n")
+    conn.expect(b"set ex 5 100 2\r\nhi\r\n", b"STORED\r\n")
+    expected_expiry = time.time() + 100
+    items = {}
+
+    def dumped():
+        # memcached lists a class's COLD LRU, which its LRU maintainer fills a moment after a set.
+        items.update((key, (int(size), int(exptime))) for key, size, exptime in cachedump(conn, b"stats cachedump 1 0\r\n"))
+        return len(items) == 2
+
+    assert wait_until(dumped, timeout_s=5), items
+    assert set(items) == {b"foo", b"ex"}
+    assert items[b"foo"] == (3, 0)
+    assert items[b"ex"][0] == 2 and abs(items[b"ex"][1] - expected_expiry) <= 2, items
+    assert len(cachedump(conn, b"stats cachedump 1 1\r\n")) == 1
+    assert cachedump(conn, b"stats cachedump 2 0\r\n") == []
+
+
+@requires_tandem("tandemd's slab class N is the store of worker N - 1; memcached's classes are item sizes")
+def test_stats_cachedump_class_per_shard_covers_every_key(start):
+    server = start("-t", "2")
+    conn = server.raw()
+    keys = {b"key:%d" % i for i in range(200)}
+    assert pipelined_set(conn, sorted(keys), b"x") == len(keys)
+    per_class = [{key for key, _, _ in cachedump(conn, b"stats cachedump %d 0\r\n" % c)} for c in (1, 2)]
+    assert per_class[0] | per_class[1] == keys and not per_class[0] & per_class[1]
+    items = stats(server, "items")
+    assert [int(items[f"items:{c}:number"]) for c in (1, 2)] == [len(per_class[0]), len(per_class[1])]
+    assert cachedump(conn, b"stats cachedump 3 0\r\n") == []
+    # lru_crawler metadump (and me) name the same class.
+    conn.send(b"lru_crawler metadump all\r\n")
+    lines = [line for line in conn.recv_until(b"END\r\n").split(b"\n") if line.startswith(b"key=")]  # \n-ended, as memcached's
+    metadump_class = {urllib.parse.unquote_to_bytes(re.search(rb"key=(\S+)", line).group(1)): int(re.search(rb" cls=(\d+)", line).group(1))
+                      for line in lines}
+    assert {key for key, c in metadump_class.items() if c == 1} == per_class[0]
+    assert {key for key, c in metadump_class.items() if c == 2} == per_class[1]
+
+
+def test_pymemcache_integration_suite_passes(server):
+    """pymemcache's own integration tests, every one, over kernel sockets."""
+    command = harness.pymemcache_suite(server.host, server.port)
+    harness.assert_pymemcache_suite_passed(subprocess.run(command, capture_output=True, text=True, timeout=300))

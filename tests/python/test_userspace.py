@@ -263,7 +263,7 @@ def tandem_bench():
     return str(path)
 
 
-# af_xdp too for these two (the others run over tap and af_packet).
+# af_xdp too for these (the others run over tap and af_packet).
 ALL_BACKENDS = BACKENDS + ["dpdk-af_xdp"]
 
 
@@ -279,23 +279,11 @@ def test_memccapable_passes_over_the_userspace_stack(dataplane):
     assert "All tests passed" in run.stdout and run.returncode == 0
 
 
-# pymemcache's test_misc needs `cache_memlimit` and `stats cachedump`, which tandemd does not implement
-# (over kernel sockets either); everything else in the suite runs.
-PYMEMCACHE_DESELECTED = "test_misc"
-
-
+@pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)
 def test_pymemcache_integration_suite_passes_over_the_userspace_stack(dataplane):
-    import pymemcache
-
-    suite = pathlib.Path(pymemcache.__file__).parent / "test" / "test_integration.py"
-    print(f"deselected: {PYMEMCACHE_DESELECTED} (cache_memlimit and stats cachedump are not implemented)")
-    run = dataplane.run(
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "integration", str(suite),
-        "-k", f"not {PYMEMCACHE_DESELECTED}", "--server", dataplane.server_ip, "--port", str(PORT), check=False, timeout=300,
-    )
-    print(run.stdout[-500:])
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    """pymemcache's own integration tests, every one (test_misc too: cache_memlimit, stats cachedump)."""
+    run = dataplane.run(*harness.pymemcache_suite(dataplane.server_ip, PORT), check=False, timeout=300)
+    harness.assert_pymemcache_suite_passed(run)
 
 
 @pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from test_userspace import PORT, Dataplane, dpdk_server, needs_root
 
 
@@ -37,6 +39,45 @@ def test_dpdk_start_up_failures_name_what_to_fix(tmp_path):
     code, out = start_failure(tmp_path, ["--no-pci", "--in-memory", "--no-telemetry"])
     assert code != 0
     assert "found no port" in out and "--vdev" in out, out
+
+
+CONFIGURED_MAC = "02:54:61:6e:64:6d"
+
+
+def test_a_configured_mac_is_the_one_clients_see(tmp_path):
+    """net_af_packet takes another MAC (it sets its interface's): the client's neighbour table holds it."""
+    needs_root()
+    with Dataplane(tmp_path, "dpdk-af_packet", extra=f'mac = "{CONFIGURED_MAC}"\n') as dataplane:
+        # (The request helper's output comes back with universal newlines.)
+        assert dataplane.request(b"set mac 0 0 3\r\nyes\r\n").splitlines() == ["STORED"]
+        assert dataplane.request(b"get mac\r\n").splitlines() == ["VALUE mac 0 3", "yes", "END"]
+        assert dataplane.server_mac() == CONFIGURED_MAC
+
+
+def test_a_mac_the_driver_cannot_take_stops_start_up_saying_so(tmp_path):
+    """net_af_xdp (DPDK 22.11) cannot change its MAC: start-up fails and names the driver's answer."""
+    needs_root()
+    with pytest.raises(AssertionError) as refused:
+        Dataplane(tmp_path, "dpdk-af_xdp", extra=f'mac = "{CONFIGURED_MAC}"\n')
+    message = str(refused.value)
+    print(message[-600:])
+    assert f"net.dpdk.mac: DPDK port 0 (net_af_xdp0) (net_af_xdp) refused the MAC address {CONFIGURED_MAC}: " in message
+    assert "Operation not supported (the driver cannot change its MAC address;" in message
+    assert "ip link set dev <interface> address <mac>" in message
+
+
+@pytest.mark.parametrize("mac, why", [
+    ("ff:ff:ff:ff:ff:ff", "is the broadcast address"),
+    ("01:00:5e:00:00:01", "is a multicast address"),
+    ("00:00:00:00:00:00", "is all zeros"),
+    ("02:00:00:00:00", "is not a MAC address"),
+])
+def test_a_mac_no_neighbour_can_use_is_a_configuration_error(tmp_path, mac, why):
+    needs_root()
+    code, out = start_failure(tmp_path, ["--no-pci", "--in-memory", "--no-telemetry"], extra=f'mac = "{mac}"\n')
+    assert code != 0
+    assert "net.dpdk.mac" in out and why in out, out
+    assert "EAL" not in out, "refused before DPDK starts"
 
 
 def cpu_seconds(pid):

@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
                         TextCodec::answer(&request, &mut reply);
                     }
                     Route::Key(key) => assert!(!key.is_empty()),
-                    Route::Admin(_) | Route::AllShards => {}
+                    Route::Admin(_) | Route::AllShards | Route::SlabClass(_) => {}
                 }
                 rest = &rest[consumed..];
             }

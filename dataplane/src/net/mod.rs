@@ -28,6 +28,12 @@ pub mod takeover;
 pub mod uring;
 pub mod witness;
 
+/// A MAC address as `ip link` writes it: `02:00:00:00:00:01`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
 /// Something a transport found ready during [`Transport::poll`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ready {

@@ -16,7 +16,8 @@
 //!   as 1.6.18 refuses them. Adding one is a line in `parse::preparse` and a field in [`Flags`].
 //! - memcached remembers on the item whether its key was sent in base64 and then shows it that way in
 //!   `k` and `me` even to requests without `b`; the store keeps no such bit, so the request's `b` decides.
-//! - `me` reports `cls=1` (no slab classes here) and `size=` is the store's own item footprint.
+//! - `me` reports the shard's class as `cls` (no slab classes here: class = shard + 1, as `stats items`
+//!   and `stats cachedump` number them) and `size=` is the store's own item footprint.
 //! - Errors found after the store was touched in memcached (an opaque token longer than 32 bytes) are
 //!   refused before anything runs; a refused too-large `ms` does not unlink the old item (it never reaches
 //!   the shard, since its data is swallowed by the connection).

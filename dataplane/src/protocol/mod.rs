@@ -83,6 +83,11 @@ pub enum Route<'r> {
     /// Run on every shard in turn with [`Codec::execute`], replies in shard order, then closed with
     /// [`Codec::finish_keys`] (`lru_crawler metadump`).
     AllShards,
+    /// Run with [`Codec::execute`] on the shard whose slab class this is, then closed with
+    /// [`Codec::finish_keys`] (`stats cachedump`). Tandem has no slab classes: each shard's store is one
+    /// class, numbered shard + 1 as `stats items` and `stats slabs` show them; a class no shard has is
+    /// empty, and runs on the connection's own shard, which finds nothing.
+    SlabClass(u32),
     /// Answered by the connection alone with [`Codec::answer`] (version, mn, noop, quit, errors...).
     Connection,
     /// Needs the server as a whole; answered with [`Codec::answer_admin`].
@@ -98,6 +103,8 @@ pub enum Admin<'r> {
     Flush { delay: i64 },
     /// `verbosity N`.
     Verbosity(u32),
+    /// `cache_memlimit <megabytes>`: the new memory limit in bytes, split across shards like `-m`.
+    MemoryLimit(usize),
     /// `shutdown` (only when enabled with -A).
     Shutdown,
 }
@@ -115,6 +122,10 @@ pub enum AdminReply<'a> {
     FlushDisabled,
     /// Verbosity set.
     VerbosityOk,
+    /// Memory limit changed.
+    MemoryLimitSet,
+    /// Memory limit refused: outside what the store can take (see [`crate::store::Store::set_memory_limit`]).
+    MemoryLimitRefused,
     /// Shutdown accepted; the server will stop.
     ShutdownAccepted,
     /// Shutdown refused because -A was not given.

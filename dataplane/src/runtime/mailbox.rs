@@ -48,6 +48,8 @@ pub enum Msg {
     Flush { delay: i64 },
     /// Reset the receiver's counters (`stats reset`).
     ResetStats,
+    /// Set the receiver's store memory limit to `bytes` (its share of `cache_memlimit`).
+    MemoryLimit { bytes: usize },
 }
 
 /// One direction of one pair: the batch ring and the ring returning empty batches.

@@ -47,6 +47,9 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Connections open across all workers, checked against `-c` on accept.
     pub open_connections: AtomicUsize,
+    /// The memory limit in bytes: `-m`, until `cache_memlimit` changes it (within the arenas mapped
+    /// from `-m` at start-up).
+    pub memory_limit: AtomicUsize,
     pub workers: Vec<OnceLock<WorkerInfo>>,
     pub started: std::time::Instant,
     /// This node's replication role and report, if it replicates.
@@ -119,6 +122,7 @@ impl Server {
             settings: settings.clone(),
             shutdown: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
+            memory_limit: AtomicUsize::new(settings.memory_limit),
             workers: (0..threads).map(|_| OnceLock::new()).collect(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|node| node.state.clone()),
@@ -205,9 +209,10 @@ impl Server {
 pub fn standalone_worker<T: crate::net::Transport>(mut settings: Settings, net: T) -> anyhow::Result<worker::Worker<T>> {
     settings.threads = 1;
     let shared = Arc::new(Shared {
-        settings: Arc::new(settings),
         shutdown: AtomicBool::new(false),
         open_connections: AtomicUsize::new(0),
+        memory_limit: AtomicUsize::new(settings.memory_limit),
+        settings: Arc::new(settings),
         workers: vec![OnceLock::new()],
         started: std::time::Instant::now(),
         replication: None,
@@ -258,7 +263,8 @@ enum WorkerNet {
     Tap { name: String, config: crate::net::stack::StackConfig, drop_percent: u8, bell: Arc<crate::net::stack::ThreadBell> },
     #[cfg(feature = "dpdk")]
     Dpdk {
-        queue: crate::net::phy::dpdk::DpdkQueue,
+        /// Boxed: a queue holds its burst arrays (most of a kilobyte) and the variants move around.
+        queue: Box<crate::net::phy::dpdk::DpdkQueue>,
         /// The worker's index among the port's (or ports') workers, for the ARP exchange.
         worker: usize,
         config: crate::net::stack::StackConfig,
@@ -315,7 +321,7 @@ impl WorkerNet {
                     let first = stack.port_id.unwrap_or(0);
                     for w in 0..workers {
                         let port_id = first.checked_add(w).context("net.dpdk.port_id + workers is past the last port id")?;
-                        let mut port = Port::open(&eal, Some(port_id), 1)
+                        let mut port = Port::open(&eal, Some(port_id), 1, stack.mac)
                             .with_context(|| format!("port_per_worker: cannot open DPDK port {port_id} for worker {w} (one --vdev per worker)"))?;
                         if mac.is_some_and(|m| m != port.mac()) {
                             bail!("port_per_worker: DPDK port {port_id} has another MAC than port {first}; the workers' ports must share one (one device's queues)");
@@ -324,7 +330,7 @@ impl WorkerNet {
                         queues.push(port.take_queue(0).context("a DPDK port opened with one queue has none")?);
                     }
                 } else {
-                    let mut port = Port::open(&eal, stack.port_id, workers)
+                    let mut port = Port::open(&eal, stack.port_id, workers, stack.mac)
                         .with_context(|| format!("cannot open the DPDK port with {workers} queue pair(s), one per worker"))?;
                     mac = Some(port.mac());
                     for q in 0..workers {
@@ -332,17 +338,14 @@ impl WorkerNet {
                     }
                 }
                 let mac = mac.context("no worker")?;
-                if stack.mac.is_some_and(|m| m != mac) {
-                    bail!("net.dpdk.mac: setting a MAC other than the port's own is not supported yet (the port's is {})", format_mac(mac));
-                }
                 let arp = crate::net::phy::arp_share::ArpExchange::new(threads);
                 let mut nets = Vec::new();
                 for (worker, queue) in queues.into_iter().enumerate() {
                     let service = settings.failover.as_ref().and_then(|f| f.stack.as_ref());
                     let config = stack_config(stack, service, settings.port, mac, worker);
-                    nets.push(WorkerNet::Dpdk { queue, worker, config, drop_percent: stack.drop_percent, arp: arp.clone(), bell: Default::default() });
+                    nets.push(WorkerNet::Dpdk { queue: Box::new(queue), worker, config, drop_percent: stack.drop_percent, arp: arp.clone(), bell: Default::default() });
                 }
-                tracing::info!(mac = %format_mac(mac), workers, port_per_worker = stack.port_per_worker, address = %stack.address, "DPDK open");
+                tracing::info!(mac = %crate::net::format_mac(mac), workers, port_per_worker = stack.port_per_worker, address = %stack.address, "DPDK open");
                 // The queues keep the port and EAL alive; these handles may go.
                 let addr = SocketAddr::new(stack.address.into(), settings.port);
                 Ok((nets, vec![addr]))
@@ -384,7 +387,7 @@ impl WorkerNet {
             WorkerNet::Dpdk { queue, worker, config, drop_percent, arp, bell } => start.run(move || {
                 use crate::net::phy::{arp_share::ArpShare, check::Checked, lossy::Lossy};
                 queue.register_thread()?;
-                let phy = Lossy::new(Checked::new(ArpShare::new(queue, worker, arp)), drop_percent, config.seed);
+                let phy = Lossy::new(Checked::new(ArpShare::new(*queue, worker, arp)), drop_percent, config.seed);
                 Ok(crate::net::stack::StackTransport::new(phy, config, bell))
             }),
         }
@@ -432,11 +435,6 @@ fn stack_config(
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     config.seed = nanos ^ ((worker as u64) << 56) ^ std::process::id() as u64;
     config
-}
-
-#[cfg(feature = "dpdk")]
-fn format_mac(m: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
 /// A locally administered MAC made from the address, for devices that bring none of their own.

@@ -196,7 +196,7 @@ fn general(shared: &Shared) -> Pairs {
     push(&mut p, "auth_errors", 0);
     push(&mut p, "bytes_read", conn("bytes_read"));
     push(&mut p, "bytes_written", conn("bytes_written"));
-    push(&mut p, "limit_maxbytes", settings.memory_limit);
+    push(&mut p, "limit_maxbytes", shared.memory_limit.load(Ordering::Relaxed));
     push(&mut p, "accepting_conns", 1);
     push(&mut p, "threads", settings.threads);
     push(&mut p, "conn_yields", conn("conn_yields"));
@@ -224,7 +224,7 @@ fn settings(shared: &Shared) -> Pairs {
     let s = &shared.settings;
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     let mut p = Pairs::new();
-    push(&mut p, "maxbytes", s.memory_limit);
+    push(&mut p, "maxbytes", shared.memory_limit.load(Ordering::Relaxed));
     push(&mut p, "maxconns", s.max_connections);
     push(&mut p, "tcpport", s.port);
     push(&mut p, "udpport", 0);

@@ -385,6 +385,12 @@ impl<T: Transport> Worker<T> {
             }
             Msg::Flush { delay } => shard.flush(delay),
             Msg::ResetStats => report::reset_local(shard, counters),
+            Msg::MemoryLimit { bytes } => {
+                // The sender set its own store first, and every store was mapped alike.
+                if let Err(error) = shard.store.set_memory_limit(bytes) {
+                    tracing::error!(%error, shard = shard.id, "cache_memlimit failed on this shard");
+                }
+            }
         });
         let mut list = std::mem::take(&mut self.touched);
         list.sort_unstable();
@@ -667,6 +673,16 @@ fn process_with<C: Codec, S>(
                 }
                 emit(conn, ctx.postbox, |out| C::finish_keys(&request, out));
             }
+            Route::SlabClass(class) => {
+                let owner = (class as usize).checked_sub(1).filter(|&shard| shard < shards).unwrap_or(me);
+                if owner == me {
+                    ctx.run_local(conn, |shard, out| C::execute(shard, &request, out));
+                } else {
+                    ctx.mail(conn, conn_ref, owner, proto, false, |bytes| bytes.extend_from_slice(frame));
+                    ctx.counters.cross_shard_requests.incr();
+                }
+                emit(conn, ctx.postbox, |out| C::finish_keys(&request, out));
+            }
             Route::Connection => {
                 let mut after = After::Continue;
                 emit(conn, ctx.postbox, |out| after = C::answer(&request, out));
@@ -698,6 +714,29 @@ fn admin_request<C: Codec, S>(ctx: &mut Ctx<'_>, conn: &mut Conn<S>, request: &C
         Admin::Verbosity(level) => {
             settings.verbosity.store(level, Ordering::Relaxed);
             emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::VerbosityOk, out));
+        }
+        Admin::MemoryLimit(bytes) => {
+            // Split across shards as -m is. Every store was mapped alike, so what this one takes, all take.
+            // The arenas were mapped from -m: no more than that.
+            let share = bytes / settings.threads;
+            let set = if bytes > settings.memory_limit {
+                Err(anyhow::anyhow!("{bytes} bytes is more than the {} of -m, which the arenas were mapped for", settings.memory_limit))
+            } else {
+                ctx.shard.store.set_memory_limit(share).map_err(anyhow::Error::from)
+            };
+            let reply = match set {
+                Ok(()) => {
+                    ctx.shared.memory_limit.store(bytes, Ordering::Relaxed);
+                    ctx.postbox.broadcast(|| Msg::MemoryLimit { bytes: share });
+                    tracing::info!(bytes, per_shard = share, "memory limit changed (cache_memlimit)");
+                    AdminReply::MemoryLimitSet
+                }
+                Err(error) => {
+                    tracing::warn!("cache_memlimit refused: {error:#}");
+                    AdminReply::MemoryLimitRefused
+                }
+            };
+            emit(conn, ctx.postbox, |out| C::answer_admin(request, reply, out));
         }
         Admin::Shutdown => {
             if settings.shutdown_enabled {

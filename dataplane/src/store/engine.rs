@@ -40,6 +40,7 @@ use super::segment::{
 };
 use super::*;
 use crate::route::key_hash;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 /// The index is presized for items of about this many bytes.
@@ -67,8 +68,10 @@ pub struct Store {
     index: Index,
     stats: Arc<StoreStats>,
     item_size_max: usize,
-    /// Largest item (header, key and value) the arena can hold at all.
+    /// Largest item (header, key and value) the memory limit can hold at all.
     max_item_len: usize,
+    /// Segments the log may hold: all of the arena's, or fewer after [`Store::set_memory_limit`].
+    segment_limit: usize,
     evict: bool,
     cas_sequence: u64,
     shard_index: u64,
@@ -281,6 +284,7 @@ impl Store {
             stats,
             item_size_max: config.item_size_max,
             max_item_len: (segment_count - RESERVED_SEGMENTS) * SEGMENT_SIZE,
+            segment_limit: segment_count,
             evict: config.evict,
             cas_sequence: 0,
             shard_index: (config.shard_index as u64) % shard_count,
@@ -446,6 +450,22 @@ impl Store {
     /// Largest value accepted.
     pub fn item_size_max(&self) -> usize {
         self.item_size_max
+    }
+
+    /// Changes this store's memory limit (its share of `cache_memlimit`) to `bytes`, in whole segments,
+    /// up to the arena mapped at start-up. Lowering it evicts nothing at once: from the next write on, the
+    /// oldest segments are reclaimed until the log fits (memcached too stops taking pages and evicts as
+    /// it needs room). Without eviction (`-M`) writes fail until enough items expire or are deleted.
+    pub fn set_memory_limit(&mut self, bytes: usize) -> Result<(), StoreError> {
+        let segments = bytes / SEGMENT_SIZE;
+        let most = self.arena.len() / SEGMENT_SIZE;
+        if !(MIN_SEGMENTS..=most).contains(&segments) {
+            return Err(StoreError::LimitOutOfRange { bytes, least: MIN_SEGMENTS * SEGMENT_SIZE, most: self.arena.len() });
+        }
+        self.segment_limit = segments;
+        self.max_item_len = (segments - RESERVED_SEGMENTS) * SEGMENT_SIZE;
+        self.stats.segments_total.set(segments as u64);
+        Ok(())
     }
 
     /// A read; may touch, vivify, mark fetched, bump.
@@ -1062,11 +1082,16 @@ impl Store {
         }
     }
 
+    /// Segments the log may still take: free ones, within the memory limit.
+    fn free_segments(&self) -> usize {
+        self.segments.free_count().min(self.segment_limit.saturating_sub(self.segments.in_use()))
+    }
+
     /// Reclaims segments until the item fits with the reserve left free.
     fn make_room(&mut self, total: usize, head_len: usize, now: RelTime) -> Result<(), NoSpace> {
         loop {
             let needed = (total - self.usable_head_room(total, head_len)).div_ceil(SEGMENT_SIZE);
-            if self.segments.free_count() >= needed + RESERVED_SEGMENTS {
+            if self.free_segments() >= needed + RESERVED_SEGMENTS {
                 return Ok(());
             }
             let reclaimed = if self.evict { self.evict_oldest(now) } else { self.reclaim_unused(now) };
@@ -1135,7 +1160,7 @@ impl Store {
         let total = found.header.total_len();
         if self.segments.head_room() < total {
             self.segments.seal_head();
-            if self.segments.open_new_head().is_none() {
+            if self.free_segments() == 0 || self.segments.open_new_head().is_none() {
                 return false;
             }
         }
@@ -1219,7 +1244,7 @@ impl Store {
         assert_eq!(self.segments.in_use() + self.segments.free_count(), self.segments.count());
         assert_eq!(self.segments.log().count(), self.segments.in_use());
         assert!(self.stats.bytes.get() as usize <= self.arena.len());
-        assert!(self.segments.free_count() >= RESERVED_SEGMENTS || !self.evict);
+        assert!(self.free_segments() >= RESERVED_SEGMENTS || !self.evict, "after a write, the reserve is free");
         for slot in 0..self.index.capacity() {
             if let Some(addr) = self.index.address_at(slot) {
                 let key = item::key_of(&self.arena.bytes()[addr..]);
@@ -1355,6 +1380,19 @@ impl Store {
                 let item = ItemRef::new(self, addr, now);
                 if !self.is_dead(&item.header, now) {
                     visit(&item);
+                }
+            }
+        }
+    }
+
+    /// Visits live items in log order, oldest (the next to be reclaimed) first, until `visit` breaks.
+    pub fn for_each_live_oldest_first(&self, now: RelTime, mut visit: impl FnMut(&ItemRef<'_>) -> ControlFlow<()>) {
+        for (segment, _) in self.segments.log() {
+            let mut offset = self.segments.meta(segment).first_item as usize;
+            while let Some(found) = self.item_at(segment, offset) {
+                offset += found.header.total_len();
+                if found.slot.is_some() && !self.is_dead(&found.header, now) && visit(&ItemRef::new(self, found.addr, now)).is_break() {
+                    return;
                 }
             }
         }

@@ -86,6 +86,8 @@ pub enum StoreError {
     File { path: std::path::PathBuf, source: std::io::Error },
     #[error("memory limit of {memory} bytes is too small for items of up to {item_size_max} bytes")]
     TooSmall { memory: usize, item_size_max: usize },
+    #[error("a memory limit of {bytes} bytes is out of range: at least {least}, at most the {most} mapped at start-up")]
+    LimitOutOfRange { bytes: usize, least: usize, most: usize },
 }
 
 /// How a store request treats an existing item.

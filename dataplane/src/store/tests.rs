@@ -358,6 +358,90 @@ fn too_large_values_and_failed_sets() {
     huge_limit.check_invariants();
 }
 
+/// Bytes of the segments the log holds: what the store keeps resident for items.
+fn segment_bytes(store: &Store) -> usize {
+    store.stats().segments_used.get() as usize * SEGMENT_SIZE
+}
+
+#[test]
+fn a_lowered_memory_limit_is_a_real_cap() {
+    let mut store = store_with(16 * MIB, true);
+    let value = vec![5u8; 1000];
+    for i in 0..40_000u32 {
+        set(&mut store, format!("before{i}").as_bytes(), &value, 1);
+    }
+    assert_eq!(store.stats().segments_used.get(), 15, "full, the reserve left free");
+    // Out of range: below the fewest segments a store runs with, above what was mapped at start-up.
+    assert!(matches!(store.set_memory_limit(2 * MIB), Err(StoreError::LimitOutOfRange { .. })));
+    assert!(matches!(store.set_memory_limit(17 * MIB), Err(StoreError::LimitOutOfRange { .. })));
+    store.set_memory_limit(6 * MIB + 1000).expect("6 segments");
+    assert_eq!(store.stats().segments_total.get(), 6);
+    assert_eq!(segment_bytes(&store), 15 * MIB, "nothing is evicted before a write needs room");
+    // The first write reclaims down to the new limit; from then on the store stays within it.
+    set(&mut store, b"after0", &value, 2);
+    assert!(segment_bytes(&store) <= 5 * MIB, "{} bytes of segments", segment_bytes(&store));
+    for i in 1..20_000u32 {
+        set(&mut store, format!("after{i}").as_bytes(), &value, 2);
+        assert!(segment_bytes(&store) <= 6 * MIB);
+    }
+    store.check_invariants();
+    assert!(store.stats().bytes.get() as usize <= 6 * MIB);
+    let resident = (0..20_000u32).filter(|i| store.peek(format!("after{i}").as_bytes(), 2).is_some()).count();
+    assert!((3_000..6 * MIB / 1000).contains(&resident), "{resident} of the newest items resident");
+    assert!(store.peek(b"before39999", 2).is_none(), "older items were evicted");
+    // An item too large for the lowered limit is refused as such, not stored by emptying the store.
+    let mut big = store_sized(16 * MIB, 8 * MIB, true);
+    big.set_memory_limit(4 * MIB).unwrap();
+    assert_eq!(set(&mut big, b"big", &vec![1u8; 4 * MIB], 1), StoreResult::TooLarge);
+    // Raised again (up to the start-up size): the store grows back into the arena.
+    store.set_memory_limit(16 * MIB).unwrap();
+    for i in 0..20_000u32 {
+        set(&mut store, format!("again{i}").as_bytes(), &value, 3);
+    }
+    assert_eq!(store.stats().segments_used.get(), 15);
+    store.check_invariants();
+}
+
+#[test]
+fn a_lowered_limit_without_eviction_refuses_writes() {
+    let mut store = store_with(8 * MIB, false);
+    let value = vec![5u8; 1000];
+    let mut stored = 0;
+    while matches!(set(&mut store, format!("k{stored}").as_bytes(), &value, 1), StoreResult::Stored { .. }) {
+        stored += 1;
+    }
+    store.set_memory_limit(4 * MIB).unwrap();
+    assert_eq!(set(&mut store, b"more", &value, 1), StoreResult::OutOfMemory, "-M: no eviction to make room");
+    for i in 0..stored {
+        store.delete(&DeleteRequest { key: format!("k{i}").as_bytes(), compare_cas: None, invalidate: false, new_expiry: None, new_cas: None }, 1);
+    }
+    assert!(matches!(set(&mut store, b"more", &value, 1), StoreResult::Stored { .. }));
+    assert!(segment_bytes(&store) <= 4 * MIB);
+    store.check_invariants();
+}
+
+#[test]
+fn live_items_are_visited_oldest_first() {
+    let mut store = store_with(8 * MIB, true);
+    for key in [&b"a"[..], b"b", b"c", b"d"] {
+        set(&mut store, key, b"v", 1);
+    }
+    set(&mut store, b"b", b"newer", 1);
+    store.delete(&DeleteRequest { key: b"c", compare_cas: None, invalidate: false, new_expiry: None, new_cas: None }, 1);
+    let mut keys = Vec::new();
+    store.for_each_live_oldest_first(1, |item| {
+        keys.push(item.key().to_vec());
+        std::ops::ControlFlow::Continue(())
+    });
+    assert_eq!(keys, [&b"a"[..], b"d", b"b"]);
+    let mut first = Vec::new();
+    store.for_each_live_oldest_first(1, |item| {
+        first.push(item.key().to_vec());
+        std::ops::ControlFlow::Break(())
+    });
+    assert_eq!(first, [b"a"]);
+}
+
 #[test]
 fn spanning_items_read_back_byte_for_byte() {
     let mut store = store_sized(16 * MIB, 4 * MIB, true);

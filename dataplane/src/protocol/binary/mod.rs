@@ -132,7 +132,7 @@ impl Codec for BinaryCodec {
             }
             // `stats reset` (and `detail on|off`): the end packet alone.
             AdminReply::Reset => write_stat(out, echo.opaque, b"", b""),
-            AdminReply::Flushed | AdminReply::VerbosityOk => {
+            AdminReply::Flushed | AdminReply::VerbosityOk | AdminReply::MemoryLimitSet => {
                 if !request.opcode.is_quiet() {
                     write_ok(out, echo, 0);
                 }
@@ -141,8 +141,8 @@ impl Codec for BinaryCodec {
             AdminReply::FlushDisabled => write_status(out, echo, Status::AuthError),
             // An unknown stats group.
             AdminReply::BadArgument => write_status(out, echo, Status::KeyNotFound),
-            // Binary has no shutdown command.
-            AdminReply::ShutdownAccepted | AdminReply::ShutdownDisabled => {
+            // Binary has no shutdown command, nor cache_memlimit.
+            AdminReply::ShutdownAccepted | AdminReply::ShutdownDisabled | AdminReply::MemoryLimitRefused => {
                 write_status(out, echo, Status::UnknownCommand)
             }
         }

@@ -406,8 +406,10 @@ fn debug(shard: &mut Shard, key: &Key<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b" cas=");
     push_u64(out, if cas_enabled { item.cas() } else { 0 });
     out.extend_from_slice(if item.fetched() { b" fetch=yes" } else { b" fetch=no" });
-    // No slab classes here: every item reports class 1.
-    out.extend_from_slice(b" cls=1 size=");
+    // No slab classes here: an item's class is its shard's (shard + 1, as `stats items` numbers them).
+    out.extend_from_slice(b" cls=");
+    push_u64(out, shard.id as u64 + 1);
+    out.extend_from_slice(b" size=");
     push_u64(out, item.total_size() as u64);
     out.extend_from_slice(b"\r\n");
 }

@@ -29,6 +29,7 @@ pub fn execute(shard: &mut Shard, request: &Request<'_>, out: &mut Vec<u8>) {
         Request::Touch { key, exptime, noreply } => touch(shard, key, *exptime, *noreply, out),
         Request::Meta(request) => meta::execute(shard, request, out),
         Request::MetaDump => metadump(shard, out),
+        Request::CacheDump { class, limit } => cachedump(shard, *class, *limit, out),
         other => debug_assert!(false, "not a keyed request: {other:?}"),
     }
 }
@@ -196,8 +197,46 @@ fn touch(shard: &mut Shard, key: &[u8], exptime: i32, noreply: bool, out: &mut V
     push(out, if hit { reply::TOUCHED } else { reply::NOT_FOUND }, noreply);
 }
 
+/// memcached's buffer for a `stats cachedump` reply: 2 MiB.
+const CACHEDUMP_MAX_BYTES: usize = 2 << 20;
+
+/// `stats cachedump <class> <limit>` on the shard whose class it is (class = shard + 1; another class is
+/// empty): `ITEM <key> [<value bytes> b; <exptime as unix time, 0 never> s]` per live item, oldest
+/// first, up to `limit` (0: no limit) and to a reply of 2 MiB, as memcached 1.6.18 writes them. Keys
+/// stored base64-encoded (meta `b`) are skipped, as memcached skips binary keys. Without `END`.
+fn cachedump(shard: &mut Shard, class: u32, limit: u32, out: &mut Vec<u8>) {
+    use std::io::Write;
+    use std::ops::ControlFlow;
+    if class as usize != shard.id + 1 {
+        return;
+    }
+    let clock = crate::clock::Clock::global();
+    let start = out.len();
+    let mut shown = 0;
+    shard.store.for_each_live_oldest_first(shard.now(), |item| {
+        if limit != 0 && shown >= limit {
+            return ControlFlow::Break(());
+        }
+        if item.key_binary() {
+            return ControlFlow::Continue(());
+        }
+        let line = out.len();
+        let exptime = if item.exptime() == 0 { 0 } else { clock.to_unix(item.exptime()) };
+        out.extend_from_slice(b"ITEM ");
+        out.extend_from_slice(item.key());
+        let _ = write!(out, " [{} b; {exptime} s]\r\n", item.value_len());
+        // memcached keeps a byte of its buffer for a NUL after `END\r\n`.
+        if out.len() - start + reply::END.len() + 1 > CACHEDUMP_MAX_BYTES {
+            out.truncate(line);
+            return ControlFlow::Break(());
+        }
+        shown += 1;
+        ControlFlow::Continue(())
+    });
+}
+
 /// This shard's lines of `lru_crawler metadump`, in memcached 1.6.18's format:
-/// `key=<uri-encoded> exp=<unix|-1> la=<unix> cas=<cas> fetch=<yes|no> cls=1 size=<bytes>`.
+/// `key=<uri-encoded> exp=<unix|-1> la=<unix> cas=<cas> fetch=<yes|no> cls=<shard + 1> size=<bytes>`.
 fn metadump(shard: &mut Shard, out: &mut Vec<u8>) {
     use crate::store::ItemDebug;
     use std::io::Write;
@@ -215,9 +254,10 @@ fn metadump(shard: &mut Shard, out: &mut Vec<u8>) {
         let fetch = if item.fetched() { "yes" } else { "no" };
         let _ = writeln!(
             out,
-            " exp={exp} la={} cas={} fetch={fetch} cls=1 size={}",
+            " exp={exp} la={} cas={} fetch={fetch} cls={} size={}",
             clock.to_unix(item.last_access()),
             item.cas(),
+            shard.id + 1,
             item.total_size()
         );
     });

@@ -67,6 +67,17 @@ pub enum Request<'a> {
         level: u32,
         noreply: bool,
     },
+    /// `cache_memlimit <megabytes> [noreply]`, at least 8 and at most 10^9 megabytes.
+    CacheMemlimit {
+        megabytes: u32,
+        noreply: bool,
+    },
+    /// `stats cachedump <class> <limit>`: up to `limit` items (0: all, within 2 MiB of reply) of a slab
+    /// class, which in Tandem is a shard's store (see [`Route::SlabClass`]).
+    CacheDump {
+        class: u32,
+        limit: u32,
+    },
     /// `stats [group]`: `None` is the general group.
     Stats {
         group: Option<&'a str>,
@@ -187,6 +198,8 @@ impl Codec for TextCodec {
             Request::Retrieval(retrieval) => Route::Keys(retrieval.keys.len()),
             Request::FlushAll { delay, .. } => Route::Admin(Admin::Flush { delay: (*delay).into() }),
             Request::Verbosity { level, .. } => Route::Admin(Admin::Verbosity(*level)),
+            Request::CacheMemlimit { megabytes, .. } => Route::Admin(Admin::MemoryLimit(*megabytes as usize * (1 << 20))),
+            Request::CacheDump { class, .. } => Route::SlabClass(*class),
             Request::Stats { group } => Route::Admin(Admin::Stats(*group)),
             Request::Shutdown { .. } => Route::Admin(Admin::Shutdown),
             Request::Version | Request::Quit => Route::Connection,
@@ -277,13 +290,16 @@ impl Codec for TextCodec {
 
     fn answer_admin(request: &Request<'_>, reply: AdminReply<'_>, out: &mut Vec<u8>) {
         let noreply = match request {
-            Request::FlushAll { noreply, .. } | Request::Verbosity { noreply, .. } => *noreply,
+            Request::FlushAll { noreply, .. }
+            | Request::Verbosity { noreply, .. }
+            | Request::CacheMemlimit { noreply, .. } => *noreply,
             _ => false,
         };
         match reply {
             AdminReply::Stats(pairs) => reply::push_stats(out, pairs),
             AdminReply::Reset => out.extend_from_slice(reply::RESET),
-            AdminReply::Flushed | AdminReply::VerbosityOk => reply::push(out, reply::OK, noreply),
+            AdminReply::Flushed | AdminReply::VerbosityOk | AdminReply::MemoryLimitSet => reply::push(out, reply::OK, noreply),
+            AdminReply::MemoryLimitRefused => reply::push(out, reply::MEMLIMIT_FAILED, noreply),
             AdminReply::FlushDisabled => reply::push(out, reply::FLUSH_DISABLED, noreply),
             // memcached closes the connection at once, without a reply (even to commands before it).
             AdminReply::ShutdownAccepted => {}

@@ -60,12 +60,13 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
         b"touch" => touch(&tokens),
         b"flush_all" => flush_all(&tokens),
         b"verbosity" => verbosity(&tokens),
+        b"cache_memlimit" => cache_memlimit(&tokens),
         b"stats" => stats(&tokens),
         b"shutdown" => shutdown(&tokens),
         b"version" => Ok(Request::Version),
         b"quit" => Ok(Request::Quit),
         b"lru_crawler" => lru_crawler(&tokens),
-        // Everything else memcached knows (slabs, lru, watch, cache_memlimit, ...) is not offered here,
+        // Everything else memcached knows (slabs, lru, watch, ...) is not offered here,
         // and is answered as an unknown command.
         _ => Err(Refusal::always(reply::ERROR)),
     };
@@ -294,14 +295,56 @@ fn verbosity<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
     Ok(Request::Verbosity { level, noreply })
 }
 
+/// `cache_memlimit <megabytes> [noreply]`, with memcached's limits (8 megabytes at least, and a number
+/// above 10^9 is taken for bytes). A token after the number that is not `noreply` is ignored, and
+/// `noreply` silences every error, as in memcached 1.6.18.
+fn cache_memlimit<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
+    if tokens.count() != 2 && tokens.count() != 3 {
+        return Err(Refusal::always(reply::ERROR));
+    }
+    let noreply = tokens.last() == b"noreply";
+    let megabytes = unsigned32(tokens.get(1)).ok_or(Refusal::unless(noreply, reply::ERROR))?;
+    if megabytes < MEMLIMIT_LEAST_MEGABYTES {
+        return Err(Refusal::unless(noreply, reply::MEMLIMIT_TOO_SMALL));
+    }
+    if megabytes > MEMLIMIT_MOST_MEGABYTES {
+        return Err(Refusal::unless(noreply, reply::MEMLIMIT_NOT_BYTES));
+    }
+    Ok(Request::CacheMemlimit { megabytes, noreply })
+}
+
+/// memcached's bounds on `cache_memlimit`.
+const MEMLIMIT_LEAST_MEGABYTES: u32 = 8;
+const MEMLIMIT_MOST_MEGABYTES: u32 = 1_000_000_000;
+
+/// memcached 1.6.18's slab class ids are below this; `stats cachedump` refuses the others.
+const SLAB_CLASS_IDS: u32 = 64;
+
+/// `stats cachedump <class> <limit>`, checked as memcached 1.6.18 checks it; tokens after the limit are
+/// ignored.
+fn cachedump<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
+    if tokens.count() < 4 {
+        return Err(Refusal::always(reply::BAD_COMMAND_LINE));
+    }
+    let (Some(class), Some(limit)) = (unsigned32(tokens.get(2)), unsigned32(tokens.get(3))) else {
+        return Err(Refusal::always(reply::BAD_FORMAT));
+    };
+    if class >= SLAB_CLASS_IDS {
+        return Err(Refusal::always(reply::ILLEGAL_SLAB_ID));
+    }
+    Ok(Request::CacheDump { class, limit })
+}
+
 /// `stats [group ...]`: the group is the first argument (further ones are ignored, as memcached ignores
 /// them for every group but `detail` and `cachedump`). `stats detail on|off|dump` keeps its argument in
-/// the group name; `noreply` is not special here, it is an unknown group.
+/// the group name; `stats cachedump` is a request of its own; `noreply` is not special here, it is an
+/// unknown group.
 fn stats<'a>(tokens: &FixedTokens<'a>) -> Result<Request<'a>, Refusal> {
     if tokens.count() == 1 {
         return Ok(Request::Stats { group: None });
     }
     let group = match tokens.get(1) {
+        b"cachedump" => return cachedump(tokens),
         b"detail" => match tokens.get(2) {
             b"on" => "detail on",
             b"off" => "detail off",

@@ -26,6 +26,8 @@ enum Model {
     Touch { key: Vec<u8>, exptime: i32, noreply: bool },
     FlushAll { delay: i32, noreply: bool },
     Verbosity { level: u32, noreply: bool },
+    CacheMemlimit { megabytes: u32, noreply: bool },
+    CacheDump { class: u32, limit: u32 },
     Stats { group: Option<String> },
     Shutdown { graceful: bool },
     Version,
@@ -57,6 +59,8 @@ fn model(request: &Request<'_>) -> Model {
         }
         Request::FlushAll { delay, noreply } => Model::FlushAll { delay: *delay, noreply: *noreply },
         Request::Verbosity { level, noreply } => Model::Verbosity { level: *level, noreply: *noreply },
+        Request::CacheMemlimit { megabytes, noreply } => Model::CacheMemlimit { megabytes: *megabytes, noreply: *noreply },
+        Request::CacheDump { class, limit } => Model::CacheDump { class: *class, limit: *limit },
         Request::Stats { group } => Model::Stats { group: group.map(str::to_owned) },
         Request::Shutdown { graceful } => Model::Shutdown { graceful: *graceful },
         Request::MetaDump => Model::MetaDump,
@@ -139,6 +143,12 @@ fn encode(request: &Model) -> Vec<u8> {
             out.extend_from_slice(noreply_suffix(*noreply));
             out.extend_from_slice(b"\r\n");
         }
+        Model::CacheMemlimit { megabytes, noreply } => {
+            out.extend_from_slice(format!("cache_memlimit {megabytes}").as_bytes());
+            out.extend_from_slice(noreply_suffix(*noreply));
+            out.extend_from_slice(b"\r\n");
+        }
+        Model::CacheDump { class, limit } => out.extend_from_slice(format!("stats cachedump {class} {limit}\r\n").as_bytes()),
         Model::Stats { group: None } => out.extend_from_slice(b"stats\r\n"),
         Model::Stats { group: Some(group) } => out.extend_from_slice(format!("stats {group}\r\n").as_bytes()),
         Model::Shutdown { graceful: false } => out.extend_from_slice(b"shutdown\r\n"),
@@ -448,7 +458,6 @@ fn unknown_and_empty_lines() {
         b"\0get a\r\n",
         b"mx a\r\n",
         b"m a\r\n",
-        b"cache_memlimit 100\r\n",
         b"slabs automove 1\r\n",
         b"lru_crawler crawl all\r\n",
         b"lru tune 1 1 1 1\r\n",
@@ -583,6 +592,45 @@ fn verbosity() {
 }
 
 #[test]
+fn cache_memlimit() {
+    let memlimit = |megabytes, noreply| Model::CacheMemlimit { megabytes, noreply };
+    assert_request(b"cache_memlimit 50\r\n", memlimit(50, false));
+    assert_request(b"cache_memlimit 8\r\n", memlimit(8, false));
+    assert_request(b"cache_memlimit 1000000000\r\n", memlimit(1_000_000_000, false));
+    assert_request(b"cache_memlimit 50 noreply\r\n", memlimit(50, true));
+    // A last token that is not `noreply` is ignored; the number is truncated to 32 bits as memcached
+    // 1.6.18 truncates it (4294967304 is 8).
+    assert_request(b"cache_memlimit 50 foo\r\n", memlimit(50, false));
+    assert_request(b"cache_memlimit 4294967304\r\n", memlimit(8, false));
+    assert_refused(b"cache_memlimit\r\n", ERROR);
+    assert_refused(b"cache_memlimit 50 foo bar\r\n", ERROR);
+    assert_refused(b"cache_memlimit x\r\n", ERROR);
+    assert_refused(b"cache_memlimit 5x\r\n", ERROR);
+    assert_refused(b"cache_memlimit -1\r\n", ERROR);
+    assert_refused(b"cache_memlimit 7\r\n", MEMLIMIT_TOO_SMALL);
+    assert_refused(b"cache_memlimit 1000000001\r\n", MEMLIMIT_NOT_BYTES);
+    // noreply silences every error.
+    assert_refused(b"cache_memlimit 7 noreply\r\n", b"");
+    assert_refused(b"cache_memlimit x noreply\r\n", b"");
+    assert_refused(b"cache_memlimit noreply\r\n", b"");
+}
+
+#[test]
+fn stats_cachedump() {
+    let dump = |class, limit| Model::CacheDump { class, limit };
+    assert_request(b"stats cachedump 1 0\r\n", dump(1, 0));
+    assert_request(b"stats cachedump 63 1\r\n", dump(63, 1));
+    assert_request(b"stats cachedump 0 5 x\r\n", dump(0, 5));
+    assert_refused(b"stats cachedump\r\n", BAD_COMMAND_LINE);
+    assert_refused(b"stats cachedump 1\r\n", BAD_COMMAND_LINE);
+    assert_refused(b"stats cachedump x 1\r\n", BAD_FORMAT);
+    assert_refused(b"stats cachedump 1 x\r\n", BAD_FORMAT);
+    assert_refused(b"stats cachedump -1 1\r\n", BAD_FORMAT);
+    assert_refused(b"stats cachedump 1 -1\r\n", BAD_FORMAT);
+    assert_refused(b"stats cachedump 64 1\r\n", ILLEGAL_SLAB_ID);
+}
+
+#[test]
 fn stats() {
     let stats = |group: Option<&str>| Model::Stats { group: group.map(str::to_owned) };
     assert_request(b"stats\r\n", stats(None));
@@ -644,6 +692,8 @@ fn routes() {
     assert_eq!(route(b"stats\r\n"), format!("{:?}", Route::Admin(Admin::Stats(None))));
     assert_eq!(route(b"stats items\r\n"), format!("{:?}", Route::Admin(Admin::Stats(Some("items")))));
     assert_eq!(route(b"shutdown\r\n"), format!("{:?}", Route::Admin(Admin::Shutdown)));
+    assert_eq!(route(b"cache_memlimit 50\r\n"), format!("{:?}", Route::Admin(Admin::MemoryLimit(50 << 20))));
+    assert_eq!(route(b"stats cachedump 2 10\r\n"), format!("{:?}", Route::SlabClass(2)));
 }
 
 #[test]
@@ -700,6 +750,12 @@ fn admin_answers() {
     assert_eq!(answer(b"verbosity 1 noreply\r\n", AdminReply::VerbosityOk), "");
     assert_eq!(answer(b"shutdown\r\n", AdminReply::ShutdownDisabled), "ERROR: shutdown not enabled\r\n");
     assert_eq!(answer(b"shutdown graceful\r\n", AdminReply::ShutdownAccepted), "");
+    assert_eq!(answer(b"cache_memlimit 50\r\n", AdminReply::MemoryLimitSet), "OK\r\n");
+    assert_eq!(answer(b"cache_memlimit 50 noreply\r\n", AdminReply::MemoryLimitSet), "");
+    assert_eq!(
+        answer(b"cache_memlimit 5000\r\n", AdminReply::MemoryLimitRefused),
+        "MEMLIMIT_ADJUST_FAILED out of bounds or unable to adjust\r\n"
+    );
 }
 
 // ---- properties
@@ -764,6 +820,8 @@ fn request_strategy() -> impl Strategy<Value = Model> {
         }),
         (any::<i32>(), any::<bool>()).prop_map(|(delay, noreply)| Model::FlushAll { delay, noreply }),
         (any::<u32>(), any::<bool>()).prop_map(|(level, noreply)| Model::Verbosity { level, noreply }),
+        (8u32..=1_000_000_000, any::<bool>()).prop_map(|(megabytes, noreply)| Model::CacheMemlimit { megabytes, noreply }),
+        (0u32..64, any::<u32>()).prop_map(|(class, limit)| Model::CacheDump { class, limit }),
         prop_oneof![
             Just(None),
             Just(Some("settings")),
@@ -869,7 +927,7 @@ mod executor {
                 Parse::Request { request, consumed } => {
                     match TextCodec::route(&request) {
                         Route::Key(_) => TextCodec::execute(shard, &request, &mut out),
-                        Route::AllShards => {
+                        Route::AllShards | Route::SlabClass(_) => {
                             TextCodec::execute(shard, &request, &mut out);
                             TextCodec::finish_keys(&request, &mut out);
                         }
@@ -1027,6 +1085,38 @@ mod executor {
             "CLIENT_ERROR bad data chunk\r\nERROR\r\nSERVER_ERROR object too large for cache\r\nEND\r\n"
         );
         assert_eq!(counters(&shard), [("cmd_get", 1), ("cmd_set", 1), ("get_misses", 1)]);
+    }
+
+    #[test]
+    fn cachedump_lists_the_shards_class_oldest_first() {
+        let mut shard = shard();
+        let started = crate::clock::Clock::global().to_unix(0);
+        let expires = crate::clock::Clock::global().to_unix(shard.now() + 100);
+        assert!(expires > started);
+        run(&mut shard, b"set foo 0 0 3\r\nbar\r\nset ex 5 100 2\r\nhi\r\nset gone 0 -1 1\r\nx\r\n");
+        run(&mut shard, b"ms YmluYXJ5 1 b\r\nv\r\n");
+        // Shard 0's class is 1; others are empty, as memcached's empty classes are.
+        assert_eq!(
+            run(&mut shard, b"stats cachedump 1 0\r\n"),
+            format!("ITEM foo [3 b; 0 s]\r\nITEM ex [2 b; {expires} s]\r\nEND\r\n")
+        );
+        assert_eq!(run(&mut shard, b"stats cachedump 1 1\r\n"), "ITEM foo [3 b; 0 s]\r\nEND\r\n");
+        assert_eq!(run(&mut shard, b"stats cachedump 2 0\r\nstats cachedump 0 0\r\n"), "END\r\nEND\r\n");
+    }
+
+    #[test]
+    fn cachedump_stops_at_two_megabytes() {
+        let mut shard = shard();
+        let key = "k".repeat(240);
+        let mut wire = Vec::new();
+        for i in 0..10_000 {
+            wire.extend_from_slice(format!("set {key}{i} 0 0 1\r\nx\r\n").as_bytes());
+        }
+        run(&mut shard, &wire);
+        let dump = run(&mut shard, b"stats cachedump 1 0\r\n");
+        assert!(dump.ends_with("\r\nEND\r\n"));
+        let line = format!("ITEM {key}0 [1 b; 0 s]\r\n").len();
+        assert!(dump.len() < 2 << 20 && dump.len() + line + 1 > 2 << 20, "{} bytes", dump.len());
     }
 
     #[test]
