@@ -44,6 +44,11 @@ pub struct ModeRound {
     pub lag_p99_ms: f64,
     pub lag_max_ms: f64,
     pub lag_max_records: u64,
+    /// The server's CPU (user + system) per request it answered during the blast, from `stats`.
+    pub server_cpu_us_per_request: f64,
+    /// The standby's CPU over the same blast, per request the active answered; 0 for plain. On a
+    /// machine where the standby shares the cores, this is what replication takes from the active.
+    pub standby_cpu_us_per_request: f64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -53,6 +58,9 @@ pub struct ReplicationBenchReport {
     pub median_ops: [f64; 3],
     pub median_p99_us: [f64; 3],
     pub median_lag_p99_ms: [f64; 2],
+    /// Median server CPU per request per mode (plain, async, sync), and the standby's (async, sync).
+    pub median_server_cpu_us: [f64; 3],
+    pub median_standby_cpu_us: [f64; 2],
     /// async/plain and sync/plain ops/s.
     pub ratio_async: f64,
     pub ratio_sync: f64,
@@ -182,8 +190,15 @@ pub fn run(config: &ReplicationBenchConfig, mut on_round: impl FnMut(&ModeRound)
                     (lags, records)
                 })
             });
+            let before = stats::fetch(server.addr, "")?;
+            let standby_before = standby.map(|s| stats::fetch(s.addr, "")).transpose()?;
             let result = blast::run(&blast_config)?;
             done.store(true, Ordering::Relaxed);
+            let usage = stats::ServerUsage::between(&before, &stats::fetch(server.addr, "")?)?;
+            let standby_cpu_us = match (standby, standby_before) {
+                (Some(s), Some(before)) => stats::ServerUsage::between(&before, &stats::fetch(s.addr, "")?)?.cpu_us,
+                _ => 0.0,
+            };
             let (lags, lag_records) = match sampler {
                 Some(thread) => thread.join().map_err(|_| anyhow::anyhow!("lag sampler panicked"))?,
                 None => (Vec::new(), 0),
@@ -198,6 +213,8 @@ pub fn run(config: &ReplicationBenchConfig, mut on_round: impl FnMut(&ModeRound)
                 lag_p99_ms: percentile(lags.clone(), 0.99),
                 lag_max_ms: percentile(lags, 1.0),
                 lag_max_records: lag_records,
+                server_cpu_us_per_request: usage.cpu_us_per_request,
+                standby_cpu_us_per_request: standby_cpu_us / usage.requests.max(1) as f64,
             };
             on_round(&entry);
             rounds.push(entry);
@@ -208,6 +225,8 @@ pub fn run(config: &ReplicationBenchConfig, mut on_round: impl FnMut(&ModeRound)
     let median_ops = MODES.map(|m| of(m, |r| r.ops_per_sec));
     let median_p99_us = MODES.map(|m| of(m, |r| r.p99_us));
     let median_lag_p99_ms = [of("async", |r| r.lag_p99_ms), of("sync", |r| r.lag_p99_ms)];
+    let median_server_cpu_us = MODES.map(|m| of(m, |r| r.server_cpu_us_per_request));
+    let median_standby_cpu_us = [of("async", |r| r.standby_cpu_us_per_request), of("sync", |r| r.standby_cpu_us_per_request)];
     let (full_sync_bytes, full_sync_seconds) = if config.full_sync_mb > 0 { full_sync(config, &dir, &secret)? } else { (0, 0.0) };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ReplicationBenchReport {
@@ -218,6 +237,8 @@ pub fn run(config: &ReplicationBenchConfig, mut on_round: impl FnMut(&ModeRound)
         median_ops,
         median_p99_us,
         median_lag_p99_ms,
+        median_server_cpu_us,
+        median_standby_cpu_us,
         full_sync_bytes,
         full_sync_seconds,
         full_sync_gb_per_s: if full_sync_seconds > 0.0 { full_sync_bytes as f64 / full_sync_seconds / 1e9 } else { 0.0 },

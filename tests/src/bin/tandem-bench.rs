@@ -291,8 +291,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = replication::run(&config, |round| {
                 if !json {
                     println!(
-                        "round {} {:<6} {:>10.0} ops/s  p99 {:>8.1} us  lag p99 {:>6.1} ms max {:>6.1} ms ({} records)  {} errors",
-                        round.round, round.mode, round.ops_per_sec, round.p99_us, round.lag_p99_ms, round.lag_max_ms, round.lag_max_records, round.errors
+                        "round {} {:<6} {:>10.0} ops/s  p99 {:>8.1} us  cpu {:>5.2} us/req (standby {:>5.2})  lag p99 {:>6.1} ms max {:>6.1} ms ({} records)  {} errors",
+                        round.round, round.mode, round.ops_per_sec, round.p99_us, round.server_cpu_us_per_request, round.standby_cpu_us_per_request,
+                        round.lag_p99_ms, round.lag_max_ms, round.lag_max_records, round.errors
                     );
                 }
             })?;
@@ -300,7 +301,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&report)?;
             } else {
                 for (i, mode) in ["plain", "async", "sync"].iter().enumerate() {
-                    println!("median {mode:<6} {:>10.0} ops/s  p99 {:>8.1} us", report.median_ops[i], report.median_p99_us[i]);
+                    let standby = if i == 0 { String::new() } else { format!(" (standby {:.2})", report.median_standby_cpu_us[i - 1]) };
+                    println!(
+                        "median {mode:<6} {:>10.0} ops/s  p99 {:>8.1} us  server cpu {:.2} us/req{standby}",
+                        report.median_ops[i], report.median_p99_us[i], report.median_server_cpu_us[i]
+                    );
                 }
                 println!(
                     "async/plain ops/s {:.2}x  sync/plain ops/s {:.2}x  lag p99 async {:.1} ms, sync {:.1} ms",
