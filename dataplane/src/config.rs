@@ -440,6 +440,7 @@ pub struct ReplicationSection {
     pub transport: Option<String>,
     pub heartbeat_ms: Option<u64>,
     pub peer_timeout_ms: Option<u64>,
+    pub async_batch_us: Option<u64>,
 }
 
 /// This node's part in a replicated pair.
@@ -463,12 +464,20 @@ pub struct ReplicationSettings {
     pub backlog_bytes: usize,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
+    /// Async mode: how long the replication core gathers writes before shipping them.
+    pub async_batch: Duration,
     /// Failover: a synced standby promotes itself after the active is silent this long.
     pub dead_after: Option<Duration>,
 }
 
 /// Shortest shared secret accepted, in bytes.
 const SECRET_MIN: usize = 16;
+/// Async mode's default gathering window: at a few tens of thousands of writes a second, shipping each
+/// as it comes costs the active a wake-up and a send per write; half a millisecond gathers them into
+/// one send while keeping the loss window under a millisecond.
+pub const ASYNC_BATCH_US: u64 = 500;
+/// Longest gathering window accepted.
+const ASYNC_BATCH_MAX_US: u64 = 100_000;
 
 impl ReplicationSettings {
     fn from_section(section: ReplicationSection) -> Result<ReplicationSettings, ConfigError> {
@@ -525,6 +534,10 @@ impl ReplicationSettings {
         if peer_timeout <= heartbeat {
             return Err(invalid("replication.peer_timeout_ms", "must be longer than heartbeat_ms"));
         }
+        let async_batch_us = section.async_batch_us.unwrap_or(ASYNC_BATCH_US);
+        if async_batch_us > ASYNC_BATCH_MAX_US {
+            return Err(invalid("replication.async_batch_us", format!("at most {ASYNC_BATCH_MAX_US} (it widens the loss window)")));
+        }
         Ok(ReplicationSettings {
             role,
             listen,
@@ -535,6 +548,7 @@ impl ReplicationSettings {
             backlog_bytes: backlog_mb << 20,
             heartbeat,
             peer_timeout,
+            async_batch: Duration::from_micros(async_batch_us),
             dead_after: None,
         })
     }
@@ -860,6 +874,9 @@ mod tests {
         assert_eq!((r.role, r.mode, r.ack), (Role::Active, replica::shipper::Mode::Sync, replica::shipper::AckPolicy::All));
         assert_eq!(r.secret, b"a-secret-of-enough-length", "trailing whitespace is not part of the secret");
         assert!(!active.read_only());
+        assert_eq!(r.async_batch, Duration::from_micros(ASYNC_BATCH_US), "the default gathering window");
+        let unbatched = load(format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nasync_batch_us = 0\n{secret_line}")).unwrap();
+        assert_eq!(unbatched.replication.unwrap().async_batch, Duration::ZERO);
         let standby = load(format!("[replication]\nrole = \"standby\"\npeers = [\"127.0.0.1:1\"]\n{secret_line}")).unwrap();
         assert!(standby.read_only());
         for (body, key) in [
@@ -872,6 +889,7 @@ mod tests {
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ntransport = \"rdma\"\n{secret_line}"), "replication.transport"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nheartbeat_ms = 500\npeer_timeout_ms = 100\n{secret_line}"), "replication.peer_timeout_ms"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecrets = 1\n{secret_line}"), "secrets"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nasync_batch_us = 1000000\n{secret_line}"), "replication.async_batch_us"),
         ] {
             let err = load(body).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");

@@ -589,6 +589,7 @@ impl ActiveStart {
             backlog_bytes: settings.backlog_bytes / shards.max(1),
             heartbeat_interval: settings.heartbeat,
             peer_timeout: settings.peer_timeout,
+            async_batch: settings.async_batch,
         };
         let (shipper, handle) = Shipper::new(shipper_config, consumers, self.ports.to_vec(), self.wake)
             .with_context(|| format!("cannot listen for standbys on {listen}"))?;

@@ -94,6 +94,10 @@ pub struct ShipperConfig {
     pub heartbeat_interval: Duration,
     /// A standby silent for this long is dropped.
     pub peer_timeout: Duration,
+    /// Async mode: after shipping, wait this long before shipping again, so that the writes of that
+    /// time go out together (one wake-up and one send for many writes, not one each). Zero ships at
+    /// once. Sync mode never waits: a client's reply hangs on the ack.
+    pub async_batch: Duration,
 }
 
 /// What `stats replication` shows of one standby.
@@ -264,9 +268,16 @@ impl Shipper {
     pub fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         let mut last_report = Instant::now();
+        let mut last_shipped: Option<Instant> = None;
         while !self.stop.load(Ordering::Relaxed) {
+            if let Some(wait) = last_shipped.and_then(|at| self.batch_wait(at)) {
+                std::thread::sleep(wait);
+            }
             let busy = self.drain_logs() | self.take_snapshots();
             let wrote = self.ship_all();
+            if wrote {
+                last_shipped = Some(Instant::now());
+            }
             let timeout = if busy || wrote {
                 Duration::ZERO
             } else {
@@ -307,6 +318,15 @@ impl Shipper {
                 self.publish_report();
             }
         }
+    }
+
+    /// How much longer to gather writes before the next shipment, given the last one's time: only in
+    /// async mode, and never while a snapshot streams (its chunks go out as fast as the sockets take them).
+    fn batch_wait(&self, last_shipped: Instant) -> Option<Duration> {
+        if self.config.mode != Mode::Async || self.snapshots.iter().any(Option::is_some) {
+            return None;
+        }
+        self.config.async_batch.checked_sub(last_shipped.elapsed()).filter(|wait| !wait.is_zero())
     }
 
     /// Moves everything the shards handed over into the backlogs. Returns whether anything moved.

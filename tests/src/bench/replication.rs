@@ -31,6 +31,8 @@ pub struct ReplicationBenchConfig {
     pub blast: BlastConfig,
     /// Data held by the active when a standby joins (0 skips the full-sync measurement).
     pub full_sync_mb: usize,
+    /// The async active's `async_batch_us`; None leaves tandemd's default.
+    pub async_batch_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -92,12 +94,12 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 /// A node pair's configs: the active's and the standby's.
-fn pair_configs(dir: &Path, name: &str, mode: &str, repl_port: u16, secret: &Path) -> Result<(PathBuf, PathBuf)> {
+fn pair_configs(dir: &Path, name: &str, mode: &str, repl_port: u16, secret: &Path, extra: &str) -> Result<(PathBuf, PathBuf)> {
     let secret = secret.display();
     let active = write_config(
         dir,
         &format!("{name}-active"),
-        &format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:{repl_port}\"\nmode = \"{mode}\"\nsecret_file = \"{secret}\"\n"),
+        &format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:{repl_port}\"\nmode = \"{mode}\"\nsecret_file = \"{secret}\"\n{extra}"),
     )?;
     let standby = write_config(
         dir,
@@ -148,8 +150,9 @@ pub fn run(config: &ReplicationBenchConfig, mut on_round: impl FnMut(&ModeRound)
     let secret = dir.join("secret");
     std::fs::write(&secret, b"tandem-bench-replication-secret")?;
     let ports: Vec<u16> = (0..8).map(|_| crate::free_port()).collect();
-    let (async_active, async_standby) = pair_configs(&dir, "async", "async", ports[5], &secret)?;
-    let (sync_active, sync_standby) = pair_configs(&dir, "sync", "sync", ports[6], &secret)?;
+    let batch = config.async_batch_us.map(|us| format!("async_batch_us = {us}\n")).unwrap_or_default();
+    let (async_active, async_standby) = pair_configs(&dir, "async", "async", ports[5], &secret, &batch)?;
+    let (sync_active, sync_standby) = pair_configs(&dir, "sync", "sync", ports[6], &secret, "")?;
     let start = |name, port, file: Option<&Path>| {
         ServerChild::start(name, &config.tandemd, &server_args(config, port, config.memory_mb, file), loopback(port))
     };
@@ -249,7 +252,7 @@ pub fn run(config: &ReplicationBenchConfig, mut on_round: impl FnMut(&ModeRound)
 /// streams with everything applied. Returns the snapshot bytes shipped and the seconds taken.
 fn full_sync(config: &ReplicationBenchConfig, dir: &Path, secret: &Path) -> Result<(u64, f64)> {
     let ports: Vec<u16> = (0..3).map(|_| crate::free_port()).collect();
-    let (active_file, standby_file) = pair_configs(dir, "full", "async", ports[2], secret)?;
+    let (active_file, standby_file) = pair_configs(dir, "full", "async", ports[2], secret, "")?;
     let memory = config.full_sync_mb * 2 + 256;
     let active = ServerChild::start("full-active", &config.tandemd, &server_args(config, ports[0], memory, Some(&active_file)), loopback(ports[0]))?;
     let value = 4096;

@@ -119,6 +119,9 @@ enum Command {
         /// MB of data the active holds when a standby joins for the full-sync measurement (0: skip).
         #[arg(long, default_value_t = 512)]
         full_sync_mb: usize,
+        /// The async active's `[replication] async_batch_us` (default: tandemd's own).
+        #[arg(long)]
+        async_batch_us: Option<u64>,
         #[command(flatten)]
         workload: Workload,
         #[arg(long)]
@@ -282,12 +285,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(status(!report.corrupt && !early))
         }
-        Command::Replication { tandemd, server_threads, memory, rounds, full_sync_mb, workload, json } => {
+        Command::Replication { tandemd, server_threads, memory, rounds, full_sync_mb, async_batch_us, workload, json } => {
             if !tandemd.exists() {
                 bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
             }
             let blast = workload.config(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-            let config = ReplicationBenchConfig { tandemd, server_threads, memory_mb: memory, rounds, blast, full_sync_mb };
+            let config = ReplicationBenchConfig { tandemd, server_threads, memory_mb: memory, rounds, blast, full_sync_mb, async_batch_us };
             let report = replication::run(&config, |round| {
                 if !json {
                     println!(
