@@ -35,17 +35,82 @@ pub const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duratio
 
 /// The service address in dataplane mode. The replication core claims and releases it; every worker's
 /// stack checks the version once per poll step and adds or drops the address on its interface.
+///
+/// It also carries the standby's question before it promotes (see [`crate::failover_guard`]): does
+/// another node answer ARP for the address on the clients' link? There the link belongs to DPDK, so
+/// the announcing stack sends the probes ([`ServiceSlot::probes_wanted`]) and every stack reports the
+/// ARP replies it receives for the address while a probe is open ([`ServiceSlot::heard`]).
 #[derive(Debug)]
 pub struct ServiceSlot {
     pub address: Ipv4Addr,
     pub prefix_len: u8,
     claimed: AtomicBool,
     version: AtomicU64,
+    /// How many probes were asked for; the announcing stack sends one per step it has not sent.
+    probes: AtomicU64,
+    /// Set while a probe's replies are awaited.
+    probing: AtomicBool,
+    /// The first other MAC that answered for the address since the probe opened.
+    holder: std::sync::Mutex<Option<[u8; 6]>>,
 }
 
 impl ServiceSlot {
     pub fn new(address: Ipv4Addr, prefix_len: u8) -> ServiceSlot {
-        ServiceSlot { address, prefix_len, claimed: AtomicBool::new(false), version: AtomicU64::new(0) }
+        ServiceSlot {
+            address,
+            prefix_len,
+            claimed: AtomicBool::new(false),
+            version: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            holder: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Who answers ARP for the address on the stacks' link: `tries` probes sent by the announcing
+    /// stack, `wait` apart; the first answering MAC (an answer to an early probe counts until the end),
+    /// or None. Blocks about `tries * wait`; called by the replication core, never by a worker.
+    pub fn probe(&self, tries: usize, wait: Duration) -> Option<[u8; 6]> {
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.probing.store(true, Ordering::SeqCst);
+        let start = std::time::Instant::now();
+        let deadline = start + wait * tries as u32;
+        let mut sent = 0;
+        let found = loop {
+            let now = std::time::Instant::now();
+            // Probe N is due N waits after the first.
+            if sent < tries && now >= start + wait * sent as u32 {
+                self.probes.fetch_add(1, Ordering::SeqCst);
+                sent += 1;
+            }
+            if let Some(mac) = *self.holder.lock().unwrap_or_else(|e| e.into_inner()) {
+                break Some(mac);
+            }
+            if now >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        };
+        self.probing.store(false, Ordering::SeqCst);
+        found
+    }
+
+    /// The announcing stack: how many probes have been asked for in all (it sends the ones it has not).
+    pub fn probes_wanted(&self) -> u64 {
+        self.probes.load(Ordering::SeqCst)
+    }
+
+    /// Whether ARP replies for the address are awaited (one relaxed load, per batch of frames).
+    #[inline]
+    pub fn watching(&self) -> bool {
+        self.probing.load(Ordering::Relaxed)
+    }
+
+    /// A stack received an ARP reply for the address from `mac` (not its own).
+    pub fn heard(&self, mac: [u8; 6]) {
+        if self.probing.load(Ordering::SeqCst) {
+            self.holder.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(mac);
+        }
     }
 
     /// Asks the stacks to take the address (and the announcing stack to announce it).

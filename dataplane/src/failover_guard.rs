@@ -5,8 +5,10 @@
 //! healthy, promoting would give the service address two owners, each taking writes, until the link
 //! returns. So before it promotes, it looks at the clients' link the way a client does:
 //!
-//! 1. an ARP probe for the service address on the failover interface ([`crate::net::arp_probe`]):
-//!    no answer means no node on that link holds it (the active's machine or link is dead) — promote;
+//! 1. an ARP probe for the service address on the failover interface ([`crate::net::arp_probe`]), or
+//!    in dataplane mode through the node's own stacks ([`crate::failover::ServiceSlot::probe`]): no
+//!    answer means no node on that link holds it (the active's machine or link is dead) — promote; in
+//!    dataplane mode an answer means a live holder (the address lives on its stacks) — do not promote;
 //! 2. an answer names the holder's MAC; then a memcached `version` request to the service address and
 //!    client port: a server that answers is an active alive and serving — do not promote (the
 //!    replication link is what failed; the active keeps the clients, with sync mode degraded to async
@@ -56,6 +58,16 @@ pub enum ServiceSeen {
 /// Looks at the service address from this node, as [`ServiceSeen`] says; blocks at most
 /// `ARP_TRIES * ARP_WAIT + 2 * SERVICE_WAIT`.
 pub fn look(failover: &FailoverSettings) -> ServiceSeen {
+    if let Some(slot) = &failover.stack {
+        // Dataplane mode: the clients' link belongs to DPDK, so the stacks ask it. An answer is another
+        // node's stack (or kernel) holding the address; a stack's address lives and dies with its
+        // tandemd, so the holder serves, and asking its port too would need a kernel route to the
+        // clients' link that a DPDK node may not have.
+        return match slot.probe(ARP_TRIES, ARP_WAIT) {
+            Some(mac) => ServiceSeen::Served { holder: MacAddress(mac) },
+            None => ServiceSeen::Unheld,
+        };
+    }
     let holder = match arp_probe::holder(&failover.interface, failover.service_ip, ARP_TRIES, ARP_WAIT) {
         Ok(Some(holder)) => holder,
         Ok(None) => return ServiceSeen::Unheld,

@@ -17,6 +17,7 @@ import pytest
 
 from harness import requires_tandem
 from test_failover import SECRET, Topology, kill_under_the_client, sh, wait_until
+from test_failover_faults import SplitTopology
 from test_userspace import dpdk_server, hugepages_ready
 
 pytestmark = [
@@ -40,8 +41,8 @@ def node_config(tmp_path, topo, name, role, peer):
     lines = [
         "[replication]",
         f'role = "{role}"',
-        f'listen = "{topo.addr[name]}:11311"',
-        f'peers = ["{topo.addr[peer]}:11311"]',
+        f'listen = "{topo.replication_addr[name]}:11311"',
+        f'peers = ["{topo.replication_addr[peer]}:11311"]',
         'mode = "sync"',
         f'secret_file = "{secret}"',
         "[failover]",
@@ -117,3 +118,46 @@ def test_kill_the_active_in_dataplane_mode_the_standby_stack_serves_every_acknow
         while int((net := stats(topo, "b", "net")).get("garps_sent", 0)) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert int(net["garps_sent"]) >= 3, f"the new active announced the address through DPDK: {net}"
+
+
+def test_cutting_only_the_replication_link_in_dataplane_mode_leaves_the_active_alone(tmp_path):
+    """The standby hears nothing on the replication link, its witness answers, so it asks the clients'
+    link through its own stack (DPDK owns that link) who holds the service address: the active's stack
+    answers, so it stays standby; writes through the service address go on being acknowledged."""
+    dpdk_server()
+    with SplitTopology(os.getpid() % 1000 * 10 + 8) as topo:
+        for name in ("c", "a", "b"):
+            sh("ip", "netns", "exec", topo.ns[name], "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off")
+        start(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b"))
+        start(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a"))
+        wait_until(lambda: stats(topo, "b").get("state") == "streaming", "the standby to stream", 30)
+        assert request(topo, topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
+
+        sh("ip", "link", "set", topo.replication_if["a"], "down")
+        cut = time.monotonic()
+        acked = 0
+        while time.monotonic() < cut + 4:  # several dead_after periods: each one asks again
+            assert stats(topo, "b")["role"] == "standby", "the standby promoted with the active still serving"
+            if request(topo, topo.service, b"set during:%d 0 0 1\r\nx\r\n" % acked, timeout=3) == b"STORED\r\n":
+                acked += 1
+            time.sleep(0.2)
+        b_stats, a_stats = stats(topo, "b"), stats(topo, "a")
+        assert a_stats["role"] == "active" and a_stats["step_downs"] == "0", a_stats
+        assert b_stats["role"] == "standby" and b_stats["promotions"] == "0", b_stats
+        assert "not_promoting" in b_stats["last_role_change"] and "still_served" in b_stats["last_role_change"], b_stats
+        assert acked > 0, "no write acknowledged through the service address during the cut"
+        # Workers publish their network counters once a second.
+        deadline = time.monotonic() + 6
+        while int((net := stats(topo, "b", "net")).get("service_probes_sent", 0)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert int(net["service_probes_sent"]) >= 2, f"the standby asked through its stack: {net}"
+
+        sh("ip", "link", "set", topo.replication_if["a"], "up")
+        wait_until(lambda: stats(topo, "b").get("state") == "streaming", "the standby to stream again", 15)
+        wait_until(
+            lambda: request(topo, stack_addr(topo, "b"), b"get during:%d\r\n" % (acked - 1), b"END\r\n").count(b"VALUE") == 1,
+            "the standby to converge",
+            20,
+        )
+        print(f"\nreplication link cut for 4 s in dataplane mode: {acked} writes acknowledged by a, b stayed standby "
+              f"(asked {net['service_probes_sent']} times through its stack)")

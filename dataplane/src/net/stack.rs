@@ -38,6 +38,7 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration as NetDuration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 
+use super::takeover::MacAddress;
 use super::{Ready, Transport};
 
 /// A network device one worker drives: smoltcp's `Device`, plus the end of a round.
@@ -210,6 +211,8 @@ pub struct StackCounters {
     pub linger_aborts: u64,
     /// Gratuitous ARPs sent for the service address.
     pub garps_sent: u64,
+    /// ARP probes sent for the service address (a standby's check before it promotes).
+    pub service_probes_sent: u64,
     /// Cells given an egress pass.
     pub cell_polls: u64,
 }
@@ -316,6 +319,8 @@ pub struct StackTransport<P: Phy> {
     /// The service slot's version this stack last acted on, and the gratuitous ARPs still to send.
     service_seen: u64,
     garps_due: Vec<StdInstant>,
+    /// Probes of the service address sent (see [`crate::failover::ServiceSlot::probe`]).
+    probes_sent: u64,
     pub counters: StackCounters,
 }
 
@@ -416,6 +421,7 @@ impl<P: Phy> StackTransport<P> {
             last_activity: StdInstant::now(),
             service_seen: 0,
             garps_due: Vec::new(),
+            probes_sent: 0,
             counters: StackCounters::default(),
             config,
         };
@@ -559,6 +565,7 @@ impl<P: Phy> StackTransport<P> {
     fn ingress(&mut self) -> bool {
         let now = now();
         let mut any = false;
+        let watched = self.config.service.as_ref().filter(|slot| slot.watching()).map(|slot| slot.address);
         loop {
             let Some((rx, _)) = self.phy.receive(now) else { break };
             let frame = &mut self.frame;
@@ -570,6 +577,11 @@ impl<P: Phy> StackTransport<P> {
                 bytes.len()
             });
             any = true;
+            if let (Some(address), Some(slot)) = (watched, &self.config.service) {
+                if let Some(holder) = crate::net::arp_probe::parse_reply(&self.frame[..len], address, MacAddress(self.config.mac)) {
+                    slot.heard(holder.0);
+                }
+            }
             let cell = tcp_flow(&self.frame[..len], self.config.port)
                 .and_then(|flow| self.flows.get(&flow).copied())
                 .unwrap_or(LISTEN_CELL);
@@ -696,11 +708,25 @@ impl<P: Phy> StackTransport<P> {
                 self.garps_due.extend(crate::failover::ANNOUNCE_REPEATS.iter().map(|&after| now + after));
             }
         }
+        let (address, probes_wanted) = (slot.address, slot.probes_wanted());
         if self.garps_due.first().is_some_and(|&due| due <= StdInstant::now()) {
             self.garps_due.remove(0);
-            let address = slot.address;
             self.send_garp(address);
         }
+        if self.config.announce && self.probes_sent != probes_wanted {
+            self.probes_sent = probes_wanted;
+            self.send_probe(address);
+        }
+    }
+
+    /// Asks who holds `address`: a broadcast ARP request in the name of this stack's own address (a
+    /// request from 0.0.0.0, RFC 5227's probe, goes unanswered by some stacks; smoltcp's among them).
+    fn send_probe(&mut self, address: Ipv4Addr) {
+        let frame = crate::net::takeover::arp_request_frame(MacAddress(self.config.mac), self.config.address, address);
+        let Some(token) = self.phy.transmit(now()) else { return };
+        phy::TxToken::consume(token, frame.len(), |buf| buf.copy_from_slice(&frame));
+        self.phy.flush();
+        self.counters.service_probes_sent += 1;
     }
 
     /// Sends one gratuitous ARP for `address`: a broadcast request whose sender and target are both
@@ -914,6 +940,7 @@ impl<P: Phy> Transport for StackTransport<P> {
             ("tcp_half_open_dropped", c.half_open_dropped),
             ("tcp_linger_aborts", c.linger_aborts),
             ("garps_sent", c.garps_sent),
+            ("service_probes_sent", c.service_probes_sent),
             ("tcp_sockets", self.socket_count() as u64),
             ("tcp_cells", self.cells.len() as u64),
             ("tcp_cell_polls", c.cell_polls),
@@ -1173,5 +1200,46 @@ mod tests {
         }
         assert_eq!(got.len(), reply.len());
         assert!(got == reply, "the bytes arrive intact and in order");
+    }
+
+    /// The probe a standby sends before it promotes, through its stack: runs `probe` on a thread of its
+    /// own (it blocks, as the replication core does) while the test thread drives both ends.
+    fn probe_through_the_stack(holds_service: bool) -> (Option<[u8; 6]>, u64) {
+        const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 100);
+        let (a, b) = wire();
+        let mut config = StackConfig::new(SERVER, 24, [2, 0, 0, 0, 0, 1], 11211);
+        config.idle = IdlePolicy { spin: Duration::ZERO, sleep: Duration::from_micros(10) };
+        let slot = Arc::new(crate::failover::ServiceSlot::new(SERVICE, 24));
+        config.service = Some(slot.clone());
+        config.announce = true;
+        let mut server = StackTransport::new(a, config, Arc::new(ThreadBell::default()));
+        let mut client = Client::new(b);
+        if holds_service {
+            client.iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::new(IpAddress::v4(10, 9, 0, 100), 24));
+            });
+        }
+        let asking = std::thread::spawn(move || slot.probe(2, Duration::from_millis(20)));
+        let mut ready = Vec::new();
+        while !asking.is_finished() {
+            server.poll(Duration::ZERO, &mut ready).unwrap();
+            server.end_round();
+            client.poll();
+        }
+        (asking.join().unwrap(), server.counters.service_probes_sent)
+    }
+
+    #[test]
+    fn a_probe_through_the_stack_finds_the_node_holding_the_service_address() {
+        let (holder, sent) = probe_through_the_stack(true);
+        assert_eq!(holder, Some([2, 0, 0, 0, 0, 2]), "the client's interface answers ARP for the address");
+        assert!(sent >= 1, "the announcing stack sent the probe");
+    }
+
+    #[test]
+    fn a_probe_through_the_stack_that_nobody_answers_finds_no_holder() {
+        let (holder, sent) = probe_through_the_stack(false);
+        assert_eq!(holder, None);
+        assert_eq!(sent, 2, "both probes went out");
     }
 }
