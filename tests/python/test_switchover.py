@@ -187,10 +187,12 @@ def test_status_promote_and_demote(tmp_path):
 
         # promote --force on a while b is its live active: a takes over at a higher epoch; b meets it and
         # steps down.
+        # (b's epoch is read first: once a is active, b may step down and take a's epoch at any moment.)
+        b_epoch = int(status(tmp_path, "b")["epoch"])
         code, out, err = tandemctl(tmp_path, "a", "promote", "--force")
         assert code == 0 and "promoted to active" in out and "forced" in out, (out, err)
         a = status(tmp_path, "a")
-        assert a["role"] == "active" and int(a["epoch"]) == int(status(tmp_path, "b")["epoch"]) + 1, a
+        assert a["role"] == "active" and int(a["epoch"]) == b_epoch + 1, (a, b_epoch)
         assert "asked by tandemctl promote" in a["last_role_change"] and a["promotions"] == "1", a
         wait_until(lambda: status(tmp_path, "b")["role"] == "standby", "b to step down for the newer active", 15)
         wait_until(lambda: holders(topo) == ["a"], "only a to hold the service address")
@@ -255,16 +257,23 @@ def test_a_switchover_whose_standby_cannot_catch_up_aborts_and_writes_resume(tmp
     with Topology(TAG_BASE + 7) as topo:
         _, b = topo.start_pair(tmp_path)
         assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
-        # The standby freezes: a write made now is logged but never acknowledged by it.
+        # The standby freezes: a write made now is logged but never acknowledged by it. The client is
+        # started and connected first and told to write only after the freeze, so that the switchover
+        # begins well within the standby's peer timeout even when starting a process is slow.
+        pending = subprocess.Popen(
+            ["ip", "netns", "exec", topo.ns["c"], sys.executable, "-c",
+             "import socket,sys;s=socket.create_connection(('%s',11211),timeout=5);print('connected', flush=True);"
+             "sys.stdin.readline();s.sendall(b'set held 0 0 1\\r\\ny\\r\\n');print('sent', flush=True);print(s.recv(100))"
+             % topo.service],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert pending.stdout.readline().strip() == "connected"
         b.send_signal(signal.SIGSTOP)
         try:
-            pending = subprocess.Popen(
-                ["ip", "netns", "exec", topo.ns["c"], sys.executable, "-c",
-                 "import socket;s=socket.create_connection(('%s',11211),timeout=5);s.sendall(b'set held 0 0 1\\r\\ny\\r\\n');"
-                 "print(s.recv(100))" % topo.service],
-                stdout=subprocess.PIPE, text=True,
-            )
-            time.sleep(0.1)
+            pending.stdin.write("go\n")
+            pending.stdin.flush()
+            assert pending.stdout.readline().strip() == "sent"
+            time.sleep(0.05)
             code, out, err = tandemctl(tmp_path, "a", "switchover", "--timeout-ms", "300")
             assert code == 1 and "switchover aborted" in err and "no standby caught up" in err, (out, err)
             assert "writes resumed on this active" in err
