@@ -19,12 +19,15 @@ use std::borrow::Cow;
 
 use crate::shard::Shard;
 
-/// Whether a key sent as a text token is acceptable: at most 250 bytes and, as protocol.txt requires,
-/// no control characters (memcached 1.6.18 stores them anyway; Tandem refuses them as bad input).
-/// Binary-protocol keys and base64-decoded meta keys are binary-safe and not checked here.
+/// Whether a key sent as a text or meta token is acceptable: at most 250 bytes, and nothing else is
+/// checked, as memcached 1.6.18 checks it. The tokenizer already split on spaces and cut the line at its
+/// first NUL, so a token holds any other byte: control characters (`\x01`, a tab, DEL, a `\r` inside
+/// the line) and bytes >= 0x80 are stored and returned as sent, though protocol.txt asks clients not to
+/// send them (memaslap's keys start with `\x10` bytes). Binary-protocol keys and base64-decoded meta keys
+/// are binary-safe and not checked here.
 #[inline]
 pub fn key_token_ok(token: &[u8]) -> bool {
-    token.len() <= crate::store::MAX_KEY_LEN && token.iter().all(|&b| b > b' ' && b != 0x7f)
+    token.len() <= crate::store::MAX_KEY_LEN
 }
 
 /// Limits the parsers enforce.
