@@ -45,6 +45,11 @@ impl fmt::Display for Ratio {
 }
 
 impl Ratio {
+    /// The weight given to `kind` (0 when the ratio does not name it).
+    pub fn weight(&self, kind: OpKind) -> u32 {
+        self.weights.iter().find(|(k, _)| *k == kind).map_or(0, |(_, w)| *w)
+    }
+
     pub fn pick(&self, rng: &mut Rng) -> OpKind {
         let mut ticket = rng.below(self.total as u64) as u32;
         for (kind, weight) in self.weights {
