@@ -152,6 +152,14 @@ pub trait Codec {
     /// Parses one request from the front of `buf`.
     fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Self::Request<'a>>;
 
+    /// The key of the request at the front of `buf` and that request's length in bytes, when a glance
+    /// tells both (no full parse), so that the store lookups of a pipelined batch can be prefetched
+    /// before the batch runs; `None` when the request is incomplete, has no key, or the codec cannot
+    /// tell cheaply. A hint: the request is still parsed and checked by [`Codec::parse`].
+    fn peek_key(_buf: &[u8]) -> Option<(&[u8], usize)> {
+        None
+    }
+
     /// Where `request` runs.
     fn route<'r>(request: &'r Self::Request<'_>) -> Route<'r>;
 
