@@ -215,9 +215,10 @@ impl Shape {
 }
 
 /// Parses the request at the front of `buf`.
-/// The key and whole length of the packet at the front of `buf`, read from its header alone (see
-/// [`crate::protocol::Codec::peek_key`]): `None` unless the header and key have arrived and the
-/// header's lengths agree.
+/// The key of the packet at the front of `buf` and the bytes [`parse`] takes for it, read from its header
+/// alone (see [`crate::protocol::Codec::peek_key`]): `None` unless the header and key have arrived, the
+/// opcode is known and the header's lengths agree. Opcodes without a value leave the rest of a longer
+/// body unread, as memcached does, so only value-bearing ones take the whole body.
 #[inline]
 pub fn peek_key(buf: &[u8]) -> Option<(&[u8], usize)> {
     let header = Header::decode(buf.first_chunk::<HEADER_LEN>()?);
@@ -227,7 +228,11 @@ pub fn peek_key(buf: &[u8]) -> Option<(&[u8], usize)> {
     if header.magic != REQUEST_MAGIC || key_len == 0 || key_start - HEADER_LEN + key_len > body_len {
         return None;
     }
-    Some((buf.get(key_start..key_start + key_len)?, HEADER_LEN + body_len))
+    let len = match Shape::of(Opcode::from_byte(header.opcode)?.family()).body {
+        BodyRule::Value => HEADER_LEN + body_len,
+        BodyRule::Exact | BodyRule::Unread => key_start + key_len,
+    };
+    Some((buf.get(key_start..key_start + key_len)?, len))
 }
 
 pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
