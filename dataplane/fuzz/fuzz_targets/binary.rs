@@ -1,6 +1,6 @@
 //! Fuzz target `binary`: arbitrary bytes fed to the binary protocol parser the way a connection feeds
-//! it, request after request. It must never panic, never consume more than it was given, and every
-//! request it accepts must route, encode and parse back to itself.
+//! it, request after request. It must never panic, never consume more than it was given, every
+//! request it accepts must route, encode and parse back to itself, and `peek_key` must agree with it.
 
 #![no_main]
 
@@ -15,9 +15,14 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     let mut out = Vec::new();
     loop {
+        let peeked = BinaryCodec::peek_key(rest);
         match BinaryCodec::parse(rest, &LIMITS) {
             Parse::Request { request, consumed } => {
                 assert!(consumed > 0 && consumed <= rest.len(), "consumed {consumed} of {}", rest.len());
+                // The worker prefetches by what a glance at the header says: it must be this request's.
+                if let Some((key, len)) = peeked {
+                    assert_eq!((key, len), (request.key, consumed), "peek_key disagrees with parse");
+                }
                 if let Route::Connection = BinaryCodec::route(&request) {
                     out.clear();
                     BinaryCodec::answer(&request, &mut out);

@@ -19,12 +19,15 @@ use std::borrow::Cow;
 
 use crate::shard::Shard;
 
-/// Whether a key sent as a text token is acceptable: at most 250 bytes and, as protocol.txt requires,
-/// no control characters (memcached 1.6.18 stores them anyway; Tandem refuses them as bad input).
-/// Binary-protocol keys and base64-decoded meta keys are binary-safe and not checked here.
+/// Whether a key sent as a text or meta token is acceptable: at most 250 bytes, and nothing else is
+/// checked, as memcached 1.6.18 checks it. The tokenizer already split on spaces and cut the line at its
+/// first NUL, so a token holds any other byte: control characters (`\x01`, a tab, DEL, a `\r` inside
+/// the line) and bytes >= 0x80 are stored and returned as sent, though protocol.txt asks clients not to
+/// send them (memaslap's keys start with `\x10` bytes). Binary-protocol keys and base64-decoded meta keys
+/// are binary-safe and not checked here.
 #[inline]
 pub fn key_token_ok(token: &[u8]) -> bool {
-    token.len() <= crate::store::MAX_KEY_LEN && token.iter().all(|&b| b > b' ' && b != 0x7f)
+    token.len() <= crate::store::MAX_KEY_LEN
 }
 
 /// Limits the parsers enforce.
@@ -148,6 +151,14 @@ pub trait Codec {
 
     /// Parses one request from the front of `buf`.
     fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Self::Request<'a>>;
+
+    /// The key of the request at the front of `buf` and that request's length in bytes, when a glance
+    /// tells both (no full parse), so that the store lookups of a pipelined batch can be prefetched
+    /// before the batch runs; `None` when the request is incomplete, has no key, or the codec cannot
+    /// tell cheaply. A hint: the request is still parsed and checked by [`Codec::parse`].
+    fn peek_key(_buf: &[u8]) -> Option<(&[u8], usize)> {
+        None
+    }
 
     /// Where `request` runs.
     fn route<'r>(request: &'r Self::Request<'_>) -> Route<'r>;

@@ -468,6 +468,28 @@ impl Store {
         Ok(())
     }
 
+    /// The first half of a prefetch for a request about to run on the key with this hash
+    /// ([`crate::route::key_hash`]): starts loading its index slot. Run it for a batch of requests, then
+    /// [`Store::prefetch_item`] for the same batch, then the requests: their cache misses overlap
+    /// instead of each one waiting for its own two (the index slot, then the item).
+    #[inline]
+    pub fn prefetch_index(&self, hash: u64) {
+        self.index.prefetch_home(tag_of(hash));
+    }
+
+    /// The second half (see [`Store::prefetch_index`]): starts loading the item the key's home slot
+    /// points at, its header and key (and, for small items, its value).
+    #[inline]
+    pub fn prefetch_item(&self, hash: u64) {
+        if let Some(addr) = self.index.home_address(tag_of(hash)) {
+            let bytes = self.arena.bytes();
+            super::arena::prefetch(&bytes[addr]);
+            if let Some(next_line) = bytes.get((addr | 63) + 1) {
+                super::arena::prefetch(next_line);
+            }
+        }
+    }
+
     /// A read; may touch, vivify, mark fetched, bump.
     pub fn get(&mut self, key: &[u8], options: GetOptions, now: RelTime) -> GetResult<'_> {
         let options = if self.read_only { GetOptions { no_bump: true, ..GetOptions::default() } } else { options };

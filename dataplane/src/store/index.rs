@@ -92,6 +92,20 @@ impl Index {
     }
 
     /// Finds the entry with `tag` whose item satisfies `is_key(address)`: its slot and address.
+    /// Starts loading `tag`'s home slot (see [`super::Store::prefetch_index`]).
+    #[inline]
+    pub fn prefetch_home(&self, tag: u32) {
+        super::arena::prefetch(&self.slots[self.home(tag)]);
+    }
+
+    /// The address in `tag`'s home slot if the entry there has that tag: where the item most likely is,
+    /// for prefetching. Lookups still go through [`Index::find`].
+    #[inline]
+    pub fn home_address(&self, tag: u32) -> Option<usize> {
+        let e = self.slots[self.home(tag)];
+        (e != 0 && entry_tag(e) == tag).then(|| entry_addr(e))
+    }
+
     #[inline]
     pub fn find(&self, tag: u32, mut is_key: impl FnMut(usize) -> bool) -> Option<(usize, usize)> {
         let mut slot = self.home(tag);

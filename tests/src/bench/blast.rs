@@ -65,7 +65,8 @@ pub struct BlastResult {
 }
 
 impl BlastResult {
-    fn new() -> BlastResult {
+    /// Nothing counted yet.
+    pub fn empty() -> BlastResult {
         BlastResult {
             elapsed: Duration::ZERO,
             latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static histogram bounds"),
@@ -134,7 +135,7 @@ pub fn run(config: &BlastConfig) -> Result<BlastResult> {
             .collect();
         handles.into_iter().map(|h| h.join().expect("client thread panicked")).collect()
     });
-    let mut total = BlastResult::new();
+    let mut total = BlastResult::empty();
     for result in results {
         total.merge(result?);
     }
@@ -283,7 +284,7 @@ fn run_thread(
     budget: &AtomicI64,
     deadline: Option<Instant>,
 ) -> Result<BlastResult> {
-    let mut result = BlastResult::new();
+    let mut result = BlastResult::empty();
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(1024);
     let mut connections = Vec::with_capacity(count);

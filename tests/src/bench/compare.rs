@@ -2,6 +2,9 @@
 //! key space, run the same blast against each in turn (A B A B ...), and summarise by medians and the
 //! ratios tandemd/memcached.
 //!
+//! The load is tandem-bench's own [`blast`] or, with [`Client::Memaslap`], libmemcached-tools' memaslap
+//! (see [`super::memaslap`]), with the server's own count of gets and sets checked against memaslap's.
+//!
 //! Both servers are children of this process; [`ServerChild`] kills its server on drop (so on every
 //! error path too), and each child is also asked to die with its parent (`PR_SET_PDEATHSIG`).
 
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::blast::{self, BlastConfig};
+use super::memaslap::{self, MemaslapConfig};
 use super::protocol::Protocol;
 use super::report::BlastReport;
 use super::stats::{self, ServerUsage};
@@ -64,6 +68,16 @@ impl Drop for ServerChild {
     }
 }
 
+/// Which program drives the load.
+#[derive(Clone, Debug, Default)]
+pub enum Client {
+    /// tandem-bench's own load loop.
+    #[default]
+    Blast,
+    /// memaslap at this path (Debian's `/usr/bin/memcaslap`), from the same workload settings.
+    Memaslap(PathBuf),
+}
+
 /// What `compare` runs.
 #[derive(Clone, Debug)]
 pub struct CompareConfig {
@@ -77,6 +91,7 @@ pub struct CompareConfig {
     pub rounds: usize,
     /// The blast to run; its address is replaced by each server's.
     pub blast: BlastConfig,
+    pub client: Client,
 }
 
 /// One tandemd configuration: its own -t (when it differs from memcached's) and `[net] backend`
@@ -183,6 +198,24 @@ fn server_args(config: &CompareConfig, port: u16, variant: Option<&Variant>) -> 
     args
 }
 
+/// One round driven by memaslap: its report, read as a blast's, with the key space it really used, and
+/// an error when the server did not count memaslap's operations as gets and sets.
+fn memaslap_round(program: &std::path::Path, blast_config: BlastConfig, server: &ServerChild) -> Result<BlastReport> {
+    let memaslap_config = MemaslapConfig::from_blast(program, &blast_config)?;
+    let keys = memaslap_config.window_thousands * 1000 * memaslap_config.concurrency as u64;
+    let blast_config =
+        BlastConfig { keys: super::workload::KeySpace::new(keys, blast_config.keys.length).map_err(anyhow::Error::msg)?, ..blast_config };
+    let before = stats::fetch(server.addr, "")?;
+    let mut result = memaslap::run(&memaslap_config)?;
+    let after = stats::fetch(server.addr, "")?;
+    let usage = ServerUsage::between(&before, &after)?;
+    if let Err(refused) = memaslap::check_counted(result.total_replies(), usage.requests) {
+        result.errors += 1;
+        result.error_samples.push(format!("{}: {refused}", server.name));
+    }
+    Ok(BlastReport::new(&blast_config, &result, Some(usage)))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -224,11 +257,17 @@ pub fn run(config: &CompareConfig, mut on_round: impl FnMut(&Round)) -> Result<C
     for round in 1..=config.rounds {
         for server in &servers {
             let blast_config = BlastConfig { addr: server.addr, ..config.blast.clone() };
-            let before = stats::fetch(server.addr, "")?;
-            let result = blast::run(&blast_config)?;
-            let after = stats::fetch(server.addr, "")?;
-            let usage = ServerUsage::between(&before, &after)?;
-            let report = BlastReport::new(&blast_config, &result, Some(usage));
+            let report = match &config.client {
+                Client::Blast => {
+                    let before = stats::fetch(server.addr, "")?;
+                    let result = blast::run(&blast_config)?;
+                    let after = stats::fetch(server.addr, "")?;
+                    let usage = ServerUsage::between(&before, &after)?;
+                    BlastReport::new(&blast_config, &result, Some(usage))
+                }
+                Client::Memaslap(program) => memaslap_round(program, blast_config, server)?,
+            };
+            let usage = report.server_usage.expect("every round reads the server's stats");
             let entry = Round {
                 round,
                 server: server.name.clone(),

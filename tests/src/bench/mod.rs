@@ -7,10 +7,12 @@
 //! - [`verify`]: `setget` and `sizes`, byte-exact checks over a blocking connection.
 //! - [`stats`]: the server's `stats`, and its CPU per request between two snapshots.
 //! - [`compare`]: memcached and tandemd side by side, medians and ratios.
+//! - [`memaslap`]: the same load driven by libmemcached-tools' memaslap instead of [`blast`].
 //! - [`report`]: a blast's result for people (`Display`) and programs (`--json`).
 
 pub mod blast;
 pub mod compare;
+pub mod memaslap;
 pub mod protocol;
 pub mod replication;
 pub mod report;

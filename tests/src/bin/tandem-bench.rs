@@ -101,6 +101,14 @@ enum Command {
         item_size: Option<String>,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Which program drives the load: tandem-bench's own blast, or memaslap (text or binary,
+        /// --pipeline 1, set and get only; --keys becomes its key window, in thousands per connection;
+        /// its latency percentiles are the upper edges of its power-of-two buckets).
+        #[arg(long, value_enum, default_value = "blast")]
+        client: ClientKind,
+        /// The memaslap binary for `--client memaslap`.
+        #[arg(long, default_value = "/usr/bin/memcaslap")]
+        memaslap: PathBuf,
         #[command(flatten)]
         workload: Workload,
         #[arg(long)]
@@ -127,6 +135,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ClientKind {
+    Blast,
+    Memaslap,
 }
 
 /// The load shared by `blast`, `compare` and `replication`.
@@ -325,13 +339,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(status(report.errors == 0))
         }
-        Command::Compare { memcached, tandemd, server_threads, variants, memory, item_size, rounds, workload, json } => {
+        Command::Compare { memcached, tandemd, server_threads, variants, memory, item_size, rounds, client, memaslap, workload, json } => {
             if !tandemd.exists() {
                 bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
             }
             let blast = workload.config(SocketAddr::from(([127, 0, 0, 1], 0)))?;
             let variants = variants.iter().map(|v| compare::Variant::parse(v)).collect::<anyhow::Result<Vec<_>>>()?;
-            let config = CompareConfig { memcached, tandemd, server_threads, variants, memory_mb: memory, item_size, rounds, blast };
+            let client = match client {
+                ClientKind::Blast => compare::Client::Blast,
+                ClientKind::Memaslap => compare::Client::Memaslap(memaslap),
+            };
+            let config = CompareConfig { memcached, tandemd, server_threads, variants, memory_mb: memory, item_size, rounds, blast, client };
             let report = compare::run(&config, |round| {
                 if !json {
                     println!(
@@ -344,6 +362,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         round.client_cpu_us_per_request,
                         round.errors
                     );
+                    for sample in &round.report.error_samples {
+                        println!("  error: {sample}");
+                    }
                 }
             })?;
             if json {

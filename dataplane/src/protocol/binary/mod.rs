@@ -36,6 +36,10 @@ impl Codec for BinaryCodec {
         request::parse(buf, limits)
     }
 
+    fn peek_key(buf: &[u8]) -> Option<(&[u8], usize)> {
+        request::peek_key(buf)
+    }
+
     fn route<'r>(request: &'r Request<'_>) -> Route<'r> {
         match request.opcode.family() {
             Family::Noop | Family::Version | Family::Quit => Route::Connection,

@@ -215,6 +215,26 @@ impl Shape {
 }
 
 /// Parses the request at the front of `buf`.
+/// The key of the packet at the front of `buf` and the bytes [`parse`] takes for it, read from its header
+/// alone (see [`crate::protocol::Codec::peek_key`]): `None` unless the header and key have arrived, the
+/// opcode is known and the header's lengths agree. Opcodes without a value leave the rest of a longer
+/// body unread, as memcached does, so only value-bearing ones take the whole body.
+#[inline]
+pub fn peek_key(buf: &[u8]) -> Option<(&[u8], usize)> {
+    let header = Header::decode(buf.first_chunk::<HEADER_LEN>()?);
+    let key_start = HEADER_LEN + usize::from(header.extras_len);
+    let key_len = usize::from(header.key_len);
+    let body_len = header.body_len as usize;
+    if header.magic != REQUEST_MAGIC || key_len == 0 || key_start - HEADER_LEN + key_len > body_len {
+        return None;
+    }
+    let len = match Shape::of(Opcode::from_byte(header.opcode)?.family()).body {
+        BodyRule::Value => HEADER_LEN + body_len,
+        BodyRule::Exact | BodyRule::Unread => key_start + key_len,
+    };
+    Some((buf.get(key_start..key_start + key_len)?, len))
+}
+
 pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parse<Request<'a>> {
     let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
         return Parse::Incomplete;
@@ -817,6 +837,13 @@ mod tests {
                 }
                 other => prop_assert!(false, "{:?}", other),
             }
+            // A glance at the header finds the same key and length (what the worker prefetches by).
+            let peeked = peek_key(&packet);
+            if key.is_empty() {
+                prop_assert_eq!(peeked, None);
+            } else {
+                prop_assert_eq!(peeked, Some((&key[..], request.encoded_len())));
+            }
             // Any strict prefix is incomplete.
             let cut = packet.len() - 2;
             for len in [0, 1, 23, cut / 2, cut - 1] {
@@ -826,6 +853,9 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_overrun(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Some((key, len)) = peek_key(&bytes) {
+                prop_assert!(!key.is_empty() && key.len() <= len - HEADER_LEN);
+            }
             match parse(&bytes, &LIMITS) {
                 Parse::Request { consumed, request } => {
                     prop_assert!(consumed <= bytes.len() && consumed >= HEADER_LEN);

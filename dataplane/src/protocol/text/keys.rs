@@ -32,7 +32,7 @@ pub struct KeyList<'a> {
     spans: Spans,
 }
 
-/// A key longer than [`MAX_KEY_LEN`] or holding control characters: the whole line is refused.
+/// A key longer than [`MAX_KEY_LEN`]: the whole line is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub struct KeyTooLong;
 
