@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use crate::handshake::{Message as Handshake, Nonce, Outcome, RefuseReason, Shard
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::port::{Bell, Inbound, ShardPort, Wake};
 use crate::shipper::unix_millis;
+use crate::transport::{LinkError, StreamSource, TcpLink};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const CONN: Token = Token(0);
@@ -80,6 +82,8 @@ pub enum Exit {
 pub struct ReceiverReport {
     /// `connecting`, `handshake`, `full_sync` or `streaming`.
     pub state: &'static str,
+    /// What carries the data stream of the current connection: `tcp` or `rdma`.
+    pub transport: &'static str,
     pub active: String,
     pub history: Option<ReplicationId>,
     pub epoch: Epoch,
@@ -102,12 +106,19 @@ pub struct ReceiverHandle {
     pub promote: Arc<AtomicBool>,
 }
 
+/// Where the data stream comes from.
+enum DataPath {
+    /// The control connection carries it (the TCP transport): `Connection::reader` yields both.
+    Control,
+}
+
 struct Connection {
-    stream: TcpStream,
+    /// The control connection (and, with [`DataPath::Control`], the data stream).
+    link: TcpLink,
     addr: SocketAddr,
+    /// Messages from the control connection.
     reader: MessageReader,
-    out: Vec<u8>,
-    written: usize,
+    data: DataPath,
     handshake: Option<StandbyHandshake>,
     /// Per shard: the last sequence number received; the next batch must start right after it.
     received: Vec<LogSeq>,
@@ -325,8 +336,8 @@ impl Receiver {
         if stream.set_nonblocking(true).is_err() {
             return false;
         }
-        let mut stream = TcpStream::from_std(stream);
-        if self.poll.registry().register(&mut stream, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
+        let mut link = TcpLink::new(TcpStream::from_std(stream), usize::MAX);
+        if self.poll.registry().register(link.stream(), CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
             return false;
         }
         self.counters.connects += 1;
@@ -342,19 +353,18 @@ impl Receiver {
             },
             Nonce::random(),
         );
-        let mut out = Vec::new();
-        let start = wire::begin(Kind::Handshake, &mut out);
-        hello.encode(&mut out);
-        wire::finish(&mut out, start);
+        let out = link.out();
+        let start = wire::begin(Kind::Handshake, out);
+        hello.encode(out);
+        wire::finish(out, start);
         tracing::info!(%addr, "connected to the active; handshaking");
         self.counters.state = "handshake";
         self.counters.active = addr.to_string();
         self.conn = Some(Connection {
-            stream,
+            link,
             addr,
             reader: MessageReader::new(MAX_MESSAGE),
-            out,
-            written: 0,
+            data: DataPath::Control,
             handshake: Some(handshake),
             received: applied,
             in_snapshot: vec![false; shard_count],
@@ -369,7 +379,7 @@ impl Receiver {
     fn drop_connection(&mut self, reason: &str) {
         if let Some(mut conn) = self.conn.take() {
             tracing::warn!(addr = %conn.addr, reason, "replication connection dropped");
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            let _ = self.poll.registry().deregister(conn.link.stream());
             self.counters.last_error = reason.to_string();
         }
         self.counters.state = "connecting";
@@ -383,26 +393,14 @@ impl Receiver {
         let mut budget = 8 * READ_CHUNK;
         loop {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
-            let buf = conn.reader.spare(READ_CHUNK);
-            let len = buf.len();
-            buf.resize(len + READ_CHUNK, 0);
-            let got = conn.stream.read(&mut buf[len..]);
-            let n = match got {
-                Ok(0) => {
-                    buf.truncate(len);
-                    return Err("closed by the active".into());
-                }
+            let n = match conn.link.receive(&mut conn.reader, READ_CHUNK) {
                 Ok(n) => n,
-                Err(e) => {
-                    buf.truncate(len);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => break,
-                        io::ErrorKind::Interrupted => continue,
-                        _ => return Err(format!("read: {e}")),
-                    }
-                }
+                Err(LinkError::Closed) => return Err("closed by the active".into()),
+                Err(e) => return Err(format!("read: {e}")),
             };
-            buf.truncate(len + n);
+            if n == 0 {
+                break;
+            }
             conn.last_heard = Instant::now();
             self.last_heard = conn.last_heard;
             self.counters.bytes_received += n as u64;
@@ -462,9 +460,9 @@ impl Receiver {
             Ok(()) => tracing::warn!(addr = %conn.addr, %epoch, "the active hands over: taking over"),
             Err(reason) => tracing::warn!(addr = %conn.addr, %reason, "refusing the active's handover"),
         }
-        wire::encode_handover_reply(verdict.is_ok(), verdict.as_ref().err().map_or("", String::as_str), &mut conn.out);
+        wire::encode_handover_reply(verdict.is_ok(), verdict.as_ref().err().map_or("", String::as_str), conn.link.out());
         // The answer is a few bytes into an idle socket: it goes out at once.
-        let _ = flush(conn);
+        let _ = conn.link.flush();
         if verdict.is_ok() {
             self.epoch = self.epoch.max(epoch);
             self.handed_over = Some(conn.addr);
@@ -476,9 +474,10 @@ impl Receiver {
         let handshake = conn.handshake.as_mut().expect("handshaking");
         let step = handshake.on_message(message);
         for reply in &step.send {
-            let start = wire::begin(Kind::Handshake, &mut conn.out);
-            reply.encode(&mut conn.out);
-            wire::finish(&mut conn.out, start);
+            let out = conn.link.out();
+            let start = wire::begin(Kind::Handshake, out);
+            reply.encode(out);
+            wire::finish(out, start);
         }
         match step.outcome {
             None => Ok(()),
@@ -530,7 +529,7 @@ impl Receiver {
                 // A refusal (wrong secret, stale epoch, other shard count) does not change by itself
                 // within milliseconds: ask again later, not in a tight loop.
                 self.dial_after = Instant::now() + REFUSED_BACKOFF;
-                let _ = flush(conn);
+                let _ = conn.link.flush();
                 Err(format!("handshake ended: {outcome:?}"))
             }
         }
@@ -564,11 +563,11 @@ impl Receiver {
                 let applied = port.applied();
                 if applied > conn.acked[shard] && !conn.in_snapshot[shard] && applied <= conn.received[shard] {
                     conn.acked[shard] = applied;
-                    wire::encode_ack(ShardId(shard as u16), applied, &mut conn.out);
+                    wire::encode_ack(ShardId(shard as u16), applied, conn.link.out());
                 }
             }
         }
-        if let Err(e) = flush(conn) {
+        if let Err(e) = conn.link.flush() {
             let reason = format!("write: {e}");
             self.drop_connection(&reason);
         }
@@ -581,8 +580,8 @@ impl Receiver {
         }
         if conn.handshake.is_none() && conn.last_heartbeat.elapsed() >= self.config.heartbeat_interval {
             conn.last_heartbeat = Instant::now();
-            wire::encode_heartbeat(self.epoch, unix_millis(), &mut conn.out);
-            flush(conn).map_err(|e| format!("write: {e}"))?;
+            wire::encode_heartbeat(self.epoch, unix_millis(), conn.link.out());
+            conn.link.flush().map_err(|e| format!("write: {e}"))?;
         }
         Ok(())
     }
@@ -595,6 +594,9 @@ impl Receiver {
         if let Some(conn) = self.conn.as_ref().filter(|c| c.handshake.is_none()) {
             report.state = if conn.in_snapshot.iter().any(|&s| s) { "full_sync" } else { "streaming" };
         }
+        report.transport = match self.conn.as_ref().map(|c| &c.data) {
+            None | Some(DataPath::Control) => "tcp",
+        };
         report.last_heard_millis = self.conn.as_ref().map_or(0, |c| c.last_heard.elapsed().as_millis() as u64);
         *self.report.lock().unwrap() = report;
     }
@@ -668,21 +670,6 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option
         Message::Handover { epoch, through } => Action::Handover(epoch, through),
         Message::Ack { .. } | Message::Handshake(_) | Message::HandoverReply { .. } => return Err("the active sent a message out of turn".into()),
     }))
-}
-
-fn flush(conn: &mut Connection) -> io::Result<()> {
-    while conn.written < conn.out.len() {
-        match conn.stream.write(&conn.out[conn.written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => conn.written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    conn.out.clear();
-    conn.written = 0;
-    Ok(())
 }
 
 /// An active found by [`probe_for_active`].

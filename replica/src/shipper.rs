@@ -1,5 +1,10 @@
 //! The active's replication core: drains every shard's log, keeps the backlog, and ships to each
-//! standby at its own pace over TCP.
+//! standby at its own pace.
+//!
+//! Each standby has an authenticated TCP control connection ([`TcpLink`]: handshake, acks,
+//! heartbeats, handover) and a data stream ([`StreamSink`], see [`crate::transport`]): with the TCP
+//! transport the stream rides the control socket; with the RDMA transport it goes into the standby's
+//! receive ring ([`crate::ring_link`]), set up over the control connection after the handshake.
 //!
 //! One thread runs [`Shipper::run`]: a poll loop over the listener, the standbys' connections and a
 //! [`Bell`] the shards ring when they hand over records. Each round it
@@ -28,13 +33,13 @@
 //! briefly unreplicated, so sync mode then degrades to async (counted in `sync_degraded` and logged).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::backlog::Backlog;
@@ -44,6 +49,7 @@ use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonc
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
 use crate::port::{Bell, ShardPort, SnapshotChunk, SnapshotPart, Wake, ACKED_ALL};
+use crate::transport::{LinkError, LinkStats, StreamSink, StreamSource, TcpLink};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -102,6 +108,10 @@ pub struct PeerReport {
     pub addr: String,
     /// `handshake`, `full_sync` (some shard is being snapshotted) or `streaming`.
     pub state: &'static str,
+    /// What carries the data stream: `tcp` or `rdma`.
+    pub transport: &'static str,
+    /// The transport's counters (zeros for TCP).
+    pub link: LinkStats,
     pub acked: Vec<u64>,
     pub lag_records: u64,
     pub lag_bytes: u64,
@@ -166,13 +176,19 @@ enum PeerState {
     Streaming,
 }
 
+/// Where a standby's data stream goes.
+enum DataPath {
+    /// Over the control connection (the TCP transport).
+    Control,
+}
+
 struct Peer {
-    stream: TcpStream,
+    /// The control connection (and, with [`DataPath::Control`], the data stream).
+    link: TcpLink,
     addr: SocketAddr,
     state: PeerState,
     reader: MessageReader,
-    out: Vec<u8>,
-    written: usize,
+    data: DataPath,
     shards: Vec<PeerShard>,
     last_heard: Instant,
     closed: bool,
@@ -374,12 +390,11 @@ impl Shipper {
                 })
                 .collect();
             self.peers[index] = Some(Peer {
-                stream,
+                link: TcpLink::new(stream, OUT_HIGH_WATER),
                 addr,
                 state: PeerState::Handshake(Box::new(handshake)),
                 reader: MessageReader::new(MAX_INBOUND_MESSAGE),
-                out: Vec::new(),
-                written: 0,
+                data: DataPath::Control,
                 shards,
                 last_heard: Instant::now(),
                 closed: false,
@@ -390,26 +405,21 @@ impl Shipper {
     /// Reads and handles everything a standby sent.
     fn read_peer(&mut self, index: usize) {
         let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else { return };
-        let mut buf = [0u8; 16 << 10];
-        loop {
-            match peer.stream.read(&mut buf) {
-                Ok(0) => {
-                    tracing::info!(addr = %peer.addr, "standby disconnected");
-                    peer.closed = true;
-                    break;
-                }
-                Ok(n) => {
-                    peer.reader.feed(&buf[..n]);
-                    peer.last_heard = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::info!(addr = %peer.addr, error = %e, "standby connection failed");
-                    peer.closed = true;
-                    break;
-                }
+        match peer.link.receive(&mut peer.reader, usize::MAX) {
+            Ok(0) => {}
+            Ok(_) => peer.last_heard = Instant::now(),
+            Err(LinkError::Closed) => {
+                tracing::info!(addr = %peer.addr, "standby disconnected");
+                peer.closed = true;
             }
+            Err(e) => {
+                tracing::info!(addr = %peer.addr, error = %e, "standby connection failed");
+                peer.closed = true;
+            }
+        }
+        if peer.link.at_eof() && !peer.closed {
+            tracing::info!(addr = %peer.addr, "standby disconnected");
+            peer.closed = true;
         }
         let mut acked_shards = Vec::new();
         let mut accepted = None;
@@ -436,9 +446,10 @@ impl Shipper {
                     let backlogs = &self.backlogs;
                     let step = handshake.on_message(message, |shard, after| backlogs[shard.index()].can_resume(after));
                     for reply in &step.send {
-                        let start = wire::begin(Kind::Handshake, &mut peer.out);
-                        reply.encode(&mut peer.out);
-                        wire::finish(&mut peer.out, start);
+                        let out = peer.link.out();
+                        let start = wire::begin(Kind::Handshake, out);
+                        reply.encode(out);
+                        wire::finish(out, start);
                     }
                     match step.outcome {
                         None => {}
@@ -446,7 +457,7 @@ impl Shipper {
                         Some(_) => {
                             self.counters.refused += 1;
                             // Send the refusal, then close.
-                            let _ = flush_out(peer);
+                            let _ = peer.link.flush();
                             peer.closed = true;
                         }
                     }
@@ -640,14 +651,17 @@ impl Shipper {
             if peer.closed {
                 continue;
             }
-            if matches!(peer.state, PeerState::Streaming) {
+            let sink: Option<&mut dyn StreamSink> = match &mut peer.data {
+                DataPath::Control => Some(&mut peer.link),
+            };
+            if let (PeerState::Streaming, Some(sink)) = (&peer.state, sink) {
                 for shard in 0..self.backlogs.len() {
-                    if peer.out.len() - peer.written >= OUT_HIGH_WATER {
+                    let room = sink.room();
+                    if room == 0 {
                         break;
                     }
-                    let room = OUT_HIGH_WATER.saturating_sub(peer.out.len() - peer.written);
                     let state = &mut peer.shards[shard];
-                    match ship_shard(state, &mut peer.out, room, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
+                    match ship_shard(state, sink.queue(), room, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
                         Ok((n, snapshot_done)) => {
                             wrote |= n > 0;
                             if snapshot_done {
@@ -658,7 +672,8 @@ impl Shipper {
                     }
                 }
             }
-            if flush_out(peer).is_err() {
+            if let Err(e) = peer.pump() {
+                tracing::warn!(addr = %peer.addr, error = %e, "replication link failed; dropping the standby");
                 peer.closed = true;
             }
         }
@@ -722,8 +737,8 @@ impl Shipper {
         if let Some((addr, through)) = send_to {
             if let Some(peer) = self.peers.iter_mut().flatten().find(|p| p.addr == addr) {
                 tracing::info!(%addr, ?through, "handing over to the standby");
-                wire::encode_handover(self.config.epoch, &through, &mut peer.out);
-                if flush_out(peer).is_err() {
+                wire::encode_handover(self.config.epoch, &through, peer.link.out());
+                if peer.link.flush().is_err() {
                     peer.closed = true;
                 }
             }
@@ -739,7 +754,7 @@ impl Shipper {
                 continue;
             }
             if matches!(peer.state, PeerState::Streaming) {
-                wire::encode_heartbeat(self.config.epoch, millis, &mut peer.out);
+                wire::encode_heartbeat(self.config.epoch, millis, peer.link.out());
             }
         }
     }
@@ -752,7 +767,7 @@ impl Shipper {
                 continue;
             }
             let mut peer = self.peers[index].take().expect("checked");
-            let _ = self.poll.registry().deregister(&mut peer.stream);
+            let _ = self.poll.registry().deregister(peer.link.stream());
             tracing::info!(addr = %peer.addr, "standby connection closed");
             for running in self.snapshots.iter_mut().flatten() {
                 running.peers.retain(|&p| p != index);
@@ -839,6 +854,10 @@ impl Shipper {
             report.peers.push(PeerReport {
                 addr: peer.addr.to_string(),
                 state,
+                transport: match peer.data {
+                    DataPath::Control => "tcp",
+                },
+                link: LinkStats::default(),
                 acked: peer.shards.iter().map(|s| s.acked.0).collect(),
                 lag_records,
                 lag_bytes,
@@ -926,25 +945,15 @@ fn ship_shard(
     Ok((added, snapshot_done))
 }
 
-/// Writes as much of `peer.out` as the socket takes.
-fn flush_out(peer: &mut Peer) -> io::Result<()> {
-    while peer.written < peer.out.len() {
-        match peer.stream.write(&peer.out[peer.written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => peer.written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+impl Peer {
+    /// Moves the data stream on and writes the control connection's output.
+    fn pump(&mut self) -> Result<(), LinkError> {
+        match &mut self.data {
+            DataPath::Control => {}
         }
+        self.link.flush()?;
+        Ok(())
     }
-    if peer.written == peer.out.len() {
-        peer.out.clear();
-        peer.written = 0;
-    } else if peer.written > (1 << 20) {
-        peer.out.drain(..peer.written);
-        peer.written = 0;
-    }
-    Ok(())
 }
 
 /// Milliseconds since the unix epoch.
