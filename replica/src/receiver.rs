@@ -34,7 +34,7 @@ use crate::handshake::{Message as Handshake, Nonce, Outcome, RefuseReason, Shard
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::port::{Bell, Inbound, ShardPort, Wake};
 use crate::shipper::unix_millis;
-use crate::transport::{LinkError, StreamSource, TcpLink};
+use crate::transport::{LinkError, LinkStats, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const CONN: Token = Token(0);
@@ -43,6 +43,8 @@ const BELL: Token = Token(1);
 const MAX_MESSAGE: usize = 80 << 20;
 /// Bytes read per call.
 const READ_CHUNK: usize = 256 << 10;
+/// After data in the ring, how long the loop polls it without sleeping.
+const RING_SPIN: Duration = Duration::from_micros(200);
 
 /// How long a standby waits before dialling again after a handshake was refused.
 pub const REFUSED_BACKOFF: Duration = Duration::from_millis(250);
@@ -62,6 +64,8 @@ pub struct ReceiverConfig {
     pub dead_after: Option<Duration>,
     /// Whether this node can take over when its active hands over (it has failover settings).
     pub can_promote: bool,
+    /// What carries the data stream (the active must use the same).
+    pub transport: Transport,
 }
 
 /// Why [`Receiver::run`] returned.
@@ -82,8 +86,10 @@ pub enum Exit {
 pub struct ReceiverReport {
     /// `connecting`, `handshake`, `full_sync` or `streaming`.
     pub state: &'static str,
-    /// What carries the data stream of the current connection: `tcp` or `rdma`.
+    /// What carries the data stream: `tcp` or `rdma`.
     pub transport: &'static str,
+    /// The transport's counters for the current connection (zeros for TCP).
+    pub link: LinkStats,
     pub active: String,
     pub history: Option<ReplicationId>,
     pub epoch: Epoch,
@@ -96,6 +102,8 @@ pub struct ReceiverReport {
     /// Milliseconds since the active was last heard from.
     pub last_heard_millis: u64,
     pub last_error: String,
+    /// Connections dropped because the RDMA ring or its queue pair failed.
+    pub link_failures: u64,
 }
 
 pub struct ReceiverHandle {
@@ -106,10 +114,19 @@ pub struct ReceiverHandle {
     pub promote: Arc<AtomicBool>,
 }
 
+#[cfg(feature = "rdma")]
+type RdmaSource = crate::ring_link::RingSource<crate::rdma::link::StandbyRing>;
+
 /// Where the data stream comes from.
 enum DataPath {
     /// The control connection carries it (the TCP transport): `Connection::reader` yields both.
     Control,
+    /// The RDMA transport: the ring is offered, the active's answer awaited.
+    #[cfg(feature = "rdma")]
+    Offered(Box<crate::rdma::link::StandbyRing>, crate::ring::RingLayout, u64),
+    /// The standby's ring; its messages go to `Connection::ring_reader`.
+    #[cfg(feature = "rdma")]
+    Ring(Box<RdmaSource>),
 }
 
 struct Connection {
@@ -119,6 +136,8 @@ struct Connection {
     /// Messages from the control connection.
     reader: MessageReader,
     data: DataPath,
+    /// Messages from the ring (the RDMA transport).
+    ring_reader: MessageReader,
     handshake: Option<StandbyHandshake>,
     /// Per shard: the last sequence number received; the next batch must start right after it.
     received: Vec<LogSeq>,
@@ -158,10 +177,27 @@ pub struct Receiver {
     handed_over: Option<SocketAddr>,
     /// `history` came from memory files (see [`Receiver::set_restored_history`]), until accepted.
     restored_history: bool,
+    /// When the ring last had data: the loop polls it without sleeping for a moment after.
+    last_ring_data: Instant,
+    /// The RDMA device the rings are registered on (transport = "rdma").
+    #[cfg(feature = "rdma")]
+    device: Option<Arc<crate::rdma::link::Device>>,
 }
 
 impl Receiver {
     pub fn new(config: ReceiverConfig, ports: Vec<Arc<ShardPort>>, wake: Arc<dyn Wake>) -> io::Result<(Receiver, ReceiverHandle)> {
+        #[cfg(feature = "rdma")]
+        let device = match &config.transport {
+            Transport::Tcp => None,
+            Transport::Rdma(settings) => Some(
+                crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
+                    .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}")))?,
+            ),
+        };
+        #[cfg(not(feature = "rdma"))]
+        if matches!(config.transport, Transport::Rdma(_)) {
+            return Err(crate::transport::rdma_unsupported());
+        }
         let poll = Poll::new()?;
         let bell = Bell::new(mio::Waker::new(poll.registry(), BELL)?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -188,6 +224,9 @@ impl Receiver {
             promote,
             handed_over: None,
             restored_history: false,
+            last_ring_data: Instant::now(),
+            #[cfg(feature = "rdma")]
+            device,
         };
         Ok((receiver, handle))
     }
@@ -273,7 +312,15 @@ impl Receiver {
             }
             self.deliver_held();
             self.send_acks();
-            let timeout = if self.held.is_empty() {
+            let polling_ring = self.conn.as_ref().is_some_and(|c| c.data_wants_poll());
+            let timeout = if self.held.is_empty() && polling_ring && self.last_ring_data.elapsed() < RING_SPIN {
+                // Data arrived in the ring a moment ago: more is likely; look again at once.
+                Duration::ZERO
+            } else if self.held.is_empty() && polling_ring {
+                self.bell.prepare_sleep();
+                self.send_acks();
+                Duration::from_millis(1)
+            } else if self.held.is_empty() {
                 self.bell.prepare_sleep();
                 self.send_acks();
                 self.config.heartbeat_interval.min(Duration::from_millis(20))
@@ -365,6 +412,7 @@ impl Receiver {
             addr,
             reader: MessageReader::new(MAX_MESSAGE),
             data: DataPath::Control,
+            ring_reader: MessageReader::new(MAX_MESSAGE),
             handshake: Some(handshake),
             received: applied,
             in_snapshot: vec![false; shard_count],
@@ -393,11 +441,26 @@ impl Receiver {
         let mut budget = 8 * READ_CHUNK;
         loop {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
-            let n = match conn.link.receive(&mut conn.reader, READ_CHUNK) {
+            #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
+            let mut n = match conn.link.receive(&mut conn.reader, READ_CHUNK) {
                 Ok(n) => n,
                 Err(LinkError::Closed) => return Err("closed by the active".into()),
                 Err(e) => return Err(format!("read: {e}")),
             };
+            #[cfg(feature = "rdma")]
+            if let DataPath::Ring(source) = &mut conn.data {
+                let from_ring = match source.receive(&mut conn.ring_reader, READ_CHUNK) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.counters.link_failures += 1;
+                        return Err(format!("RDMA link: {e}"));
+                    }
+                };
+                if from_ring > 0 {
+                    self.last_ring_data = Instant::now();
+                }
+                n += from_ring;
+            }
             if n == 0 {
                 break;
             }
@@ -421,8 +484,15 @@ impl Receiver {
         // Nothing after an accepted handover is read: this standby is about to take over.
         while self.held.is_empty() && self.handed_over.is_none() {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
-            let Some(action) = next_action(conn, &self.ports)? else { return Ok(()) };
+            let action = match next_action(conn, &self.ports, From::Control)? {
+                Some(action) => action,
+                None => match next_action(conn, &self.ports, From::Ring)? {
+                    Some(action) => action,
+                    None => return Ok(()),
+                },
+            };
             match action {
+                Action::RdmaAccept(accept) => self.rdma_accepted(&accept)?,
                 Action::Handshake(message) => self.handshake(message)?,
                 Action::Deliver(shard, inbound) => {
                     self.held.push_back((shard, inbound));
@@ -513,7 +583,7 @@ impl Receiver {
                     self.counters.partial_syncs += 1;
                 }
                 tracing::info!(addr = %conn.addr, full_sync_shards = full, "replication streaming");
-                Ok(())
+                self.offer_ring()
             }
             Some(outcome) => {
                 self.counters.refused += 1;
@@ -531,6 +601,37 @@ impl Receiver {
                 self.dial_after = Instant::now() + REFUSED_BACKOFF;
                 let _ = conn.link.flush();
                 Err(format!("handshake ended: {outcome:?}"))
+            }
+        }
+    }
+
+    /// With the RDMA transport, registers a ring for this connection and offers it to the active.
+    fn offer_ring(&mut self) -> Result<(), String> {
+        #[cfg(feature = "rdma")]
+        if let (Some(device), Some(conn)) = (self.device.as_ref(), self.conn.as_mut()) {
+            let layout = crate::ring::RingLayout::new(crate::rdma::link::SLOT_SIZE, crate::rdma::link::SLOT_COUNT).expect("a valid layout");
+            let (ring, ring_id, offer) = crate::rdma::link::StandbyRing::offer(device, layout).map_err(|e| format!("cannot offer an RDMA ring: {e}"))?;
+            wire::encode(Kind::RdmaOffer, &offer, conn.link.out());
+            conn.data = DataPath::Offered(Box::new(ring), layout, ring_id);
+        }
+        Ok(())
+    }
+
+    /// The active connected to the offered ring: connect this end and tell it to start.
+    fn rdma_accepted(&mut self, accept: &[u8]) -> Result<(), String> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+        match std::mem::replace(&mut conn.data, DataPath::Control) {
+            #[cfg(feature = "rdma")]
+            DataPath::Offered(mut ring, layout, ring_id) => {
+                ring.connect(accept).map_err(|e| format!("cannot connect the RDMA ring: {e}"))?;
+                wire::encode(Kind::RdmaReady, &[], conn.link.out());
+                conn.data = DataPath::Ring(Box::new(crate::ring_link::RingSource::new(layout, ring_id, *ring)));
+                tracing::info!(addr = %conn.addr, "RDMA link up: the active writes into this standby's ring");
+                Ok(())
+            }
+            _ => {
+                let _ = accept;
+                Err("the active answered an RDMA offer that was not made".into())
             }
         }
     }
@@ -594,30 +695,68 @@ impl Receiver {
         if let Some(conn) = self.conn.as_ref().filter(|c| c.handshake.is_none()) {
             report.state = if conn.in_snapshot.iter().any(|&s| s) { "full_sync" } else { "streaming" };
         }
-        report.transport = match self.conn.as_ref().map(|c| &c.data) {
-            None | Some(DataPath::Control) => "tcp",
-        };
+        report.transport = self.config.transport.name();
+        report.link = self.conn.as_ref().map_or_else(LinkStats::default, Connection::link_stats);
         report.last_heard_millis = self.conn.as_ref().map_or(0, |c| c.last_heard.elapsed().as_millis() as u64);
         *self.report.lock().unwrap() = report;
+    }
+}
+
+impl Connection {
+    fn data_wants_poll(&self) -> bool {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(source) => source.wants_poll(),
+            _ => false,
+        }
+    }
+
+    fn link_stats(&self) -> LinkStats {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(source) => source.stats(),
+            _ => LinkStats::default(),
+        }
     }
 }
 
 /// What one received message asks for.
 enum Action {
     Handshake(Handshake),
+    RdmaAccept(Vec<u8>),
     Deliver(usize, Inbound),
     Heartbeat(Epoch),
     Handover(Epoch, Vec<LogSeq>),
 }
 
-/// Decodes and checks the next buffered message against the connection's state.
-fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option<Action>, String> {
-    let Connection { reader, handshake, received, in_snapshot, awaiting_snapshot, .. } = conn;
+/// Which reader a message comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    Control,
+    Ring,
+}
+
+/// Decodes and checks the next buffered message of `from` against the connection's state.
+fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>], from: From) -> Result<Option<Action>, String> {
+    let control_carries_data = matches!(conn.data, DataPath::Control);
+    let Connection { reader, ring_reader, handshake, received, in_snapshot, awaiting_snapshot, .. } = conn;
+    let reader = match from {
+        From::Control => reader,
+        From::Ring => ring_reader,
+    };
     let message = match reader.next_message() {
         Ok(Some(message)) => message,
         Ok(None) => return Ok(None),
+        Err(e) if from == From::Ring => return Err(format!("bad bytes in the RDMA ring: {e}")),
         Err(e) => return Err(format!("bad bytes from the active: {e}")),
     };
+    match from {
+        From::Ring if !message.is_data() => return Err("a control message in the RDMA ring".into()),
+        From::Control if message.is_data() && !control_carries_data => {
+            return Err("a data message on the control connection of an RDMA link".into());
+        }
+        _ => {}
+    }
     if handshake.is_some() {
         let Message::Handshake(body) = message else {
             return Err("the active streamed before the handshake ended".into());
@@ -668,6 +807,8 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option
         }
         Message::Heartbeat { epoch, .. } => Action::Heartbeat(epoch),
         Message::Handover { epoch, through } => Action::Handover(epoch, through),
+        Message::RdmaAccept(accept) => Action::RdmaAccept(accept.to_vec()),
+        Message::RdmaOffer(_) | Message::RdmaReady => return Err("the active sent a message out of turn".into()),
         Message::Ack { .. } | Message::Handshake(_) | Message::HandoverReply { .. } => return Err("the active sent a message out of turn".into()),
     }))
 }

@@ -49,7 +49,7 @@ use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonc
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
 use crate::port::{Bell, ShardPort, SnapshotChunk, SnapshotPart, Wake, ACKED_ALL};
-use crate::transport::{LinkError, LinkStats, StreamSink, StreamSource, TcpLink};
+use crate::transport::{LinkError, LinkStats, StreamSink, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -100,6 +100,8 @@ pub struct ShipperConfig {
     pub heartbeat_interval: Duration,
     /// A standby silent for this long is dropped.
     pub peer_timeout: Duration,
+    /// What carries the data stream to the standbys (they must use the same).
+    pub transport: Transport,
 }
 
 /// What `stats replication` shows of one standby.
@@ -135,6 +137,10 @@ pub struct ShipperReport {
     pub ring_full_events: u64,
     pub ring_records_lost: u64,
     pub ring_resyncs: u64,
+    /// Standby links dropped because their transport failed (an RDMA completion error ...), and why
+    /// the last one did.
+    pub link_failures: u64,
+    pub last_link_error: String,
 }
 
 /// Handles the server keeps to a running shipper.
@@ -176,10 +182,25 @@ enum PeerState {
     Streaming,
 }
 
+#[cfg(feature = "rdma")]
+type DeviceHandle = Arc<crate::rdma::link::Device>;
+#[cfg(not(feature = "rdma"))]
+type DeviceHandle = ();
+#[cfg(feature = "rdma")]
+type RdmaSink = crate::ring_link::RingSink<crate::rdma::link::ActivePort>;
+
 /// Where a standby's data stream goes.
 enum DataPath {
     /// Over the control connection (the TCP transport).
     Control,
+    /// The RDMA transport, until the standby offers its ring.
+    AwaitingOffer,
+    /// The RDMA transport: connected to the standby's ring, until it says it is ready.
+    #[cfg(feature = "rdma")]
+    AwaitingReady(Box<RdmaSink>),
+    /// Into the standby's ring.
+    #[cfg(feature = "rdma")]
+    Ring(Box<RdmaSink>),
 }
 
 struct Peer {
@@ -221,6 +242,9 @@ pub struct Shipper {
     last_heartbeat: Instant,
     degraded: Vec<bool>,
     handover: Arc<HandoverSlot>,
+    /// The RDMA device every standby's queue pair is made on (transport = "rdma").
+    #[cfg(feature = "rdma")]
+    device: Option<Arc<crate::rdma::link::Device>>,
 }
 
 impl Shipper {
@@ -231,6 +255,18 @@ impl Shipper {
         ports: Vec<Arc<ShardPort>>,
         wake: Arc<dyn Wake>,
     ) -> io::Result<(Shipper, ShipperHandle)> {
+        #[cfg(feature = "rdma")]
+        let device = match &config.transport {
+            Transport::Tcp => None,
+            Transport::Rdma(settings) => Some(
+                crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
+                    .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}")))?,
+            ),
+        };
+        #[cfg(not(feature = "rdma"))]
+        if matches!(config.transport, Transport::Rdma(_)) {
+            return Err(crate::transport::rdma_unsupported());
+        }
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(config.listen)?;
         let listen = listener.local_addr()?;
@@ -268,12 +304,47 @@ impl Shipper {
             last_heartbeat: Instant::now(),
             degraded: vec![false; shards],
             handover,
+            #[cfg(feature = "rdma")]
+            device,
         };
         Ok((shipper, handle))
     }
 
     fn shard_count(&self) -> usize {
         self.logs.len()
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma_device(&self) -> Option<DeviceHandle> {
+        self.device.clone()
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma_device(&self) -> Option<DeviceHandle> {
+        None
+    }
+
+    /// Fault injection for the system tests (see [`crate::rdma::link::take_fault`]).
+    #[cfg(feature = "rdma")]
+    fn inject_faults(&mut self) {
+        use crate::rdma::link::Fault;
+        if self.device.is_none() {
+            return;
+        }
+        let Some(fault) = crate::rdma::link::take_fault() else { return };
+        for peer in self.peers.iter_mut().flatten() {
+            if let DataPath::Ring(sink) = &mut peer.data {
+                tracing::warn!(addr = %peer.addr, ?fault, "injecting an RDMA fault");
+                match fault {
+                    Fault::WrongRkey => sink.port().corrupt_rkey(),
+                    Fault::QpError => {
+                        if let Err(e) = sink.port().force_error() {
+                            tracing::warn!(error = %e, "cannot force the queue pair into the error state");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Runs until the handle's `stop` is set (and the bell rung).
@@ -285,6 +356,9 @@ impl Shipper {
             let wrote = self.ship_all();
             let timeout = if busy || wrote {
                 Duration::ZERO
+            } else if self.peers.iter().flatten().any(Peer::wants_poll) {
+                // Bytes wait for RDMA credits, which no file descriptor announces.
+                Duration::from_millis(1)
             } else {
                 self.bell.prepare_sleep();
                 // Re-check after announcing sleep: a ring in between must not be missed.
@@ -404,6 +478,7 @@ impl Shipper {
 
     /// Reads and handles everything a standby sent.
     fn read_peer(&mut self, index: usize) {
+        let device = self.rdma_device();
         let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else { return };
         match peer.link.receive(&mut peer.reader, usize::MAX) {
             Ok(0) => {}
@@ -488,6 +563,27 @@ impl Shipper {
                         acked_shards.push(shard.index());
                     }
                 }
+                (PeerState::Streaming, message) if matches!(peer.data, DataPath::AwaitingOffer) && !matches!(message, Message::RdmaOffer(_)) => {
+                    tracing::warn!(addr = %peer.addr, "the standby did not offer an RDMA ring (this active's transport is rdma; is the standby's tcp?); dropping it");
+                    peer.closed = true;
+                    break;
+                }
+                (PeerState::Streaming, Message::RdmaOffer(offer)) => {
+                    let offer = offer.to_vec();
+                    if let Err(reason) = accept_offer(peer, &offer, device.as_ref()) {
+                        tracing::warn!(addr = %peer.addr, %reason, "cannot set up the RDMA link; dropping the standby");
+                        peer.closed = true;
+                        break;
+                    }
+                }
+                (PeerState::Streaming, Message::RdmaReady) => {
+                    if let Err(reason) = peer.ring_ready() {
+                        tracing::warn!(addr = %peer.addr, %reason, "dropping the standby");
+                        peer.closed = true;
+                        break;
+                    }
+                    tracing::info!(addr = %peer.addr, "RDMA link up: streaming into the standby's ring");
+                }
                 (PeerState::Streaming, Message::Heartbeat { .. }) => {}
                 (PeerState::Streaming, Message::HandoverReply { accepted, reason }) => {
                     let (addr, reason) = (peer.addr, String::from_utf8_lossy(reason).into_owned());
@@ -524,6 +620,9 @@ impl Shipper {
         {
             let peer = self.peers[index].as_mut().expect("the peer being accepted");
             peer.state = PeerState::Streaming;
+            if matches!(self.config.transport, Transport::Rdma(_)) {
+                peer.data = DataPath::AwaitingOffer;
+            }
             for (shard, start) in plan.iter().enumerate() {
                 let state = &mut peer.shards[shard];
                 match *start {
@@ -653,6 +752,11 @@ impl Shipper {
             }
             let sink: Option<&mut dyn StreamSink> = match &mut peer.data {
                 DataPath::Control => Some(&mut peer.link),
+                DataPath::AwaitingOffer => None,
+                #[cfg(feature = "rdma")]
+                DataPath::AwaitingReady(_) => None,
+                #[cfg(feature = "rdma")]
+                DataPath::Ring(sink) => Some(sink.as_mut()),
             };
             if let (PeerState::Streaming, Some(sink)) = (&peer.state, sink) {
                 for shard in 0..self.backlogs.len() {
@@ -674,6 +778,8 @@ impl Shipper {
             }
             if let Err(e) = peer.pump() {
                 tracing::warn!(addr = %peer.addr, error = %e, "replication link failed; dropping the standby");
+                self.counters.link_failures += 1;
+                self.counters.last_link_error = e.to_string();
                 peer.closed = true;
             }
         }
@@ -746,6 +852,8 @@ impl Shipper {
     }
 
     fn heartbeat_and_expire(&mut self) {
+        #[cfg(feature = "rdma")]
+        self.inject_faults();
         let millis = unix_millis();
         for peer in self.peers.iter_mut().flatten() {
             if peer.last_heard.elapsed() > self.config.peer_timeout {
@@ -832,6 +940,8 @@ impl Shipper {
             ring_full_events: self.logs.iter().map(|l| l.stats().full_events).sum(),
             ring_records_lost: self.logs.iter().map(|l| l.stats().records_lost).sum(),
             ring_resyncs: self.logs.iter().map(|l| l.stats().resyncs_marked).sum(),
+            link_failures: self.counters.link_failures,
+            last_link_error: self.counters.last_link_error.clone(),
             peers: Vec::new(),
         };
         let now = Instant::now();
@@ -856,8 +966,9 @@ impl Shipper {
                 state,
                 transport: match peer.data {
                     DataPath::Control => "tcp",
+                    _ => "rdma",
                 },
-                link: LinkStats::default(),
+                link: peer.link_stats(),
                 acked: peer.shards.iter().map(|s| s.acked.0).collect(),
                 lag_records,
                 lag_bytes,
@@ -949,11 +1060,68 @@ impl Peer {
     /// Moves the data stream on and writes the control connection's output.
     fn pump(&mut self) -> Result<(), LinkError> {
         match &mut self.data {
-            DataPath::Control => {}
+            DataPath::Control | DataPath::AwaitingOffer => {}
+            #[cfg(feature = "rdma")]
+            DataPath::AwaitingReady(sink) => {
+                // Nothing is written yet; completions of nothing, but a failed QP shows here.
+                crate::ring_link::RingPort::poll(sink.port())?;
+            }
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(sink) => {
+                sink.pump()?;
+            }
         }
         self.link.flush()?;
         Ok(())
     }
+
+    fn wants_poll(&self) -> bool {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(sink) => sink.wants_poll(),
+            _ => false,
+        }
+    }
+
+    fn link_stats(&self) -> LinkStats {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(sink) | DataPath::AwaitingReady(sink) => sink.stats(),
+            _ => LinkStats::default(),
+        }
+    }
+
+    /// The standby connected its queue pair: the data stream may go into its ring.
+    fn ring_ready(&mut self) -> Result<(), String> {
+        match std::mem::replace(&mut self.data, DataPath::Control) {
+            #[cfg(feature = "rdma")]
+            DataPath::AwaitingReady(sink) => {
+                self.data = DataPath::Ring(sink);
+                Ok(())
+            }
+            other => {
+                self.data = other;
+                Err("the standby said its RDMA ring is ready out of turn".into())
+            }
+        }
+    }
+}
+
+/// Takes a standby's RDMA ring offer: connects a queue pair to it and answers with the active's end.
+#[cfg(feature = "rdma")]
+fn accept_offer(peer: &mut Peer, offer: &[u8], device: Option<&DeviceHandle>) -> Result<(), String> {
+    let Some(device) = device.filter(|_| matches!(peer.data, DataPath::AwaitingOffer)) else {
+        return Err("the standby offered an RDMA ring, but this active's transport is tcp (or it offered twice)".into());
+    };
+    let (port, layout, ring_id, answer) = crate::rdma::link::ActivePort::accept(device, offer).map_err(|e| e.to_string())?;
+    wire::encode(Kind::RdmaAccept, &answer, peer.link.out());
+    peer.data = DataPath::AwaitingReady(Box::new(crate::ring_link::RingSink::new(layout, ring_id, port)));
+    Ok(())
+}
+
+#[cfg(not(feature = "rdma"))]
+fn accept_offer(_: &mut Peer, _: &[u8], _: Option<&DeviceHandle>) -> Result<(), String> {
+    Err("the standby offered an RDMA ring, but this active's transport is tcp".into())
 }
 
 /// Milliseconds since the unix epoch.

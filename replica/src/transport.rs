@@ -30,6 +30,44 @@ use thiserror::Error;
 use crate::ring::RingError;
 use crate::wire::MessageReader;
 
+/// What carries the data stream (`[replication] transport`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    /// One-sided RDMA WRITEs into the standby's ring (feature `rdma`).
+    Rdma(RdmaSettings),
+}
+
+/// Where the RDMA transport runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RdmaSettings {
+    /// The device (default: the first with an active port).
+    pub device: Option<String>,
+    /// The local GID index (default: the RoCE v2 entry with an IPv4 address).
+    pub gid_index: Option<u8>,
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Rdma(_) => "rdma",
+        }
+    }
+}
+
+/// Whether this build has the RDMA transport (cargo feature `rdma`).
+pub const RDMA_BUILT: bool = cfg!(feature = "rdma");
+
+/// The error a build without the feature gives for `transport = "rdma"`.
+pub fn rdma_unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "transport = \"rdma\" needs a tandemd built with RDMA support (cargo feature `rdma`, libibverbs); this one was built without it",
+    )
+}
+
 /// Why a link failed. Every error ends the connection; the standby reconnects and resyncs from what
 /// its shards applied, so nothing after the failure is applied.
 #[derive(Debug, Error)]
