@@ -313,7 +313,9 @@ class Appliance:
     def wait_system_up(self, timeout: float = BOOT_TIMEOUT) -> str:
         """Waits until systemd finished booting; returns `systemctl is-system-running` (running/degraded)."""
         self.wait_agent(timeout)
-        self.wait_until("boot to finish", "systemctl is-system-running --wait >/dev/null; "
+        # Each try is bounded below the agent's 60 s per command: a boot slowed by a busy host (TCG) then
+        # means another try until `timeout`, not a TimeoutError from the first one.
+        self.wait_until("boot to finish", "timeout 50 systemctl is-system-running --wait >/dev/null; "
                         "s=$(systemctl is-system-running); echo $s; [ $s = running ] || [ $s = degraded ]", timeout)
         return self.sh("systemctl is-system-running").out.strip()
 

@@ -438,6 +438,10 @@ pub struct ReplicationSection {
     pub secret_file: Option<PathBuf>,
     pub backlog_mb: Option<usize>,
     pub transport: Option<String>,
+    /// transport = "rdma": the device (default: the first with an active port).
+    pub rdma_device: Option<String>,
+    /// transport = "rdma": the local GID index (default: the RoCE v2 entry with an IPv4 address).
+    pub gid_index: Option<u8>,
     pub heartbeat_ms: Option<u64>,
     pub peer_timeout_ms: Option<u64>,
     pub async_batch_us: Option<u64>,
@@ -468,6 +472,8 @@ pub struct ReplicationSettings {
     pub async_batch: Duration,
     /// Failover: a synced standby promotes itself after the active is silent this long.
     pub dead_after: Option<Duration>,
+    /// What carries the data stream (both ends must agree).
+    pub transport: replica::transport::Transport,
 }
 
 /// Shortest shared secret accepted, in bytes.
@@ -512,11 +518,23 @@ impl ReplicationSettings {
             "all" => replica::shipper::AckPolicy::All,
             other => return Err(invalid("replication.ack", format!("{other:?} is not \"one\" or \"all\""))),
         };
-        match section.transport.as_deref().unwrap_or("tcp") {
-            "tcp" => {}
-            "rdma" => return Err(invalid("replication.transport", "the rdma transport is not part of this build yet; use \"tcp\"")),
-            other => return Err(invalid("replication.transport", format!("{other:?} is not \"tcp\""))),
-        }
+        let transport = match section.transport.as_deref().unwrap_or("tcp") {
+            "tcp" => {
+                if section.rdma_device.is_some() || section.gid_index.is_some() {
+                    let key = if section.rdma_device.is_some() { "replication.rdma_device" } else { "replication.gid_index" };
+                    return Err(invalid(key, "is for transport = \"rdma\""));
+                }
+                replica::transport::Transport::Tcp
+            }
+            "rdma" if !replica::transport::RDMA_BUILT => {
+                return Err(invalid("replication.transport", replica::transport::rdma_unsupported().to_string()));
+            }
+            "rdma" => replica::transport::Transport::Rdma(replica::transport::RdmaSettings {
+                device: section.rdma_device,
+                gid_index: section.gid_index,
+            }),
+            other => return Err(invalid("replication.transport", format!("{other:?} is not \"tcp\" or \"rdma\""))),
+        };
         let path = section.secret_file.ok_or_else(|| invalid("replication.secret_file", "missing: both ends need the shared secret"))?;
         let mut secret = std::fs::read(&path).map_err(|e| invalid("replication.secret_file", format!("{}: {e}", path.display())))?;
         while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
@@ -550,6 +568,7 @@ impl ReplicationSettings {
             peer_timeout,
             async_batch: Duration::from_micros(async_batch_us),
             dead_after: None,
+            transport,
         })
     }
 }
@@ -886,13 +905,24 @@ mod tests {
             ("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\n".to_string(), "replication.secret_file"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecret_file = \"{}\"\n", short.display()), "replication.secret_file"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nmode = \"eventually\"\n{secret_line}"), "replication.mode"),
-            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ntransport = \"rdma\"\n{secret_line}"), "replication.transport"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ntransport = \"udp\"\n{secret_line}"), "replication.transport"),
+            (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ngid_index = 1\n{secret_line}"), "replication.gid_index"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nheartbeat_ms = 500\npeer_timeout_ms = 100\n{secret_line}"), "replication.peer_timeout_ms"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nsecrets = 1\n{secret_line}"), "secrets"),
             (format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\nasync_batch_us = 1000000\n{secret_line}"), "replication.async_batch_us"),
         ] {
             let err = load(body).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
+        }
+        let rdma = load(format!("[replication]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\ntransport = \"rdma\"\nrdma_device = \"rxe0\"\n{secret_line}"));
+        if replica::transport::RDMA_BUILT {
+            let settings = rdma.unwrap().replication.unwrap();
+            let expected = replica::transport::RdmaSettings { device: Some("rxe0".into()), gid_index: None };
+            assert_eq!(settings.transport, replica::transport::Transport::Rdma(expected));
+        } else {
+            // A build without the feature says so at start-up, not at the first connection.
+            let err = rdma.unwrap_err().to_string();
+            assert!(err.contains("replication.transport") && err.contains("built without"), "{err}");
         }
     }
 

@@ -590,9 +590,10 @@ impl ActiveStart {
             heartbeat_interval: settings.heartbeat,
             peer_timeout: settings.peer_timeout,
             async_batch: settings.async_batch,
+            transport: settings.transport.clone(),
         };
         let (shipper, handle) = Shipper::new(shipper_config, consumers, self.ports.to_vec(), self.wake)
-            .with_context(|| format!("cannot listen for standbys on {listen}"))?;
+            .with_context(|| format!("cannot ship to standbys (listening on {listen}, transport {})", settings.transport.name()))?;
         tracing::info!(listen = %handle.listen, history = %self.history, epoch = %self.epoch, mode = ?settings.mode, "replication: active, shipping to standbys");
         let sinks = producers.into_iter().map(|producer| LogSink { producer, scratch: Vec::new() }).collect();
         Ok((shipper, handle, sinks))
@@ -655,6 +656,7 @@ impl Node {
                     reconnect_delay: std::time::Duration::from_millis(if failover.is_some() { 20 } else { 200 }),
                     dead_after: failover.and(settings.dead_after),
                     can_promote: failover.is_some(),
+                    transport: settings.transport.clone(),
                 };
                 let (receiver, handle) = Receiver::new(receiver_config, ports.to_vec(), wake.clone())?;
                 control.promote = Some((handle.promote.clone(), handle.bell.clone()));
@@ -1033,6 +1035,7 @@ impl Promotion {
             reconnect_delay: std::time::Duration::from_millis(20),
             dead_after: self.settings.dead_after,
             can_promote: true,
+            transport: self.settings.transport.clone(),
         };
         let (mut receiver, handle) = match Receiver::new(receiver_config, self.ports.to_vec(), self.wake.clone()) {
             Ok(pair) => pair,

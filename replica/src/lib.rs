@@ -10,14 +10,17 @@
 //! - [`frame`]: batch framing, and [`wire`]: the messages of a replication stream over TCP.
 //! - [`ring`]: the per-shard receive ring of fixed-size slots, with credits, that the RDMA transport
 //!   writes batch frames into; no I/O, so it is tested everywhere.
+//! - [`ring_link`]: the data stream through such a ring, written one-sided (the RDMA transport's logic,
+//!   over a [`ring_link::RingPort`] and [`ring_link::RingHome`] that verbs or plain memory implement).
 //! - [`rdma`] (feature `rdma`, needs the system libibverbs): the verbs layer the RDMA transport uses.
 //! - [`handshake`]: mutual challenge-response authentication and the resume-or-full-sync decision.
 //! - [`port`]: what a shard's core and the replication core share (acks, snapshot requests and chunks,
 //!   records to apply, the applied position).
 //! - [`shipper`]: the active's replication core; [`receiver`]: the standby's.
 //! - [`handover`]: a planned switchover from an active to a caught-up standby, over the same link.
-//! - [`transport`]: link traits with an in-memory link, used by tests; the shipper and receiver speak
-//!   TCP directly for now (extracting the transport behind a trait comes with the RDMA transport).
+//! - [`transport`]: the data stream's narrow traits ([`transport::StreamSink`] on the active,
+//!   [`transport::StreamSource`] on the standby), the TCP control connection that also carries the
+//!   stream with the TCP transport, and an in-memory link for tests.
 //!
 //! The server (`dataplane`) implements the rest: its store reports changes into the log and applies
 //! records, and its workers run their per-round duties (see `dataplane::replication`). Roles and epochs
@@ -36,6 +39,7 @@ pub mod rdma;
 pub mod receiver;
 pub mod record;
 pub mod ring;
+pub mod ring_link;
 pub mod shipper;
 pub mod transport;
 pub mod wire;

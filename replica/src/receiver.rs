@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use crate::handshake::{Message as Handshake, Nonce, Outcome, RefuseReason, Shard
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::port::{Bell, Inbound, ShardPort, Wake};
 use crate::shipper::unix_millis;
+use crate::transport::{LinkError, LinkStats, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const CONN: Token = Token(0);
@@ -41,6 +43,8 @@ const BELL: Token = Token(1);
 const MAX_MESSAGE: usize = 80 << 20;
 /// Bytes read per call.
 const READ_CHUNK: usize = 256 << 10;
+/// After data in the ring, how long the loop polls it without sleeping.
+const RING_SPIN: Duration = Duration::from_micros(200);
 
 /// How long a standby waits before dialling again after a handshake was refused.
 pub const REFUSED_BACKOFF: Duration = Duration::from_millis(250);
@@ -60,6 +64,8 @@ pub struct ReceiverConfig {
     pub dead_after: Option<Duration>,
     /// Whether this node can take over when its active hands over (it has failover settings).
     pub can_promote: bool,
+    /// What carries the data stream (the active must use the same).
+    pub transport: Transport,
 }
 
 /// Why [`Receiver::run`] returned.
@@ -80,6 +86,10 @@ pub enum Exit {
 pub struct ReceiverReport {
     /// `connecting`, `handshake`, `full_sync` or `streaming`.
     pub state: &'static str,
+    /// What carries the data stream: `tcp` or `rdma`.
+    pub transport: &'static str,
+    /// The transport's counters for the current connection (zeros for TCP).
+    pub link: LinkStats,
     pub active: String,
     pub history: Option<ReplicationId>,
     pub epoch: Epoch,
@@ -92,6 +102,8 @@ pub struct ReceiverReport {
     /// Milliseconds since the active was last heard from.
     pub last_heard_millis: u64,
     pub last_error: String,
+    /// Connections dropped because the RDMA ring or its queue pair failed.
+    pub link_failures: u64,
 }
 
 pub struct ReceiverHandle {
@@ -102,12 +114,30 @@ pub struct ReceiverHandle {
     pub promote: Arc<AtomicBool>,
 }
 
+#[cfg(feature = "rdma")]
+type RdmaSource = crate::ring_link::RingSource<crate::rdma::link::StandbyRing>;
+
+/// Where the data stream comes from.
+enum DataPath {
+    /// The control connection carries it (the TCP transport): `Connection::reader` yields both.
+    Control,
+    /// The RDMA transport: the ring is offered, the active's answer awaited.
+    #[cfg(feature = "rdma")]
+    Offered(Box<crate::rdma::link::StandbyRing>, crate::ring::RingLayout, u64),
+    /// The standby's ring; its messages go to `Connection::ring_reader`.
+    #[cfg(feature = "rdma")]
+    Ring(Box<RdmaSource>),
+}
+
 struct Connection {
-    stream: TcpStream,
+    /// The control connection (and, with [`DataPath::Control`], the data stream).
+    link: TcpLink,
     addr: SocketAddr,
+    /// Messages from the control connection.
     reader: MessageReader,
-    out: Vec<u8>,
-    written: usize,
+    data: DataPath,
+    /// Messages from the ring (the RDMA transport).
+    ring_reader: MessageReader,
     handshake: Option<StandbyHandshake>,
     /// Per shard: the last sequence number received; the next batch must start right after it.
     received: Vec<LogSeq>,
@@ -147,10 +177,27 @@ pub struct Receiver {
     handed_over: Option<SocketAddr>,
     /// `history` came from memory files (see [`Receiver::set_restored_history`]), until accepted.
     restored_history: bool,
+    /// When the ring last had data: the loop polls it without sleeping for a moment after.
+    last_ring_data: Instant,
+    /// The RDMA device the rings are registered on (transport = "rdma").
+    #[cfg(feature = "rdma")]
+    device: Option<Arc<crate::rdma::link::Device>>,
 }
 
 impl Receiver {
     pub fn new(config: ReceiverConfig, ports: Vec<Arc<ShardPort>>, wake: Arc<dyn Wake>) -> io::Result<(Receiver, ReceiverHandle)> {
+        #[cfg(feature = "rdma")]
+        let device = match &config.transport {
+            Transport::Tcp => None,
+            Transport::Rdma(settings) => Some(
+                crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
+                    .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}")))?,
+            ),
+        };
+        #[cfg(not(feature = "rdma"))]
+        if matches!(config.transport, Transport::Rdma(_)) {
+            return Err(crate::transport::rdma_unsupported());
+        }
         let poll = Poll::new()?;
         let bell = Bell::new(mio::Waker::new(poll.registry(), BELL)?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -177,6 +224,9 @@ impl Receiver {
             promote,
             handed_over: None,
             restored_history: false,
+            last_ring_data: Instant::now(),
+            #[cfg(feature = "rdma")]
+            device,
         };
         Ok((receiver, handle))
     }
@@ -262,7 +312,15 @@ impl Receiver {
             }
             self.deliver_held();
             self.send_acks();
-            let timeout = if self.held.is_empty() {
+            let polling_ring = self.conn.as_ref().is_some_and(|c| c.data_wants_poll());
+            let timeout = if self.held.is_empty() && polling_ring && self.last_ring_data.elapsed() < RING_SPIN {
+                // Data arrived in the ring a moment ago: more is likely; look again at once.
+                Duration::ZERO
+            } else if self.held.is_empty() && polling_ring {
+                self.bell.prepare_sleep();
+                self.send_acks();
+                Duration::from_millis(1)
+            } else if self.held.is_empty() {
                 self.bell.prepare_sleep();
                 self.send_acks();
                 self.config.heartbeat_interval.min(Duration::from_millis(20))
@@ -325,8 +383,8 @@ impl Receiver {
         if stream.set_nonblocking(true).is_err() {
             return false;
         }
-        let mut stream = TcpStream::from_std(stream);
-        if self.poll.registry().register(&mut stream, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
+        let mut link = TcpLink::new(TcpStream::from_std(stream), usize::MAX);
+        if self.poll.registry().register(link.stream(), CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
             return false;
         }
         self.counters.connects += 1;
@@ -342,19 +400,19 @@ impl Receiver {
             },
             Nonce::random(),
         );
-        let mut out = Vec::new();
-        let start = wire::begin(Kind::Handshake, &mut out);
-        hello.encode(&mut out);
-        wire::finish(&mut out, start);
+        let out = link.out();
+        let start = wire::begin(Kind::Handshake, out);
+        hello.encode(out);
+        wire::finish(out, start);
         tracing::info!(%addr, "connected to the active; handshaking");
         self.counters.state = "handshake";
         self.counters.active = addr.to_string();
         self.conn = Some(Connection {
-            stream,
+            link,
             addr,
             reader: MessageReader::new(MAX_MESSAGE),
-            out,
-            written: 0,
+            data: DataPath::Control,
+            ring_reader: MessageReader::new(MAX_MESSAGE),
             handshake: Some(handshake),
             received: applied,
             in_snapshot: vec![false; shard_count],
@@ -369,7 +427,7 @@ impl Receiver {
     fn drop_connection(&mut self, reason: &str) {
         if let Some(mut conn) = self.conn.take() {
             tracing::warn!(addr = %conn.addr, reason, "replication connection dropped");
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            let _ = self.poll.registry().deregister(conn.link.stream());
             self.counters.last_error = reason.to_string();
         }
         self.counters.state = "connecting";
@@ -383,26 +441,29 @@ impl Receiver {
         let mut budget = 8 * READ_CHUNK;
         loop {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
-            let buf = conn.reader.spare(READ_CHUNK);
-            let len = buf.len();
-            buf.resize(len + READ_CHUNK, 0);
-            let got = conn.stream.read(&mut buf[len..]);
-            let n = match got {
-                Ok(0) => {
-                    buf.truncate(len);
-                    return Err("closed by the active".into());
-                }
+            #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
+            let mut n = match conn.link.receive(&mut conn.reader, READ_CHUNK) {
                 Ok(n) => n,
-                Err(e) => {
-                    buf.truncate(len);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => break,
-                        io::ErrorKind::Interrupted => continue,
-                        _ => return Err(format!("read: {e}")),
-                    }
-                }
+                Err(LinkError::Closed) => return Err("closed by the active".into()),
+                Err(e) => return Err(format!("read: {e}")),
             };
-            buf.truncate(len + n);
+            #[cfg(feature = "rdma")]
+            if let DataPath::Ring(source) = &mut conn.data {
+                let from_ring = match source.receive(&mut conn.ring_reader, READ_CHUNK) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.counters.link_failures += 1;
+                        return Err(format!("RDMA link: {e}"));
+                    }
+                };
+                if from_ring > 0 {
+                    self.last_ring_data = Instant::now();
+                }
+                n += from_ring;
+            }
+            if n == 0 {
+                break;
+            }
             conn.last_heard = Instant::now();
             self.last_heard = conn.last_heard;
             self.counters.bytes_received += n as u64;
@@ -423,8 +484,15 @@ impl Receiver {
         // Nothing after an accepted handover is read: this standby is about to take over.
         while self.held.is_empty() && self.handed_over.is_none() {
             let Some(conn) = self.conn.as_mut() else { return Ok(()) };
-            let Some(action) = next_action(conn, &self.ports)? else { return Ok(()) };
+            let action = match next_action(conn, &self.ports, From::Control)? {
+                Some(action) => action,
+                None => match next_action(conn, &self.ports, From::Ring)? {
+                    Some(action) => action,
+                    None => return Ok(()),
+                },
+            };
             match action {
+                Action::RdmaAccept(accept) => self.rdma_accepted(&accept)?,
                 Action::Handshake(message) => self.handshake(message)?,
                 Action::Deliver(shard, inbound) => {
                     self.held.push_back((shard, inbound));
@@ -462,9 +530,9 @@ impl Receiver {
             Ok(()) => tracing::warn!(addr = %conn.addr, %epoch, "the active hands over: taking over"),
             Err(reason) => tracing::warn!(addr = %conn.addr, %reason, "refusing the active's handover"),
         }
-        wire::encode_handover_reply(verdict.is_ok(), verdict.as_ref().err().map_or("", String::as_str), &mut conn.out);
+        wire::encode_handover_reply(verdict.is_ok(), verdict.as_ref().err().map_or("", String::as_str), conn.link.out());
         // The answer is a few bytes into an idle socket: it goes out at once.
-        let _ = flush(conn);
+        let _ = conn.link.flush();
         if verdict.is_ok() {
             self.epoch = self.epoch.max(epoch);
             self.handed_over = Some(conn.addr);
@@ -476,9 +544,10 @@ impl Receiver {
         let handshake = conn.handshake.as_mut().expect("handshaking");
         let step = handshake.on_message(message);
         for reply in &step.send {
-            let start = wire::begin(Kind::Handshake, &mut conn.out);
-            reply.encode(&mut conn.out);
-            wire::finish(&mut conn.out, start);
+            let out = conn.link.out();
+            let start = wire::begin(Kind::Handshake, out);
+            reply.encode(out);
+            wire::finish(out, start);
         }
         match step.outcome {
             None => Ok(()),
@@ -514,7 +583,7 @@ impl Receiver {
                     self.counters.partial_syncs += 1;
                 }
                 tracing::info!(addr = %conn.addr, full_sync_shards = full, "replication streaming");
-                Ok(())
+                self.offer_ring()
             }
             Some(outcome) => {
                 self.counters.refused += 1;
@@ -530,8 +599,39 @@ impl Receiver {
                 // A refusal (wrong secret, stale epoch, other shard count) does not change by itself
                 // within milliseconds: ask again later, not in a tight loop.
                 self.dial_after = Instant::now() + REFUSED_BACKOFF;
-                let _ = flush(conn);
+                let _ = conn.link.flush();
                 Err(format!("handshake ended: {outcome:?}"))
+            }
+        }
+    }
+
+    /// With the RDMA transport, registers a ring for this connection and offers it to the active.
+    fn offer_ring(&mut self) -> Result<(), String> {
+        #[cfg(feature = "rdma")]
+        if let (Some(device), Some(conn)) = (self.device.as_ref(), self.conn.as_mut()) {
+            let layout = crate::ring::RingLayout::new(crate::rdma::link::SLOT_SIZE, crate::rdma::link::SLOT_COUNT).expect("a valid layout");
+            let (ring, ring_id, offer) = crate::rdma::link::StandbyRing::offer(device, layout).map_err(|e| format!("cannot offer an RDMA ring: {e}"))?;
+            wire::encode(Kind::RdmaOffer, &offer, conn.link.out());
+            conn.data = DataPath::Offered(Box::new(ring), layout, ring_id);
+        }
+        Ok(())
+    }
+
+    /// The active connected to the offered ring: connect this end and tell it to start.
+    fn rdma_accepted(&mut self, accept: &[u8]) -> Result<(), String> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+        match std::mem::replace(&mut conn.data, DataPath::Control) {
+            #[cfg(feature = "rdma")]
+            DataPath::Offered(mut ring, layout, ring_id) => {
+                ring.connect(accept).map_err(|e| format!("cannot connect the RDMA ring: {e}"))?;
+                wire::encode(Kind::RdmaReady, &[], conn.link.out());
+                conn.data = DataPath::Ring(Box::new(crate::ring_link::RingSource::new(layout, ring_id, *ring)));
+                tracing::info!(addr = %conn.addr, "RDMA link up: the active writes into this standby's ring");
+                Ok(())
+            }
+            _ => {
+                let _ = accept;
+                Err("the active answered an RDMA offer that was not made".into())
             }
         }
     }
@@ -564,11 +664,11 @@ impl Receiver {
                 let applied = port.applied();
                 if applied > conn.acked[shard] && !conn.in_snapshot[shard] && applied <= conn.received[shard] {
                     conn.acked[shard] = applied;
-                    wire::encode_ack(ShardId(shard as u16), applied, &mut conn.out);
+                    wire::encode_ack(ShardId(shard as u16), applied, conn.link.out());
                 }
             }
         }
-        if let Err(e) = flush(conn) {
+        if let Err(e) = conn.link.flush() {
             let reason = format!("write: {e}");
             self.drop_connection(&reason);
         }
@@ -581,8 +681,8 @@ impl Receiver {
         }
         if conn.handshake.is_none() && conn.last_heartbeat.elapsed() >= self.config.heartbeat_interval {
             conn.last_heartbeat = Instant::now();
-            wire::encode_heartbeat(self.epoch, unix_millis(), &mut conn.out);
-            flush(conn).map_err(|e| format!("write: {e}"))?;
+            wire::encode_heartbeat(self.epoch, unix_millis(), conn.link.out());
+            conn.link.flush().map_err(|e| format!("write: {e}"))?;
         }
         Ok(())
     }
@@ -595,27 +695,68 @@ impl Receiver {
         if let Some(conn) = self.conn.as_ref().filter(|c| c.handshake.is_none()) {
             report.state = if conn.in_snapshot.iter().any(|&s| s) { "full_sync" } else { "streaming" };
         }
+        report.transport = self.config.transport.name();
+        report.link = self.conn.as_ref().map_or_else(LinkStats::default, Connection::link_stats);
         report.last_heard_millis = self.conn.as_ref().map_or(0, |c| c.last_heard.elapsed().as_millis() as u64);
         *self.report.lock().unwrap() = report;
+    }
+}
+
+impl Connection {
+    fn data_wants_poll(&self) -> bool {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(source) => source.wants_poll(),
+            _ => false,
+        }
+    }
+
+    fn link_stats(&self) -> LinkStats {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(source) => source.stats(),
+            _ => LinkStats::default(),
+        }
     }
 }
 
 /// What one received message asks for.
 enum Action {
     Handshake(Handshake),
+    RdmaAccept(Vec<u8>),
     Deliver(usize, Inbound),
     Heartbeat(Epoch),
     Handover(Epoch, Vec<LogSeq>),
 }
 
-/// Decodes and checks the next buffered message against the connection's state.
-fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option<Action>, String> {
-    let Connection { reader, handshake, received, in_snapshot, awaiting_snapshot, .. } = conn;
+/// Which reader a message comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    Control,
+    Ring,
+}
+
+/// Decodes and checks the next buffered message of `from` against the connection's state.
+fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>], from: From) -> Result<Option<Action>, String> {
+    let control_carries_data = matches!(conn.data, DataPath::Control);
+    let Connection { reader, ring_reader, handshake, received, in_snapshot, awaiting_snapshot, .. } = conn;
+    let reader = match from {
+        From::Control => reader,
+        From::Ring => ring_reader,
+    };
     let message = match reader.next_message() {
         Ok(Some(message)) => message,
         Ok(None) => return Ok(None),
+        Err(e) if from == From::Ring => return Err(format!("bad bytes in the RDMA ring: {e}")),
         Err(e) => return Err(format!("bad bytes from the active: {e}")),
     };
+    match from {
+        From::Ring if !message.is_data() => return Err("a control message in the RDMA ring".into()),
+        From::Control if message.is_data() && !control_carries_data => {
+            return Err("a data message on the control connection of an RDMA link".into());
+        }
+        _ => {}
+    }
     if handshake.is_some() {
         let Message::Handshake(body) = message else {
             return Err("the active streamed before the handshake ended".into());
@@ -666,23 +807,10 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>]) -> Result<Option
         }
         Message::Heartbeat { epoch, .. } => Action::Heartbeat(epoch),
         Message::Handover { epoch, through } => Action::Handover(epoch, through),
+        Message::RdmaAccept(accept) => Action::RdmaAccept(accept.to_vec()),
+        Message::RdmaOffer(_) | Message::RdmaReady => return Err("the active sent a message out of turn".into()),
         Message::Ack { .. } | Message::Handshake(_) | Message::HandoverReply { .. } => return Err("the active sent a message out of turn".into()),
     }))
-}
-
-fn flush(conn: &mut Connection) -> io::Result<()> {
-    while conn.written < conn.out.len() {
-        match conn.stream.write(&conn.out[conn.written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => conn.written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    conn.out.clear();
-    conn.written = 0;
-    Ok(())
 }
 
 /// An active found by [`probe_for_active`].

@@ -1,5 +1,10 @@
 //! The active's replication core: drains every shard's log, keeps the backlog, and ships to each
-//! standby at its own pace over TCP.
+//! standby at its own pace.
+//!
+//! Each standby has an authenticated TCP control connection ([`TcpLink`]: handshake, acks,
+//! heartbeats, handover) and a data stream ([`StreamSink`], see [`crate::transport`]): with the TCP
+//! transport the stream rides the control socket; with the RDMA transport it goes into the standby's
+//! receive ring ([`crate::ring_link`]), set up over the control connection after the handshake.
 //!
 //! One thread runs [`Shipper::run`]: a poll loop over the listener, the standbys' connections and a
 //! [`Bell`] the shards ring when they hand over records. Each round it
@@ -28,13 +33,13 @@
 //! briefly unreplicated, so sync mode then degrades to async (counted in `sync_degraded` and logged).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::backlog::Backlog;
@@ -44,6 +49,7 @@ use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonc
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
 use crate::port::{Bell, ShardPort, SnapshotChunk, SnapshotPart, Wake, ACKED_ALL};
+use crate::transport::{LinkError, LinkStats, StreamSink, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -98,6 +104,8 @@ pub struct ShipperConfig {
     /// time go out together (one wake-up and one send for many writes, not one each). Zero ships at
     /// once. Sync mode never waits: a client's reply hangs on the ack.
     pub async_batch: Duration,
+    /// What carries the data stream to the standbys (they must use the same).
+    pub transport: Transport,
 }
 
 /// What `stats replication` shows of one standby.
@@ -106,6 +114,10 @@ pub struct PeerReport {
     pub addr: String,
     /// `handshake`, `full_sync` (some shard is being snapshotted) or `streaming`.
     pub state: &'static str,
+    /// What carries the data stream: `tcp` or `rdma`.
+    pub transport: &'static str,
+    /// The transport's counters (zeros for TCP).
+    pub link: LinkStats,
     pub acked: Vec<u64>,
     pub lag_records: u64,
     pub lag_bytes: u64,
@@ -129,6 +141,10 @@ pub struct ShipperReport {
     pub ring_full_events: u64,
     pub ring_records_lost: u64,
     pub ring_resyncs: u64,
+    /// Standby links dropped because their transport failed (an RDMA completion error ...), and why
+    /// the last one did.
+    pub link_failures: u64,
+    pub last_link_error: String,
 }
 
 /// Handles the server keeps to a running shipper.
@@ -170,13 +186,34 @@ enum PeerState {
     Streaming,
 }
 
+#[cfg(feature = "rdma")]
+type DeviceHandle = Arc<crate::rdma::link::Device>;
+#[cfg(not(feature = "rdma"))]
+type DeviceHandle = ();
+#[cfg(feature = "rdma")]
+type RdmaSink = crate::ring_link::RingSink<crate::rdma::link::ActivePort>;
+
+/// Where a standby's data stream goes.
+enum DataPath {
+    /// Over the control connection (the TCP transport).
+    Control,
+    /// The RDMA transport, until the standby offers its ring.
+    AwaitingOffer,
+    /// The RDMA transport: connected to the standby's ring, until it says it is ready.
+    #[cfg(feature = "rdma")]
+    AwaitingReady(Box<RdmaSink>),
+    /// Into the standby's ring.
+    #[cfg(feature = "rdma")]
+    Ring(Box<RdmaSink>),
+}
+
 struct Peer {
-    stream: TcpStream,
+    /// The control connection (and, with [`DataPath::Control`], the data stream).
+    link: TcpLink,
     addr: SocketAddr,
     state: PeerState,
     reader: MessageReader,
-    out: Vec<u8>,
-    written: usize,
+    data: DataPath,
     shards: Vec<PeerShard>,
     last_heard: Instant,
     closed: bool,
@@ -209,6 +246,9 @@ pub struct Shipper {
     last_heartbeat: Instant,
     degraded: Vec<bool>,
     handover: Arc<HandoverSlot>,
+    /// The RDMA device every standby's queue pair is made on (transport = "rdma").
+    #[cfg(feature = "rdma")]
+    device: Option<Arc<crate::rdma::link::Device>>,
 }
 
 impl Shipper {
@@ -219,6 +259,18 @@ impl Shipper {
         ports: Vec<Arc<ShardPort>>,
         wake: Arc<dyn Wake>,
     ) -> io::Result<(Shipper, ShipperHandle)> {
+        #[cfg(feature = "rdma")]
+        let device = match &config.transport {
+            Transport::Tcp => None,
+            Transport::Rdma(settings) => Some(
+                crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
+                    .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}")))?,
+            ),
+        };
+        #[cfg(not(feature = "rdma"))]
+        if matches!(config.transport, Transport::Rdma(_)) {
+            return Err(crate::transport::rdma_unsupported());
+        }
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(config.listen)?;
         let listen = listener.local_addr()?;
@@ -256,12 +308,47 @@ impl Shipper {
             last_heartbeat: Instant::now(),
             degraded: vec![false; shards],
             handover,
+            #[cfg(feature = "rdma")]
+            device,
         };
         Ok((shipper, handle))
     }
 
     fn shard_count(&self) -> usize {
         self.logs.len()
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma_device(&self) -> Option<DeviceHandle> {
+        self.device.clone()
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma_device(&self) -> Option<DeviceHandle> {
+        None
+    }
+
+    /// Fault injection for the system tests (see [`crate::rdma::link::take_fault`]).
+    #[cfg(feature = "rdma")]
+    fn inject_faults(&mut self) {
+        use crate::rdma::link::Fault;
+        if self.device.is_none() {
+            return;
+        }
+        let Some(fault) = crate::rdma::link::take_fault() else { return };
+        for peer in self.peers.iter_mut().flatten() {
+            if let DataPath::Ring(sink) = &mut peer.data {
+                tracing::warn!(addr = %peer.addr, ?fault, "injecting an RDMA fault");
+                match fault {
+                    Fault::WrongRkey => sink.port().corrupt_rkey(),
+                    Fault::QpError => {
+                        if let Err(e) = sink.port().force_error() {
+                            tracing::warn!(error = %e, "cannot force the queue pair into the error state");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Runs until the handle's `stop` is set (and the bell rung).
@@ -280,6 +367,9 @@ impl Shipper {
             }
             let timeout = if busy || wrote {
                 Duration::ZERO
+            } else if self.peers.iter().flatten().any(Peer::wants_poll) {
+                // Bytes wait for RDMA credits, which no file descriptor announces.
+                Duration::from_millis(1)
             } else {
                 self.bell.prepare_sleep();
                 // Re-check after announcing sleep: a ring in between must not be missed.
@@ -394,12 +484,11 @@ impl Shipper {
                 })
                 .collect();
             self.peers[index] = Some(Peer {
-                stream,
+                link: TcpLink::new(stream, OUT_HIGH_WATER),
                 addr,
                 state: PeerState::Handshake(Box::new(handshake)),
                 reader: MessageReader::new(MAX_INBOUND_MESSAGE),
-                out: Vec::new(),
-                written: 0,
+                data: DataPath::Control,
                 shards,
                 last_heard: Instant::now(),
                 closed: false,
@@ -409,27 +498,23 @@ impl Shipper {
 
     /// Reads and handles everything a standby sent.
     fn read_peer(&mut self, index: usize) {
+        let device = self.rdma_device();
         let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else { return };
-        let mut buf = [0u8; 16 << 10];
-        loop {
-            match peer.stream.read(&mut buf) {
-                Ok(0) => {
-                    tracing::info!(addr = %peer.addr, "standby disconnected");
-                    peer.closed = true;
-                    break;
-                }
-                Ok(n) => {
-                    peer.reader.feed(&buf[..n]);
-                    peer.last_heard = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::info!(addr = %peer.addr, error = %e, "standby connection failed");
-                    peer.closed = true;
-                    break;
-                }
+        match peer.link.receive(&mut peer.reader, usize::MAX) {
+            Ok(0) => {}
+            Ok(_) => peer.last_heard = Instant::now(),
+            Err(LinkError::Closed) => {
+                tracing::info!(addr = %peer.addr, "standby disconnected");
+                peer.closed = true;
             }
+            Err(e) => {
+                tracing::info!(addr = %peer.addr, error = %e, "standby connection failed");
+                peer.closed = true;
+            }
+        }
+        if peer.link.at_eof() && !peer.closed {
+            tracing::info!(addr = %peer.addr, "standby disconnected");
+            peer.closed = true;
         }
         let mut acked_shards = Vec::new();
         let mut accepted = None;
@@ -456,9 +541,10 @@ impl Shipper {
                     let backlogs = &self.backlogs;
                     let step = handshake.on_message(message, |shard, after| backlogs[shard.index()].can_resume(after));
                     for reply in &step.send {
-                        let start = wire::begin(Kind::Handshake, &mut peer.out);
-                        reply.encode(&mut peer.out);
-                        wire::finish(&mut peer.out, start);
+                        let out = peer.link.out();
+                        let start = wire::begin(Kind::Handshake, out);
+                        reply.encode(out);
+                        wire::finish(out, start);
                     }
                     match step.outcome {
                         None => {}
@@ -466,7 +552,7 @@ impl Shipper {
                         Some(_) => {
                             self.counters.refused += 1;
                             // Send the refusal, then close.
-                            let _ = flush_out(peer);
+                            let _ = peer.link.flush();
                             peer.closed = true;
                         }
                     }
@@ -496,6 +582,27 @@ impl Shipper {
                         }
                         acked_shards.push(shard.index());
                     }
+                }
+                (PeerState::Streaming, message) if matches!(peer.data, DataPath::AwaitingOffer) && !matches!(message, Message::RdmaOffer(_)) => {
+                    tracing::warn!(addr = %peer.addr, "the standby did not offer an RDMA ring (this active's transport is rdma; is the standby's tcp?); dropping it");
+                    peer.closed = true;
+                    break;
+                }
+                (PeerState::Streaming, Message::RdmaOffer(offer)) => {
+                    let offer = offer.to_vec();
+                    if let Err(reason) = accept_offer(peer, &offer, device.as_ref()) {
+                        tracing::warn!(addr = %peer.addr, %reason, "cannot set up the RDMA link; dropping the standby");
+                        peer.closed = true;
+                        break;
+                    }
+                }
+                (PeerState::Streaming, Message::RdmaReady) => {
+                    if let Err(reason) = peer.ring_ready() {
+                        tracing::warn!(addr = %peer.addr, %reason, "dropping the standby");
+                        peer.closed = true;
+                        break;
+                    }
+                    tracing::info!(addr = %peer.addr, "RDMA link up: streaming into the standby's ring");
                 }
                 (PeerState::Streaming, Message::Heartbeat { .. }) => {}
                 (PeerState::Streaming, Message::HandoverReply { accepted, reason }) => {
@@ -533,6 +640,9 @@ impl Shipper {
         {
             let peer = self.peers[index].as_mut().expect("the peer being accepted");
             peer.state = PeerState::Streaming;
+            if matches!(self.config.transport, Transport::Rdma(_)) {
+                peer.data = DataPath::AwaitingOffer;
+            }
             for (shard, start) in plan.iter().enumerate() {
                 let state = &mut peer.shards[shard];
                 match *start {
@@ -660,14 +770,22 @@ impl Shipper {
             if peer.closed {
                 continue;
             }
-            if matches!(peer.state, PeerState::Streaming) {
+            let sink: Option<&mut dyn StreamSink> = match &mut peer.data {
+                DataPath::Control => Some(&mut peer.link),
+                DataPath::AwaitingOffer => None,
+                #[cfg(feature = "rdma")]
+                DataPath::AwaitingReady(_) => None,
+                #[cfg(feature = "rdma")]
+                DataPath::Ring(sink) => Some(sink.as_mut()),
+            };
+            if let (PeerState::Streaming, Some(sink)) = (&peer.state, sink) {
                 for shard in 0..self.backlogs.len() {
-                    if peer.out.len() - peer.written >= OUT_HIGH_WATER {
+                    let room = sink.room();
+                    if room == 0 {
                         break;
                     }
-                    let room = OUT_HIGH_WATER.saturating_sub(peer.out.len() - peer.written);
                     let state = &mut peer.shards[shard];
-                    match ship_shard(state, &mut peer.out, room, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
+                    match ship_shard(state, sink.queue(), room, shard, &self.backlogs[shard], &mut self.scratch, &mut self.counters) {
                         Ok((n, snapshot_done)) => {
                             wrote |= n > 0;
                             if snapshot_done {
@@ -678,7 +796,10 @@ impl Shipper {
                     }
                 }
             }
-            if flush_out(peer).is_err() {
+            if let Err(e) = peer.pump() {
+                tracing::warn!(addr = %peer.addr, error = %e, "replication link failed; dropping the standby");
+                self.counters.link_failures += 1;
+                self.counters.last_link_error = e.to_string();
                 peer.closed = true;
             }
         }
@@ -742,8 +863,8 @@ impl Shipper {
         if let Some((addr, through)) = send_to {
             if let Some(peer) = self.peers.iter_mut().flatten().find(|p| p.addr == addr) {
                 tracing::info!(%addr, ?through, "handing over to the standby");
-                wire::encode_handover(self.config.epoch, &through, &mut peer.out);
-                if flush_out(peer).is_err() {
+                wire::encode_handover(self.config.epoch, &through, peer.link.out());
+                if peer.link.flush().is_err() {
                     peer.closed = true;
                 }
             }
@@ -751,6 +872,8 @@ impl Shipper {
     }
 
     fn heartbeat_and_expire(&mut self) {
+        #[cfg(feature = "rdma")]
+        self.inject_faults();
         let millis = unix_millis();
         for peer in self.peers.iter_mut().flatten() {
             if peer.last_heard.elapsed() > self.config.peer_timeout {
@@ -759,7 +882,7 @@ impl Shipper {
                 continue;
             }
             if matches!(peer.state, PeerState::Streaming) {
-                wire::encode_heartbeat(self.config.epoch, millis, &mut peer.out);
+                wire::encode_heartbeat(self.config.epoch, millis, peer.link.out());
             }
         }
     }
@@ -772,7 +895,7 @@ impl Shipper {
                 continue;
             }
             let mut peer = self.peers[index].take().expect("checked");
-            let _ = self.poll.registry().deregister(&mut peer.stream);
+            let _ = self.poll.registry().deregister(peer.link.stream());
             tracing::info!(addr = %peer.addr, "standby connection closed");
             for running in self.snapshots.iter_mut().flatten() {
                 running.peers.retain(|&p| p != index);
@@ -837,6 +960,8 @@ impl Shipper {
             ring_full_events: self.logs.iter().map(|l| l.stats().full_events).sum(),
             ring_records_lost: self.logs.iter().map(|l| l.stats().records_lost).sum(),
             ring_resyncs: self.logs.iter().map(|l| l.stats().resyncs_marked).sum(),
+            link_failures: self.counters.link_failures,
+            last_link_error: self.counters.last_link_error.clone(),
             peers: Vec::new(),
         };
         let now = Instant::now();
@@ -859,6 +984,11 @@ impl Shipper {
             report.peers.push(PeerReport {
                 addr: peer.addr.to_string(),
                 state,
+                transport: match peer.data {
+                    DataPath::Control => "tcp",
+                    _ => "rdma",
+                },
+                link: peer.link_stats(),
                 acked: peer.shards.iter().map(|s| s.acked.0).collect(),
                 lag_records,
                 lag_bytes,
@@ -946,25 +1076,72 @@ fn ship_shard(
     Ok((added, snapshot_done))
 }
 
-/// Writes as much of `peer.out` as the socket takes.
-fn flush_out(peer: &mut Peer) -> io::Result<()> {
-    while peer.written < peer.out.len() {
-        match peer.stream.write(&peer.out[peer.written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => peer.written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+impl Peer {
+    /// Moves the data stream on and writes the control connection's output.
+    fn pump(&mut self) -> Result<(), LinkError> {
+        match &mut self.data {
+            DataPath::Control | DataPath::AwaitingOffer => {}
+            #[cfg(feature = "rdma")]
+            DataPath::AwaitingReady(sink) => {
+                // Nothing is written yet; completions of nothing, but a failed QP shows here.
+                crate::ring_link::RingPort::poll(sink.port())?;
+            }
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(sink) => {
+                sink.pump()?;
+            }
+        }
+        self.link.flush()?;
+        Ok(())
+    }
+
+    fn wants_poll(&self) -> bool {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(sink) => sink.wants_poll(),
+            _ => false,
         }
     }
-    if peer.written == peer.out.len() {
-        peer.out.clear();
-        peer.written = 0;
-    } else if peer.written > (1 << 20) {
-        peer.out.drain(..peer.written);
-        peer.written = 0;
+
+    fn link_stats(&self) -> LinkStats {
+        match &self.data {
+            #[cfg(feature = "rdma")]
+            DataPath::Ring(sink) | DataPath::AwaitingReady(sink) => sink.stats(),
+            _ => LinkStats::default(),
+        }
     }
+
+    /// The standby connected its queue pair: the data stream may go into its ring.
+    fn ring_ready(&mut self) -> Result<(), String> {
+        match std::mem::replace(&mut self.data, DataPath::Control) {
+            #[cfg(feature = "rdma")]
+            DataPath::AwaitingReady(sink) => {
+                self.data = DataPath::Ring(sink);
+                Ok(())
+            }
+            other => {
+                self.data = other;
+                Err("the standby said its RDMA ring is ready out of turn".into())
+            }
+        }
+    }
+}
+
+/// Takes a standby's RDMA ring offer: connects a queue pair to it and answers with the active's end.
+#[cfg(feature = "rdma")]
+fn accept_offer(peer: &mut Peer, offer: &[u8], device: Option<&DeviceHandle>) -> Result<(), String> {
+    let Some(device) = device.filter(|_| matches!(peer.data, DataPath::AwaitingOffer)) else {
+        return Err("the standby offered an RDMA ring, but this active's transport is tcp (or it offered twice)".into());
+    };
+    let (port, layout, ring_id, answer) = crate::rdma::link::ActivePort::accept(device, offer).map_err(|e| e.to_string())?;
+    wire::encode(Kind::RdmaAccept, &answer, peer.link.out());
+    peer.data = DataPath::AwaitingReady(Box::new(crate::ring_link::RingSink::new(layout, ring_id, port)));
     Ok(())
+}
+
+#[cfg(not(feature = "rdma"))]
+fn accept_offer(_: &mut Peer, _: &[u8], _: Option<&DeviceHandle>) -> Result<(), String> {
+    Err("the standby offered an RDMA ring, but this active's transport is tcp".into())
 }
 
 /// Milliseconds since the unix epoch.

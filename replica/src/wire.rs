@@ -13,6 +13,13 @@
 //! | `Heartbeat` | both | epoch u64, sender's clock in ms u64 |
 //! | `Handover` | active -> standby | epoch u64, then per shard the last seq u64: a planned switchover; every record that exists is through these; take over once they are applied |
 //! | `HandoverReply` | standby -> active | accepted u8 (1 or 0), then why, UTF-8 (at most [`HANDOVER_REASON_MAX`] bytes) |
+//! | `RdmaOffer` | standby -> active | the RDMA transport's ring offer (see `rdma::link`): endpoint, ring region, layout, ring id |
+//! | `RdmaAccept` | active -> standby | the active's endpoint and credit region |
+//! | `RdmaReady` | standby -> active | empty: the standby's queue pair is connected; the data stream may start |
+//!
+//! `Batch` and `Snapshot*` form the data stream ([`crate::transport`]): on the TCP connection with the
+//! TCP transport, in the standby's ring with the RDMA transport; every other kind is control and always
+//! travels on the TCP connection.
 //!
 //! [`MessageReader`] reassembles messages from reads of any size and checks each one completely before
 //! handing it out (frames and records carry their own checksums). A stream that breaks any rule is
@@ -40,6 +47,9 @@ pub enum Kind {
     Heartbeat = 7,
     Handover = 8,
     HandoverReply = 9,
+    RdmaOffer = 10,
+    RdmaAccept = 11,
+    RdmaReady = 12,
 }
 
 /// Longest reason a standby gives with its answer to a handover.
@@ -60,6 +70,18 @@ pub enum Message<'a> {
     Handover { epoch: Epoch, through: Vec<LogSeq> },
     /// The standby's answer: it takes over (and is gone from this stream), or why not.
     HandoverReply { accepted: bool, reason: &'a [u8] },
+    /// The standby's ring offer (decoded by the RDMA transport).
+    RdmaOffer(&'a [u8]),
+    /// The active's answer to an offer (decoded by the RDMA transport).
+    RdmaAccept(&'a [u8]),
+    RdmaReady,
+}
+
+impl Message<'_> {
+    /// Whether the message belongs to the data stream (the rest is control).
+    pub fn is_data(&self) -> bool {
+        matches!(self, Message::Batch(_) | Message::SnapshotBegin { .. } | Message::SnapshotItems { .. } | Message::SnapshotEnd { .. })
+    }
 }
 
 /// Why a stream was refused.
@@ -282,6 +304,12 @@ fn parse(kind: u8, payload: &[u8], max: usize) -> Result<Message<'_>, WireError>
                 return Err(WireError::BadLength { kind: Kind::HandoverReply, len: payload.len() });
             }
             Message::HandoverReply { accepted: payload[0] == 1, reason: &payload[1..] }
+        }
+        10 => Message::RdmaOffer(payload),
+        11 => Message::RdmaAccept(payload),
+        12 => {
+            want(Kind::RdmaReady, 0)?;
+            Message::RdmaReady
         }
         other => return Err(WireError::UnknownKind(other)),
     })

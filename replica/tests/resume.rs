@@ -1,14 +1,15 @@
 //! The pieces together, as the wiring step will use them: a standby reconnects, the handshake asks the
 //! shard logs' backlogs whether it can resume, and the active ships only what the standby lacks, over the
-//! in-memory link, in frames the standby decodes and acknowledges.
+//! in-memory link, in wire messages the standby reads back in order.
 
-use replica::frame::{begin_frame, finish_frame, FrameDecoder};
+use replica::frame::{begin_frame, finish_frame};
 use replica::handshake::{
     ActiveConfig, ActiveHandshake, Nonce, Outcome, ShardStart, StandbyConfig, StandbyHandshake,
 };
 use replica::log::{channel, Drained, LogConfig, LogConsumer};
 use replica::transport::memory::{pair, MemoryConfig};
-use replica::transport::{Ack, ActiveLink, StandbyLink};
+use replica::transport::{StreamSink, StreamSource};
+use replica::wire::{self, Kind, Message, MessageReader};
 use replica::{Epoch, LogSeq, Record, ReplicationId, ShardId};
 
 const SECRET: &[u8] = b"shared by the pair";
@@ -70,31 +71,33 @@ fn a_reconnecting_standby_resumes_one_shard_and_full_syncs_the_other() {
     assert_eq!(active_outcome.as_ref(), Some(&expected));
     assert_eq!(standby_outcome.as_ref(), Some(&expected));
 
-    // Ship the resumed shard: only 13..=20 cross the link.
-    let (mut active_link, mut standby_link) = pair(MemoryConfig { max_piece: 5, corrupt_at: None });
+    // Ship the resumed shard: only 13..=20 cross the link, as Batch messages of the data stream.
+    let (mut sink, mut source) = pair(MemoryConfig { max_piece: 5, ..MemoryConfig::default() });
     let consumer = &mut consumers[0];
-    let mut frame = Vec::new();
     loop {
-        frame.clear();
-        let start = begin_frame(&mut frame);
-        match consumer.drain_batch(100, &mut frame) {
+        let out = sink.queue();
+        let message = wire::begin(Kind::Batch, out);
+        let start = begin_frame(out);
+        match consumer.drain_batch(100, out) {
             Drained::Batch { first_seq, count, .. } => {
-                finish_frame(&mut frame, start, consumer.shard(), first_seq, count).unwrap();
-                active_link.send_batch(&frame).unwrap();
+                finish_frame(out, start, consumer.shard(), first_seq, count).unwrap();
+                wire::finish(out, message);
             }
-            Drained::Empty => break,
+            Drained::Empty => {
+                out.truncate(message);
+                break;
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
-    let mut decoder = FrameDecoder::default();
-    standby_link.poll_batches(&mut decoder).unwrap();
+    sink.pump().unwrap();
+    let mut reader = MessageReader::new(1 << 20);
+    source.receive(&mut reader, usize::MAX).unwrap();
     let mut applied = Vec::new();
-    while let Some(frame) = decoder.next_frame().unwrap() {
+    while let Some(message) = reader.next_message().unwrap() {
+        let Message::Batch(frame) = message else { panic!("only batches were sent") };
+        assert_eq!(frame.header.shard, ShardId(0));
         applied.extend(frame.records().map(|logged| logged.seq.0));
-        standby_link.send_ack(Ack { shard: frame.header.shard, seq: frame.header.last_seq() }).unwrap();
     }
     assert_eq!(applied, (13..=20).collect::<Vec<u64>>());
-    let mut acks = Vec::new();
-    active_link.poll_acks(&mut acks).unwrap();
-    assert_eq!(acks.last(), Some(&Ack { shard: ShardId(0), seq: LogSeq(20) }));
 }

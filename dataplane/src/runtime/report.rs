@@ -54,7 +54,7 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "epoch", epoch.0.to_string());
             push(&mut p, "mode", format!("{:?}", config.mode).to_lowercase());
             push(&mut p, "ack", format!("{:?}", config.ack).to_lowercase());
-            push(&mut p, "transport", "tcp".to_string());
+            push(&mut p, "transport", config.transport.name().to_string());
             push(&mut p, "listen", r.listen.clone());
             push(&mut p, "newest", list(&r.newest));
             push(&mut p, "standbys", r.peers.len().to_string());
@@ -68,6 +68,8 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "ring_full_events", r.ring_full_events.to_string());
             push(&mut p, "ring_records_lost", r.ring_records_lost.to_string());
             push(&mut p, "ring_resyncs", r.ring_resyncs.to_string());
+            push(&mut p, "link_failures", r.link_failures.to_string());
+            push(&mut p, "last_link_error", if r.last_link_error.is_empty() { "none".to_string() } else { r.last_link_error.replace(' ', "_") });
             // Records each worker has logged (and answered) by now: a standby's report may be up to
             // 50 ms old, so what it acked is older still and the difference can only overstate.
             let logged = node.marks.logged();
@@ -86,6 +88,14 @@ fn replication(shared: &Shared) -> Pairs {
                 push(&mut p, name("lag_records"), peer.lag_records.to_string());
                 push(&mut p, name("lag_bytes"), peer.lag_bytes.to_string());
                 push(&mut p, name("lag_ms"), peer.lag_millis.to_string());
+                push(&mut p, name("transport"), peer.transport.to_string());
+                if peer.transport == "rdma" {
+                    let link = &peer.link;
+                    push(&mut p, name("rdma_writes_posted"), link.writes_posted.to_string());
+                    push(&mut p, name("rdma_completions"), link.completions.to_string());
+                    push(&mut p, name("rdma_errors"), link.errors.to_string());
+                    push(&mut p, name("rdma_credit_stalls"), link.credit_stalls.to_string());
+                }
             }
         }
         Report::Standby { report } => {
@@ -95,7 +105,7 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "active", r.active.clone());
             push(&mut p, "replication_id", r.history.map_or_else(|| "none".to_string(), |h| h.to_string()));
             push(&mut p, "epoch", r.epoch.0.to_string());
-            push(&mut p, "transport", "tcp".to_string());
+            push(&mut p, "transport", r.transport.to_string());
             push(&mut p, "applied", list(&r.applied));
             push(&mut p, "connects", r.connects.to_string());
             push(&mut p, "full_syncs", r.full_syncs.to_string());
@@ -103,6 +113,16 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "refused", r.refused.to_string());
             push(&mut p, "bytes_received", r.bytes_received.to_string());
             push(&mut p, "last_heard_ms", r.last_heard_millis.to_string());
+            if r.transport == "rdma" {
+                let link = &r.link;
+                push(&mut p, "rdma_slots", link.slots.to_string());
+                push(&mut p, "rdma_doorbells", link.doorbells.to_string());
+                push(&mut p, "rdma_credit_writes", link.writes_posted.to_string());
+                push(&mut p, "rdma_completions", link.completions.to_string());
+                push(&mut p, "rdma_errors", link.errors.to_string());
+                push(&mut p, "rdma_incomplete_polls", link.incomplete_polls.to_string());
+            }
+            push(&mut p, "link_failures", r.link_failures.to_string());
             push(&mut p, "last_error", if r.last_error.is_empty() { "none".to_string() } else { r.last_error.replace(' ', "_") });
         }
     }
