@@ -311,6 +311,15 @@ impl Receiver {
                 continue;
             }
             self.deliver_held();
+            if !self.held.is_empty() {
+                // The shards have not taken what already arrived, so this standby does not read: that
+                // is its own back-pressure, not the active's silence (which counts again once it reads).
+                let now = Instant::now();
+                self.last_heard = now;
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.last_heard = now;
+                }
+            }
             self.send_acks();
             let polling_ring = self.conn.as_ref().is_some_and(|c| c.data_wants_poll());
             let timeout = if self.held.is_empty() && polling_ring && self.last_ring_data.elapsed() < RING_SPIN {
