@@ -45,3 +45,17 @@ def test_a_multi_shard_multi_get_over_every_backend(start):
         client.set(key, key.encode() * 3)
     got = client.get_many(keys)
     assert got == {key: key.encode() * 3 for key in keys}
+
+
+def test_a_second_server_on_a_taken_port_exits_and_the_first_keeps_serving(server, tmp_path):
+    """memcached exits with "Address already in use" when its port is taken; so must tandemd, on
+    every backend, and without disturbing the server that holds the port."""
+    import subprocess
+
+    client = server.client()
+    client.set("kept", b"value")
+    second = subprocess.run(server.flags, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    assert second.returncode != 0
+    assert b"in use" in second.stdout + second.stderr, (second.stdout + second.stderr)[-500:]
+    assert server.is_alive()
+    assert server.client().get("kept") == b"value"

@@ -123,6 +123,19 @@ pub fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
+/// Binds `addr` without listening, with SO_REUSEADDR but not SO_REUSEPORT: it fails while anything
+/// listens there (another server), and it takes no connections meanwhile. A probe that listened
+/// would complete the handshake of a client that connects early and then reset it when dropped.
+pub fn claim_port(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 /// A non-blocking listener on `addr` with SO_REUSEADDR and SO_REUSEPORT set.
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(reuseport_socket(addr, true)?))
@@ -153,5 +166,18 @@ mod tests {
         let addr = first.local_addr().unwrap();
         let second = reuseport_listener(addr).unwrap();
         assert_eq!(second.local_addr().unwrap(), addr);
+    }
+
+    #[test]
+    fn a_claimed_port_refuses_connections_and_a_listened_port_cannot_be_claimed() {
+        let claim = claim_port("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = claim.local_addr().unwrap().as_socket().unwrap();
+        let refused = std::net::TcpStream::connect(addr).expect_err("a claim must not accept connections");
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        drop(claim);
+        let listener = reuseport_listener(addr).unwrap();
+        let err = claim_port(addr).expect_err("a port with a listener is taken");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
     }
 }

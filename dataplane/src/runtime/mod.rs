@@ -403,13 +403,13 @@ fn kernel_addresses(settings: &Settings) -> anyhow::Result<Vec<SocketAddr>> {
     // A plain bind (no SO_REUSEPORT) fails if anything, another tandemd included, already listens
     // there; without this probe a second server would silently share the port. With -p 0 the probe
     // also picks the port every listener then uses.
-    let probe = std::net::TcpListener::bind(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
-    let port = probe.local_addr()?.port();
+    let probe = crate::net::kernel::claim_port(addrs[0]).with_context(|| format!("cannot listen on {}", addrs[0]))?;
+    let port = probe.local_addr()?.as_socket().map_or(settings.port, |a| a.port());
     for addr in &mut addrs {
         addr.set_port(port);
     }
     for addr in &addrs[1..] {
-        drop(std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?);
+        drop(crate::net::kernel::claim_port(*addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
     drop(probe);
     Ok(addrs)
