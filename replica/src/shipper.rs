@@ -136,6 +136,9 @@ pub struct ShipperReport {
     pub refused: u64,
     pub sync_degraded: u64,
     pub bytes_shipped: u64,
+    /// Rounds that sent records or snapshot chunks to some standby: with `async_batch`, many writes
+    /// share one.
+    pub shipments: u64,
     pub snapshot_bytes: u64,
     /// Shard logs that found their ring full (back-pressure), records lost to it, resyncs it forced.
     pub ring_full_events: u64,
@@ -364,6 +367,7 @@ impl Shipper {
             let wrote = self.ship_all();
             if wrote {
                 last_shipped = Some(Instant::now());
+                self.counters.shipments += 1;
             }
             let timeout = if busy || wrote {
                 Duration::ZERO
@@ -956,6 +960,7 @@ impl Shipper {
             refused: self.counters.refused,
             sync_degraded: self.counters.sync_degraded,
             bytes_shipped: self.counters.bytes_shipped,
+            shipments: self.counters.shipments,
             snapshot_bytes: self.counters.snapshot_bytes,
             ring_full_events: self.logs.iter().map(|l| l.stats().full_events).sum(),
             ring_records_lost: self.logs.iter().map(|l| l.stats().records_lost).sum(),

@@ -23,7 +23,7 @@
 //! - [`memory::pair`]: in-process queues with knobs to deliver the stream in small pieces and to
 //!   corrupt a byte of it, so the reader's reassembly and checks are exercised without a network.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use thiserror::Error;
 
@@ -222,11 +222,7 @@ impl StreamSource for TcpLink {
         }
         let mut got = 0;
         while got < budget {
-            let buf = reader.spare(READ_CHUNK);
-            let len = buf.len();
-            buf.resize(len + READ_CHUNK, 0);
-            let read = self.stream.read(&mut buf[len..]);
-            buf.truncate(len + *read.as_ref().unwrap_or(&0));
+            let read = read_into_spare(&self.stream, reader.spare(READ_CHUNK));
             match read {
                 Ok(0) => {
                     self.eof = true;
@@ -240,6 +236,22 @@ impl StreamSource for TcpLink {
         }
         Ok(got)
     }
+}
+
+/// Reads from `stream` into `buf`'s spare capacity and extends `buf` by what arrived. Not through
+/// `Read::read` on a zero-filled tail: zeroing the 256 KiB chunk cost more than reading a few acks.
+fn read_into_spare(stream: &mio::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: read(2) writes at most `spare.len()` bytes into memory `buf` owns and reads none of it.
+    let n = unsafe { libc::read(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// An in-process data stream over a channel: the test double every transport test can use.

@@ -57,13 +57,13 @@ def write_config(tmp_path, name, **fields):
 class Pair:
     """An active and the means to start standbys that follow it."""
 
-    def __init__(self, start, tmp_path, mode="async", ack="one", threads=2, flags=()):
+    def __init__(self, start, tmp_path, mode="async", ack="one", threads=2, flags=(), **active_fields):
         self.start = start
         self.tmp_path = tmp_path
         self.repl_port = harness.free_port()
         self.threads = threads
         self.flags = list(flags)
-        config = write_config(tmp_path, "active", role="active", listen=f"127.0.0.1:{self.repl_port}", mode=mode, ack=ack)
+        config = write_config(tmp_path, "active", role="active", listen=f"127.0.0.1:{self.repl_port}", mode=mode, ack=ack, **active_fields)
         self.active = start("--config", str(config), "-t", str(threads), *self.flags)
         self.standbys = 0
 
@@ -310,6 +310,29 @@ def test_sync_mode_acknowledged_writes_are_on_the_standby(start, tmp_path):
     got = values(standby, [b"pipe:%d" % i for i in range(100)])
     assert len(got) == 100
     assert repl_stats(pair.active)["mode"] == "sync"
+
+
+def test_async_mode_gathers_a_burst_of_writes_into_few_shipments(start, tmp_path):
+    """`async_batch_us`: after a shipment the replication core waits that long, so the writes of a burst
+    leave together (one wake-up and one send), and still all arrive."""
+    pair = Pair(start, tmp_path, mode="async", async_batch_us=100_000)
+    standby = pair.standby()
+    wait_for(lambda: repl_stats(pair.active).get("standby_0_state") == "streaming", "the active to see the standby streaming")
+    before = int(repl_stats(pair.active)["shipments"])
+    writer = RawConn(pair.active.host, pair.active.port)
+    keys = [b"burst:%d" % i for i in range(100)]
+    began = time.monotonic()
+    for key in keys:
+        # One at a time: unbatched, each would leave in a shipment of its own.
+        writer.expect(b"set %s 0 0 2\r\nok\r\n" % key, b"STORED\r\n")
+    windows = (time.monotonic() - began) / 0.1
+    wait_for(lambda: len(values(standby, keys)) == len(keys), "the writes to reach the standby", timeout=5)
+    # The active's report trails its shipments (it is refreshed between batch windows).
+    wait_for(lambda: repl_stats(pair.active)["standby_0_unacked_records"] == "0", "the active to see them acked", timeout=5)
+    shipped = int(repl_stats(pair.active)["shipments"]) - before
+    # The first write leaves at once, the rest once per 100 ms window they span (one more for rounding).
+    allowed = 2 + int(windows)
+    assert 1 <= shipped <= allowed, f"{len(keys)} writes over {windows:.1f} windows left in {shipped} shipments"
 
 
 def test_standby_serves_reads_and_refuses_writes(start, tmp_path):

@@ -63,6 +63,7 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "refused", r.refused.to_string());
             push(&mut p, "sync_degraded", r.sync_degraded.to_string());
             push(&mut p, "bytes_shipped", r.bytes_shipped.to_string());
+            push(&mut p, "shipments", r.shipments.to_string());
             push(&mut p, "snapshot_bytes", r.snapshot_bytes.to_string());
             push(&mut p, "backlog_bytes", r.backlog_bytes.to_string());
             push(&mut p, "ring_full_events", r.ring_full_events.to_string());
