@@ -154,7 +154,24 @@ pub fn holds_service_address(failover: &FailoverSettings) -> bool {
 /// Attempts a node configured as active makes to find an active peer before it takes the address.
 const START_PROBES: usize = 4;
 
-/// The node's epoch on disk.
+/// The role a node last took, as its state directory remembers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredRole {
+    Active,
+    Standby,
+}
+
+impl StoredRole {
+    fn name(self) -> &'static str {
+        match self {
+            StoredRole::Active => "active",
+            StoredRole::Standby => "standby",
+        }
+    }
+}
+
+/// The node's epoch on disk, with the role it took in it: `N active` or `N standby` in `state_dir/epoch`
+/// (a bare `N`, as older versions wrote, says no role).
 #[derive(Clone)]
 pub struct EpochFile {
     dir: PathBuf,
@@ -173,26 +190,44 @@ impl EpochFile {
 
     /// The stored epoch (0 when none was ever stored).
     pub fn load(&self) -> anyhow::Result<Epoch> {
+        Ok(self.load_state()?.0)
+    }
+
+    /// The stored epoch and role (0 and none when nothing was ever stored).
+    pub fn load_state(&self) -> anyhow::Result<(Epoch, Option<StoredRole>)> {
         match std::fs::read_to_string(self.path()) {
-            Ok(text) => {
-                let value = text.trim().parse().with_context(|| format!("{}: not an epoch: {text:?}", self.path().display()))?;
-                Ok(Epoch(value))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch(0)),
+            Ok(text) => parse_state(&text).with_context(|| format!("{}: not an epoch and role: {text:?}", self.path().display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Epoch(0), None)),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", self.path().display())),
         }
     }
 
-    /// Stores `epoch` durably.
-    pub fn store(&self, epoch: Epoch) -> anyhow::Result<()> {
+    /// Stores `epoch` and `role` durably (written aside, fsync'd, renamed over, the directory fsync'd).
+    pub fn store(&self, epoch: Epoch, role: StoredRole) -> anyhow::Result<()> {
         let tmp = self.dir.join("epoch.tmp");
         let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        writeln!(file, "{}", epoch.0)?;
+        writeln!(file, "{} {}", epoch.0, role.name())?;
         file.sync_all()?;
         std::fs::rename(&tmp, self.path())?;
         std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
+}
+
+/// Parses the epoch file's text: `N`, `N active` or `N standby`.
+fn parse_state(text: &str) -> anyhow::Result<(Epoch, Option<StoredRole>)> {
+    let mut words = text.split_whitespace();
+    let epoch = words.next().ok_or_else(|| anyhow::anyhow!("empty"))?.parse().context("the epoch")?;
+    let role = match words.next() {
+        None => None,
+        Some("active") => Some(StoredRole::Active),
+        Some("standby") => Some(StoredRole::Standby),
+        Some(other) => anyhow::bail!("unknown role {other:?}"),
+    };
+    if words.next().is_some() {
+        anyhow::bail!("trailing words");
+    }
+    Ok((Epoch(epoch), role))
 }
 
 /// Adds the service address to its interface and announces it; repeats the announcement later on a
@@ -235,8 +270,16 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
     let (Some(failover), Some(replication)) = (settings.failover.as_ref(), settings.replication.as_mut()) else {
         return notes;
     };
+    let epochs = EpochFile::new(&failover.state_dir);
+    let (epoch, stored_role) = epochs.as_ref().ok().and_then(|f| f.load_state().ok()).unwrap_or((Epoch(0), None));
+    if replication.role == Role::Standby && stored_role == Some(StoredRole::Active) && replication.listen.is_some() {
+        // It was the active when it stopped (a standby promoted since its configuration was written): it
+        // is the active again unless a peer took over meanwhile, which the probe below finds. Coming back
+        // as a never-synced standby would leave the service address unserved while the other node is down.
+        replication.role = Role::Active;
+        notes.push(format!("starting as active, not standby: this node was the active at {epoch} when it stopped"));
+    }
     if replication.role == Role::Active && !replication.peers.is_empty() {
-        let epoch = EpochFile::new(&failover.state_dir).and_then(|f| f.load()).unwrap_or(Epoch(0));
         // Taking the address while another node holds it is worse than starting a little later: a node
         // whose link just came back may need a few attempts to reach its peers.
         let patience = replication.dead_after.unwrap_or(Duration::from_millis(500)).max(Duration::from_millis(300));
@@ -248,6 +291,12 @@ pub fn resolve_start_role(settings: &mut crate::config::Settings) -> Vec<String>
         });
         if let Some(found) = found {
             replication.role = Role::Standby;
+            // Remembered, so that a restart before this node ever syncs does not claim the role again.
+            if let Ok(epochs) = &epochs {
+                if let Err(e) = epochs.store(Epoch(found.epoch.0.max(epoch.0)), StoredRole::Standby) {
+                    tracing::error!(error = %e, "cannot persist the standby role");
+                }
+            }
             notes.push(format!(
                 "started as standby, not active: {} is the active at {} (ours: {epoch})",
                 found.addr, found.epoch
@@ -327,11 +376,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tandem-epoch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let file = EpochFile::new(&dir).unwrap();
-        assert_eq!(file.load().unwrap(), Epoch(0));
-        file.store(Epoch(7)).unwrap();
-        assert_eq!(EpochFile::new(&dir).unwrap().load().unwrap(), Epoch(7));
-        std::fs::write(dir.join("epoch"), "garbage").unwrap();
-        assert!(file.load().is_err(), "a damaged epoch file is an error, not epoch 0");
+        assert_eq!(file.load_state().unwrap(), (Epoch(0), None));
+        file.store(Epoch(7), StoredRole::Active).unwrap();
+        assert_eq!(EpochFile::new(&dir).unwrap().load_state().unwrap(), (Epoch(7), Some(StoredRole::Active)));
+        file.store(Epoch(8), StoredRole::Standby).unwrap();
+        assert_eq!(file.load_state().unwrap(), (Epoch(8), Some(StoredRole::Standby)));
+        assert_eq!(file.load().unwrap(), Epoch(8));
+        // What older versions wrote: an epoch alone, no role.
+        std::fs::write(dir.join("epoch"), "5\n").unwrap();
+        assert_eq!(file.load_state().unwrap(), (Epoch(5), None));
+        for damaged in ["garbage", "", "5 leader", "5 active extra"] {
+            std::fs::write(dir.join("epoch"), damaged).unwrap();
+            assert!(file.load().is_err(), "a damaged epoch file ({damaged:?}) is an error, not epoch 0");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

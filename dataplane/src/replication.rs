@@ -629,7 +629,7 @@ impl Node {
                 // An active starting anew begins a reign no lower than any it knows of.
                 let epoch = Epoch(persisted.0.max(1));
                 if let Some(context) = &context {
-                    context.epochs.store(epoch)?;
+                    context.epochs.store(epoch, crate::failover::StoredRole::Active)?;
                 }
                 let history = ReplicationId::random();
                 let start = ActiveStart {
@@ -900,7 +900,7 @@ impl Promotion {
         let (history, epoch, applied) = receiver.position();
         let known = self.epochs.load().unwrap_or(Epoch(0));
         let epoch = Epoch(epoch.0.max(known.0) + 1);
-        if let Err(e) = self.epochs.store(epoch) {
+        if let Err(e) = self.epochs.store(epoch, crate::failover::StoredRole::Active) {
             // Acting on an epoch that is not on disk could let two nodes claim the same reign.
             tracing::error!(error = %e, "cannot persist the new epoch: not promoting");
             return None;
@@ -1021,10 +1021,10 @@ impl Promotion {
         if state.reign.compare_exchange(reign, reign + 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             return false;
         }
-        if plan.persist {
-            if let Err(e) = self.epochs.store(plan.epoch) {
-                tracing::error!(error = %e, "cannot persist the newer epoch");
-            }
+        // The role always (a restart must not take the active's role back), the epoch when it is newer.
+        let epoch = if plan.persist { plan.epoch } else { self.epochs.load().unwrap_or(plan.epoch) };
+        if let Err(e) = self.epochs.store(epoch, crate::failover::StoredRole::Standby) {
+            tracing::error!(error = %e, "cannot persist the standby role and epoch");
         }
         let receiver_config = ReceiverConfig {
             peers: self.settings.peers.clone(),

@@ -398,3 +398,37 @@ def test_a_standby_cut_off_from_everything_does_not_promote(tmp_path):
         a_stats, b_stats = stats_in(topo, "a"), stats_in(topo, "b")
         assert a_stats["role"] == "active" and b_stats["role"] == "standby", (a_stats, b_stats)
         assert request_in(topo, "c", topo.service, b"set still 0 0 1\r\nx\r\n") == b"STORED\r\n"
+
+
+def test_a_promoted_standby_restarted_while_the_old_active_is_down_is_the_active_again(tmp_path):
+    """The role is kept in the state directory with the epoch: a standby that took over and then restarts
+    (its configuration still says standby) comes back as the active, address and warm cache included,
+    rather than as a never-synced standby that leaves the service address unserved."""
+    with Topology(os.getpid() % 1000 * 10 + 6) as topo:
+        a, b = topo.start_pair(tmp_path, witness=True, memory=True)
+        assert request_in(topo, "c", topo.service, b"set kept 0 0 4\r\nwarm\r\n") == b"STORED\r\n"
+        # The active's machine dies; the standby takes over.
+        a.send_signal(signal.SIGKILL)
+        sh("ip", "link", "set", topo.host_if["a"], "down")
+        wait_until(lambda: stats_in(topo, "b").get("role") == "active", "the standby to take over")
+        assert (tmp_path / "state-b" / "epoch").read_text().split() == ["2", "active"]
+        # Its tandemd crashes and is restarted with its unchanged configuration, the old active still down.
+        b.send_signal(signal.SIGKILL)
+        b.wait(timeout=10)
+        topo.start(tmp_path, "b", tmp_path / "b.toml")
+        wait_until(lambda: stats_in(topo, "b").get("role") == "active", "the restarted node to be the active again", 15)
+        b_stats = stats_in(topo, "b")
+        assert b_stats["epoch"] == "2", b_stats
+        log = (tmp_path / "b.log").read_text(errors="replace")
+        assert "starting as active, not standby: this node was the active at epoch 2" in log, log[-2000:]
+        assert topo.service_address_on("b"), "the restarted active does not hold the service address"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if request_in(topo, "c", topo.service, b"get kept\r\n", b"END\r\n") == b"VALUE kept 0 4\r\nwarm\r\nEND\r\n":
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            assert time.monotonic() < deadline, "the service address never served the warm cache again"
+            time.sleep(0.05)
+        assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\nz\r\n") == b"STORED\r\n"
