@@ -280,7 +280,10 @@ def kill_under_the_client(tmp_path, topo, a):
     killed_at = time.time()
     a.send_signal(signal.SIGKILL)
     sh("ip", "link", "set", topo.host_if["a"], "down")
-    go.write_text(repr(killed_at))
+    # Written aside and renamed into place: the client waits for the name and must never read it empty.
+    staged = go.with_suffix(".staged")
+    staged.write_text(repr(killed_at))
+    staged.rename(go)
     result = json.loads(client.stdout.readline())
     client.wait(timeout=30)
     return result
@@ -379,6 +382,9 @@ def test_an_active_cut_off_steps_down_when_it_meets_the_new_active(tmp_path):
         )
         b_stats = stats_in(topo, "b")
         assert b_stats["role"] == "active" and b_stats["epoch"] == "2", b_stats
+        # Cut off, it took no write after the point where b took over: it resumes (partial resync).
+        a_stats = stats_in(topo, "a")
+        assert (a_stats["full_syncs"], a_stats["partial_syncs"]) == ("0", "1"), f"a partial resync: {a_stats}"
 
 
 def test_a_standby_cut_off_from_everything_does_not_promote(tmp_path):
