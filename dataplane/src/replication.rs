@@ -1001,7 +1001,23 @@ impl Promotion {
                 let found = replica::receiver::probe_for_active(&self.settings.peers, &self.settings.secret, shards, epoch, patience);
                 if let Some(found) = found.filter(|found| found.epoch > epoch) {
                     let why = format!("stepped down to standby: {} is the active at {} (ours was {epoch})", found.addr, found.epoch);
-                    let plan = StepDown { epoch: found.epoch, persist: true, resume: None, assume_synced: false, close_held: false, why };
+                    // Writes paused and the log still, this node presents its history and positions: if it
+                    // took nothing beyond the point where the new active took over, it resumes from there
+                    // (a partial resync); the new active's handshake decides, a full sync otherwise.
+                    let history = match state.report() {
+                        Report::Active { history, .. } => Some(history),
+                        _ => None,
+                    };
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                    let resume = match (history, crate::roles::pause(&state, &*self.wake, deadline)) {
+                        (Some(history), Ok(through)) => Some((history, through)),
+                        (_, Err(e)) => {
+                            tracing::warn!(error = %e, "cannot pause writes before stepping down: a full sync follows");
+                            None
+                        }
+                        (None, Ok(_)) => None,
+                    };
+                    let plan = StepDown { epoch: found.epoch, persist: true, resume, assume_synced: false, close_held: true, why };
                     self.step_down(&state, reign, plan);
                     return;
                 }

@@ -243,7 +243,7 @@ pub fn switchover(state: &Arc<NodeState>, timeout: Duration) -> Outcome {
 /// Pauses writes and waits until every worker has moved past the pause: each saw it, ran what it had
 /// under way, and ran and logged what other workers had mailed it before they saw it. Returns each
 /// shard's last log position, once it holds still. Bounded by `deadline`.
-fn pause(state: &NodeState, wake: &dyn Wake, deadline: Instant) -> Result<Vec<LogSeq>, String> {
+pub(crate) fn pause(state: &NodeState, wake: &dyn Wake, deadline: Instant) -> Result<Vec<LogSeq>, String> {
     state.hold_writes(true, wake);
     // A worker may be mid-round when the pause begins: its first round after may still run writes and
     // mail some; the second starts after that mail was sent; two more run and log the mail.
