@@ -12,6 +12,7 @@
 //! - [`notify`]: readiness and the watchdog for systemd (`Type=notify`, `WatchdogSec=`).
 //! - [`replication`], [`failover`]: the node's part in a pair; [`roles`]: role changes on demand, and
 //!   [`admin`]: the endpoint `tandemctl` asks for them on.
+//! - [`test_support`]: for tests that need root or other things a CI machine has: skip, or fail in CI.
 
 pub mod admin;
 pub mod clock;
@@ -28,6 +29,7 @@ pub mod runtime;
 pub mod shard;
 pub mod stats;
 pub mod store;
+pub mod test_support;
 
 /// The version reported by `version` and `stats`.
 pub const VERSION: &str = concat!("1.6.18-tandem-", env!("CARGO_PKG_VERSION"));

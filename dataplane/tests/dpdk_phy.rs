@@ -4,7 +4,7 @@
 //! driven by a thread of its own, as a worker core would.
 //!
 //! Needs root (namespaces, veth, AF_PACKET, hugepages) and the feature `dpdk`; without root it prints
-//! why it skipped. EAL starts once per process, so everything is one test function. Hugepages are
+//! why it skipped, and under `CI=true` it fails instead (`dataplane::test_support`). EAL starts once per process, so everything is one test function. Hugepages are
 //! reserved for the test and given back; TANDEM_DPDK_NO_HUGE=1 (or no hugepages to be had) runs EAL
 //! with `--no-huge -m 128 --no-shconf` instead.
 
@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::net::phy::dpdk::{DpdkQueue, Eal, Port};
+use dataplane::test_support::{is_root, runs_here};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -32,9 +33,7 @@ const HUGEPAGES_NEEDED: u64 = 24;
 
 #[test]
 fn smoltcp_over_dpdk_answers_ping_and_echoes_tcp() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP dpdk_phy: needs root (network namespace, veth, AF_PACKET, hugepages); CI runs as root");
+    if !runs_here(is_root(), "dpdk_phy", "needs root (network namespace, veth, AF_PACKET, hugepages); CI runs as root") {
         return;
     }
     for (command, why) in [
@@ -42,8 +41,7 @@ fn smoltcp_over_dpdk_answers_ping_and_echoes_tcp() {
         ("ethtool", "ethtool turns off the peer veth's TSO/GSO, whose 64 KiB frames AF_PACKET hands over whole"),
         ("python3", "python3 is the TCP client"),
     ] {
-        if !command_exists(command) {
-            println!("SKIP dpdk_phy: {command} is not installed ({why})");
+        if !runs_here(command_exists(command), "dpdk_phy", &format!("{command} is not installed ({why})")) {
             return;
         }
     }
@@ -95,7 +93,7 @@ fn smoltcp_over_dpdk_answers_ping_and_echoes_tcp() {
     };
 
     let outcome = std::panic::catch_unwind(|| {
-        if command_exists("ping") {
+        if runs_here(command_exists("ping"), "the ping check", "iputils-ping is not installed (ARP is still exercised by TCP)") {
             let ping = net.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &ip(STACK_IP)]);
             let text = String::from_utf8_lossy(&ping.stdout);
             println!(
@@ -108,8 +106,6 @@ fn smoltcp_over_dpdk_answers_ping_and_echoes_tcp() {
                 ping.status.success() && text.contains("3 received"),
                 "ping through smoltcp:\n{text}"
             );
-        } else {
-            println!("SKIP the ping check: iputils-ping is not installed (ARP is still exercised by TCP)");
         }
         // A real client: connect, send 1 MiB in uneven chunks, read it all back, compare.
         let client = format!(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance import Appliance, Identity, Network
+from harness import skip_unless
 
 A = Identity(hostname="rdma-a", address="10.77.0.21/24")
 B = Identity(hostname="rdma-b", address="10.77.0.22/24")
@@ -57,9 +58,7 @@ def add_soft_roce(box: Appliance, ip: str) -> None:
 def boxes(image_dir):
     binary = smoke_binary()
     build = "cargo build --release -p replica --features rdma --example rdma-smoke (needs libibverbs-dev)"
-    if not binary.exists() and os.environ.get("CI") != "true":
-        pytest.skip(f"{binary} is not built: {build}")
-    assert binary.exists(), f"{binary} missing: {build}"
+    skip_unless(binary.exists(), f"{binary} is not built: {build}")
     net = Network("rdma")
     members = []
     try:
@@ -111,10 +110,7 @@ def test_frames_cross_the_ring_one_sided_intact_and_in_order(boxes):
 def test_the_verbs_layer_tests_run_against_a_device(boxes):
     """replica's rdma::verbs tests (built with feature rdma) skip on a host without RDMA; here they run."""
     binary = os.environ.get("TANDEM_RDMA_VERBS_TEST")
-    if not binary:
-        if os.environ.get("CI") == "true":
-            pytest.fail("TANDEM_RDMA_VERBS_TEST is not set (tests/run-all.sh sets it in its RDMA step)")
-        pytest.skip("TANDEM_RDMA_VERBS_TEST (replica's test binary with feature rdma) is not set")
+    skip_unless(binary, "TANDEM_RDMA_VERBS_TEST (replica's test binary with feature rdma) is not set; tests/run-all.sh sets it in its RDMA step")
     box = boxes[0]
     upload(box, Path(binary), "/usr/local/bin/replica-verbs-tests")
     result = box.exec(["/usr/local/bin/replica-verbs-tests", "rdma::verbs", "--nocapture", "--test-threads=1"], timeout=300)

@@ -12,6 +12,14 @@ def pytest_report_header(config):
     return f"server under test: {harness.SERVER_KIND} ({harness.server_binary()}){backend}"
 
 
+@pytest.fixture(scope="session")
+def root():
+    """For modules whose every test needs root (``pytestmark = pytest.mark.usefixtures("root")``): skips
+    them without it, fails them under CI=true (``harness.skip_unless``). Session-scoped, so it runs before
+    any module fixture that would make namespaces."""
+    harness.needs_root("network namespaces, veth and tap devices, hugepages")
+
+
 @pytest.fixture
 def start(tmp_path):
     """Factory: ``start(*flags, nofile=None)`` starts a server; every server is killed at teardown."""

@@ -18,6 +18,11 @@ What this module offers:
 - ``RawConn``: a raw TCP connection with a timeout, for asserting exact bytes.
 - ``requires_tandem(reason)``: a marker that skips, with its reason printed under ``pytest -rs``, when the
   server is memcached and the test pins one of tandemd's deliberate improvements.
+- ``skip_unless(condition, reason)``: skips the test when the machine lacks what it needs (root,
+  hugepages, the DPDK build, qemu, a tool CI installs), and fails it instead when ``CI=true``: CI has all
+  of these, and must never skip silently what it is there to run. ``needs_root(why)`` is the root case.
+  tests/python/conftest.py's session fixture ``root`` applies it to whole modules
+  (``pytestmark = pytest.mark.usefixtures("root")``), before any of their fixtures; image/tests uses it too.
 - ``pymemcache_suite(host, port)`` and ``assert_pymemcache_suite_passed(run)``: pymemcache's own
   integration tests, all of them, against a server.
 
@@ -61,6 +66,26 @@ def requires_tandem(reason):
         IS_MEMCACHED and not FORCE_TANDEM_TESTS,
         reason=f"requires tandemd (memcached differs: {reason})",
     )
+
+
+CI = os.environ.get("CI") == "true"
+
+
+def skip_unless(condition, reason):
+    """Goes on if ``condition`` holds; otherwise skips the calling test or fixture with ``reason`` (printed
+    under ``pytest -rs``), or, under ``CI=true``, fails it with the same reason."""
+    __tracebackhide__ = True  # reports name the caller's line
+    if condition:
+        return
+    if CI:
+        pytest.fail(f"{reason} (CI=true: CI must run this, not skip it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_root(why):
+    """``skip_unless`` running as root; ``why`` says what root is needed for."""
+    __tracebackhide__ = True
+    skip_unless(os.geteuid() == 0, f"needs root ({why}); CI runs as root")
 
 
 def free_port():

@@ -34,7 +34,7 @@ TAG_BASE = 10000 + os.getpid() % 1000 * 10
 
 pytestmark = [
     requires_tandem("failover is Tandem's own"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces (CI runs as root)"),
+    pytest.mark.usefixtures("root"),  # no root: a skip, or under CI=true a failure (conftest.py)
 ]
 
 

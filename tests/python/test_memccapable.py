@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from harness import skip_unless
+
 EXPECTED_TESTS = 54
 RESULT_LINE = re.compile(r"^(?P<name>(ascii|binary) .+?)\s+\[(?P<result>\w+)\]\s*$")
 
@@ -17,8 +19,7 @@ RESULT_LINE = re.compile(r"^(?P<name>(ascii|binary) .+?)\s+\[(?P<result>\w+)\]\s
 @pytest.fixture
 def memccapable():
     path = shutil.which("memccapable")
-    if path is None:
-        pytest.skip("memccapable (libmemcached-tools) is not installed")
+    skip_unless(path, "memccapable (libmemcached-tools) is not installed")
     return path
 
 

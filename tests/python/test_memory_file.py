@@ -4,7 +4,7 @@ hugetlbfs (the appliance's hugepages), and no second process may map the same fi
 memcached 1.6.18's -e restores only after a graceful shutdown (SIGUSR1); tandemd writes items in an order
 that survives a crash (README, "A restartable cache"), so these tests kill with SIGKILL and run against
 tandemd only. The hugetlbfs half reserves 2 MiB pages when it may (root) and is skipped with a printed
-reason when the machine has none to give.
+reason when the machine has none to give (a failure under CI=true, where it must run).
 """
 
 import atexit
@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from harness import requires_tandem, stats
+from harness import requires_tandem, skip_unless, stats
 
 MEMORY_MB = 64
 THREADS = 2
@@ -70,8 +70,7 @@ def memory_file(request, tmp_path):
         backing = "memory_file"
     else:
         base, reason = hugetlbfs_dir()
-        if base is None:
-            pytest.skip(f"memory file on hugetlbfs: {reason}")
+        skip_unless(base is not None, f"memory file on hugetlbfs: {reason}")
         backing = "hugepages_file"
     path = os.path.join(base, f"tandem-test-{os.getpid()}-{tmp_path.name}")
     yield path, backing

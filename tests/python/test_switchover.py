@@ -31,7 +31,7 @@ from test_failover import Topology, request_in, sh, stats_in, wait_until
 
 pytestmark = [
     requires_tandem("tandemctl is Tandem's own"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces (CI runs as root)"),
+    pytest.mark.usefixtures("root"),  # no root: a skip, or under CI=true a failure (conftest.py)
 ]
 
 # test_failover's topologies use tags ending 0-4, 8 and 9 of the same pid-derived base.

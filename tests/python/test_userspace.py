@@ -6,7 +6,8 @@ Two devices carry the frames:
 - ``tap``: a tap device tandemd creates, moved into the client's namespace. Needs root only.
 - ``dpdk-af_packet``: DPDK's af_packet PMD on a veth whose peer is in the client's namespace. Needs root
   and a tandemd built with the ``dpdk`` feature, named by ``TANDEM_DPDK_SERVER`` (tests/run-all.sh builds
-  it when libdpdk is installed). CI sets ``CI=true``: there a missing DPDK build fails instead of skipping.
+  it when libdpdk is installed). CI sets ``CI=true``: there a missing DPDK build, root or memccapable fails
+  instead of skipping (``harness.skip_unless``).
 - ``dpdk-af_xdp``: DPDK's af_xdp PMD on the same kind of veth. A veth has no multi-queue af_xdp port:
   with N workers the veth gets N queues and tandemd one single-queue port per worker
   (``port_per_worker``), and the client namespace ``net.core.txrehash=0`` (FIELD-NOTES).
@@ -36,17 +37,16 @@ def sh(*args, check=True, timeout=60, **kwargs):
 
 def dpdk_server():
     path = os.environ.get("TANDEM_DPDK_SERVER")
-    if path and os.path.exists(path):
-        return path
-    reason = "tandemd built with the dpdk feature is not available (set TANDEM_DPDK_SERVER; tests/run-all.sh builds it when libdpdk is installed)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason + ": CI must run the DPDK tests")
-    pytest.skip(reason)
+    harness.skip_unless(
+        path and os.path.exists(path),
+        "tandemd built with the dpdk feature is not available (set TANDEM_DPDK_SERVER; tests/run-all.sh builds it when libdpdk is installed)",
+    )
+    return path
 
 
 def needs_root():
-    if os.geteuid() != 0:
-        pytest.skip("the userspace dataplane tests need root (network namespaces, tap and veth devices)")
+    __tracebackhide__ = True
+    harness.needs_root("the userspace dataplane: network namespaces, tap and veth devices")
 
 
 class Dataplane:
@@ -270,8 +270,7 @@ ALL_BACKENDS = BACKENDS + ["dpdk-af_xdp"]
 @pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)
 def test_memccapable_passes_over_the_userspace_stack(dataplane):
     memccapable = shutil.which("memccapable")
-    if memccapable is None:
-        pytest.skip("memccapable (libmemcached-tools) is not installed")
+    harness.skip_unless(memccapable, "memccapable (libmemcached-tools) is not installed")
     run = dataplane.run(memccapable, "-h", dataplane.server_ip, "-p", str(PORT), "-t", "5", check=False)
     passed = run.stdout.count("[pass]")
     print(f"memccapable over {dataplane.backend}: {passed} passed")

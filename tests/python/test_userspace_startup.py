@@ -5,6 +5,7 @@ Root and the DPDK-enabled tandemd are needed, as for test_userspace.py (whose Da
 """
 
 import os
+import pathlib
 import subprocess
 import time
 
@@ -39,6 +40,31 @@ def test_dpdk_start_up_failures_name_what_to_fix(tmp_path):
     code, out = start_failure(tmp_path, ["--no-pci", "--in-memory", "--no-telemetry"])
     assert code != 0
     assert "found no port" in out and "--vdev" in out, out
+
+
+def test_dpdk_without_hugepages_names_the_fix(tmp_path):
+    """EAL 22.11 without free hugepages stops with EACCES ("Cannot get hugepage information"), which read
+    as "DPDK needs root": tandemd checks first and says to reserve hugepages or try --no-huge.
+
+    The pool is emptied only while this one tandemd starts, and restored as soon as it exits (other jobs on
+    the machine may be using hugepages).
+    """
+    needs_root()
+    dpdk_server()
+    vm = pathlib.Path("/proc/sys/vm")
+    before = {name: (vm / name).read_text() for name in ("nr_hugepages", "nr_overcommit_hugepages")}
+    try:
+        for name in before:
+            (vm / name).write_text("0\n")
+        code, out = start_failure(tmp_path, ["--no-pci", "--in-memory", "--no-telemetry"])
+    finally:
+        for name, value in before.items():
+            (vm / name).write_text(value)
+    print(out[-800:])
+    assert code != 0
+    assert "DPDK needs hugepages and none is free" in out, out
+    assert "echo 256 > /proc/sys/vm/nr_hugepages" in out and '"--no-huge"' in out, out
+    assert "permission denied" not in out, out
 
 
 CONFIGURED_MAC = "02:54:61:6e:64:6d"

@@ -4,10 +4,9 @@
 //!
 //! The fixture is built with the `ip` command (iproute2); the product code itself only uses netlink
 //! and a packet socket. Making namespaces needs root (CI runs as root); elsewhere each test prints
-//! why it is skipped, on the terminal, and returns.
+//! why it is skipped, on the terminal, and returns (under `CI=true` it fails: `dataplane::test_support`).
 
 use std::fs::File;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -15,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dataplane::net::takeover::{self, Claimed, Released};
+use dataplane::test_support::{is_root, runs_here};
 
 /// A MAC no interface here has: what B wrongly believes owns the service address.
 const WRONG_MAC: &str = "02:00:00:00:00:01";
@@ -23,11 +23,10 @@ const WRONG_MAC: &str = "02:00:00:00:00:01";
 const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 
 /// A fresh [`Pair`] for `test`, or `None` (after saying why the test is skipped, past the test
-/// harness's output capture so that the skip is never silent) when this process cannot make one.
+/// harness's output capture so that the skip is never silent) when this process cannot make one; under
+/// `CI=true` that is a failure instead.
 fn pair_for(test: &str) -> Option<Pair> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root to create network namespaces (CI runs as root)");
+    if !runs_here(is_root(), test, "needs root to create network namespaces (CI runs as root)") {
         return None;
     }
     Some(Pair::new())

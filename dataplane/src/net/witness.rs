@@ -80,9 +80,8 @@ mod tests {
 
     #[test]
     fn loopback_answers() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED loopback_answers: raw ICMP sockets need root (CI runs as root)");
+        use crate::test_support::{is_root, runs_here};
+        if !runs_here(is_root(), "loopback_answers", "raw ICMP sockets need root (CI runs as root)") {
             return;
         }
         // (A silent witness is tested in namespaces, tests/python/test_failover.py: traffic stays here.)

@@ -27,6 +27,8 @@ use dpdk_sys as sys;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
+use super::hugepages;
+
 /// Frames taken per `rx_burst` and sent per `tx_burst`.
 pub const BURST: usize = 32;
 /// The largest Ethernet frame smoltcp may send or accept: IP MTU 1500 plus the 14-byte header.
@@ -68,7 +70,13 @@ impl Eal {
     /// each registered with [`DpdkQueue::register_thread`]. EAL pins the calling thread to its main
     /// lcore's CPU; this restores the thread's CPU affinity afterwards, so threads it spawns later are
     /// not all pinned to one CPU.
+    ///
+    /// Before EAL starts, a machine without the hugepages these `args` need is refused with a message
+    /// that names the fix ([`hugepages::eal_hugepage_problem`]).
     pub fn init(args: &[String]) -> anyhow::Result<Eal> {
+        if let Some(problem) = hugepages::eal_hugepage_problem(args) {
+            bail!("{problem}");
+        }
         if EAL_STARTED.swap(true, Ordering::SeqCst) {
             bail!("DPDK EAL was already started in this process (it starts once per process)");
         }
@@ -115,8 +123,13 @@ impl Eal {
                                  and mount -t hugetlbfs nodev /dev/hugepages if it is not mounted) or run \
                                  without them (--no-huge -m 128 --no-shconf)"
                     .to_string(),
-                libc::EACCES => "permission denied: DPDK needs root (or CAP_SYS_ADMIN, CAP_IPC_LOCK, and \
-                                 CAP_NET_RAW + CAP_NET_ADMIN for net_af_packet)"
+                // EAL 22.11 also says EACCES when it finds no hugepages ("Cannot get hugepage
+                // information"), which Eal::init checks for first but cannot always see.
+                libc::EACCES => "either permission denied: DPDK needs root (or CAP_SYS_ADMIN, CAP_IPC_LOCK, \
+                                 and CAP_NET_RAW + CAP_NET_ADMIN for net_af_packet); or no hugepages, if EAL \
+                                 printed \"Cannot get hugepage information\" above: reserve some (echo 256 > \
+                                 /proc/sys/vm/nr_hugepages, and mount -t hugetlbfs nodev /dev/hugepages unless \
+                                 --in-memory) or run without them (--no-huge -m 128 --no-shconf)"
                     .to_string(),
                 libc::EALREADY => "EAL was already started in this process".to_string(),
                 libc::ENOTSUP | libc::ENODEV | libc::ENOEXEC => format!(

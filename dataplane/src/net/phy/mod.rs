@@ -3,6 +3,7 @@
 //!
 //! - [`dpdk`] (feature `dpdk`): a DPDK port's rx/tx queue pairs, one smoltcp device per queue, each
 //!   driven by one core.
+//! - [`hugepages`]: whether DPDK's EAL will find hugepages, asked before it starts.
 //! - [`tap`]: a Linux tap device, for trying the userspace stack without DPDK (one queue, one worker).
 //! - [`check`]: drops and counts truncated frames, bad checksums and unknown ethertypes.
 //! - [`arp_share`]: passes ARP between the workers of one multi-queue port.
@@ -12,5 +13,6 @@ pub mod arp_share;
 pub mod check;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
+pub mod hugepages;
 pub mod lossy;
 pub mod tap;
