@@ -292,6 +292,13 @@ impl Receiver {
                 }
             }
             if let Some(dead_after) = self.config.dead_after {
+                if self.synced_once && self.last_heard.elapsed() > dead_after && self.conn.is_some() && self.held.is_empty() {
+                    // Silence is judged on what arrived, not on how long this thread did not look: a
+                    // standby whose own machine stalled past dead_after finds the heartbeats waiting.
+                    if let Err(reason) = self.read() {
+                        self.drop_connection(&reason);
+                    }
+                }
                 if self.synced_once && self.last_heard.elapsed() > dead_after {
                     tracing::warn!(silent_ms = self.last_heard.elapsed().as_millis() as u64, "the active is dead");
                     self.drop_connection("the active is dead");
