@@ -11,6 +11,8 @@ Used by `image/run` (demos) and `image/tests` (CI). What it offers:
   `tandem.*=`). An identity can also come on a config drive (a small vfat disk labelled TANDEMCFG).
   `exec()` runs a command in the guest through qemu-guest-agent (`Agent`: guest-exec over virtio-serial).
 - `Pair`: two appliances on one network, each given its identity (role, address, peer).
+- `kill_and_wait_for_service`: kills a member's VM and waits until the service address answers from the
+  other (the failover tests of a pair over TCP and over RDMA).
 
 qemu runs with TCG (`-accel tcg -cpu max`) unless TANDEM_QEMU_ACCEL says otherwise: this machine's
 /dev/kvm does not boot a stock kernel. Every wait is bounded; `close()` (or leaving a `with`) tears
@@ -387,3 +389,26 @@ def memcached_call(net: Network, host: str, request: bytes, timeout: float = 10)
     if proc.returncode != 0:
         raise OSError(f"memcached at {host}: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
+
+
+def kill_and_wait_for_service(net: Network, victim: Appliance, survivor: Appliance, address: str, request: bytes,
+                              want: bytes, timeout: float = 120) -> float:
+    """Kills `victim`'s whole machine at once (SIGKILL of its qemu), then sends `request` to `address`
+    every half second until the reply is `want`, as a client of the service address would; returns the
+    seconds from the kill to that reply. Raises AssertionError, with the last reply or error and the end
+    of `survivor`'s tandemd journal, if it does not come within `timeout`."""
+    victim.qemu.kill()
+    victim.qemu.wait(timeout=30)
+    killed = time.monotonic()
+    got, last_error = None, None
+    while time.monotonic() - killed < timeout:
+        try:
+            got = memcached_call(net, address, request, timeout=3)
+            if got == want:
+                return time.monotonic() - killed
+        except (OSError, subprocess.TimeoutExpired) as e:
+            last_error = e
+        time.sleep(0.5)
+    journal = survivor.sh("journalctl -b -u tandemd -n 30 --no-pager -o cat").out
+    raise AssertionError(f"{address} did not answer as expected within {timeout:.0f} s of killing {victim.name}: "
+                         f"last reply {got[:300] if got else got!r}, last error {last_error}\n{survivor.name}'s tandemd:\n{journal}")

@@ -41,6 +41,37 @@ const ARP_WAIT: Duration = Duration::from_millis(8);
 /// How long the holder's memcached port may take to connect and to answer `version`. Only asked when
 /// the address is held, so a generous bound costs a machine death nothing.
 const SERVICE_WAIT: Duration = Duration::from_millis(300);
+/// The most either wait grows to with a long `dead_after` (see [`Patience::for_dead_after`]).
+const ARP_WAIT_MAX: Duration = Duration::from_millis(100);
+const SERVICE_WAIT_MAX: Duration = Duration::from_millis(1000);
+
+/// How long the check waits for the holder's answers.
+///
+/// The waits above suit the default detection (`dead_after_ms` 150). A pair configured to tolerate
+/// longer silences says its machines can stall that long (TCG guests: `dead_after_ms` 2000), and an
+/// active that was just silent for `dead_after` is the one most likely to answer late: waits fixed at
+/// 8 ms per ARP probe and 300 ms per step of `version` can take a live, stalled active for a dead one
+/// there (the RDMA pair's tests under Soft-RoCE saw such silences of a live active, and in earlier runs
+/// a standby promoted beside one). So the waits grow with `dead_after`:
+/// a twentieth of it per ARP probe and a quarter for the service, never below the defaults' and
+/// bounded above, so what the check adds to a machine death stays a small part of the detection time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patience {
+    /// After each ARP probe.
+    pub arp_wait: Duration,
+    /// For the connect to the service address, and for the answer to `version`.
+    pub service_wait: Duration,
+}
+
+impl Patience {
+    pub fn for_dead_after(dead_after: Option<Duration>) -> Patience {
+        let Some(dead_after) = dead_after else { return Patience { arp_wait: ARP_WAIT, service_wait: SERVICE_WAIT } };
+        Patience {
+            arp_wait: (dead_after / 20).clamp(ARP_WAIT, ARP_WAIT_MAX),
+            service_wait: (dead_after / 4).clamp(SERVICE_WAIT, SERVICE_WAIT_MAX),
+        }
+    }
+}
 
 /// What a standby sees of the service address on the clients' link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,33 +87,33 @@ pub enum ServiceSeen {
 }
 
 /// Looks at the service address from this node, as [`ServiceSeen`] says; blocks at most
-/// `ARP_TRIES * ARP_WAIT + 2 * SERVICE_WAIT`.
-pub fn look(failover: &FailoverSettings) -> ServiceSeen {
+/// `ARP_TRIES * patience.arp_wait + 2 * patience.service_wait`.
+pub fn look(failover: &FailoverSettings, patience: Patience) -> ServiceSeen {
     if let Some(slot) = &failover.stack {
         // Dataplane mode: the clients' link belongs to DPDK, so the stacks ask it. An answer is another
         // node's stack (or kernel) holding the address; a stack's address lives and dies with its
         // tandemd, so the holder serves, and asking its port too would need a kernel route to the
         // clients' link that a DPDK node may not have.
-        return match slot.probe(ARP_TRIES, ARP_WAIT) {
+        return match slot.probe(ARP_TRIES, patience.arp_wait) {
             Some(mac) => ServiceSeen::Served { holder: MacAddress(mac) },
             None => ServiceSeen::Unheld,
         };
     }
-    let holder = match arp_probe::holder(&failover.interface, failover.service_ip, ARP_TRIES, ARP_WAIT) {
+    let holder = match arp_probe::holder(&failover.interface, failover.service_ip, ARP_TRIES, patience.arp_wait) {
         Ok(Some(holder)) => holder,
         Ok(None) => return ServiceSeen::Unheld,
         Err(e) => return ServiceSeen::Unknown { why: e.to_string() },
     };
-    match memcached_answers(SocketAddr::from((failover.service_ip, failover.service_port))) {
+    match memcached_answers(SocketAddr::from((failover.service_ip, failover.service_port)), patience.service_wait) {
         Ok(()) => ServiceSeen::Served { holder },
         Err(why) => ServiceSeen::HeldUnserved { holder, why },
     }
 }
 
-/// Whether a memcached server answers `version` at `addr` within [`SERVICE_WAIT`] per step.
-fn memcached_answers(addr: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, SERVICE_WAIT).map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream.set_read_timeout(Some(SERVICE_WAIT)).and_then(|()| stream.set_write_timeout(Some(SERVICE_WAIT))).map_err(|e| e.to_string())?;
+/// Whether a memcached server answers `version` at `addr` within `wait` per step.
+fn memcached_answers(addr: SocketAddr, wait: Duration) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, wait).map_err(|e| format!("connecting to {addr}: {e}"))?;
+    stream.set_read_timeout(Some(wait)).and_then(|()| stream.set_write_timeout(Some(wait))).map_err(|e| e.to_string())?;
     stream.write_all(b"version\r\n").map_err(|e| format!("asking {addr} for its version: {e}"))?;
     let mut answer = [0u8; 64];
     let mut got = 0;
@@ -102,11 +133,13 @@ fn memcached_answers(addr: SocketAddr) -> Result<(), String> {
 
 /// Whether the active, silent on the replication link, still serves the service address, in which
 /// case this standby must not promote. The first refusal while following is noted as a role event
-/// (`noted` remembers it); every look is logged.
-pub(crate) fn active_still_serves(failover: &FailoverSettings, state: &NodeState, noted: &mut bool) -> bool {
+/// (`noted` remembers it); every look is logged. `dead_after`: the pair's detection time, which sets
+/// how long the look waits for answers ([`Patience::for_dead_after`]).
+pub(crate) fn active_still_serves(failover: &FailoverSettings, dead_after: Option<Duration>, state: &NodeState, noted: &mut bool) -> bool {
     let started = std::time::Instant::now();
-    let seen = look(failover);
-    tracing::info!(took_us = started.elapsed().as_micros() as u64, ?seen, "looked at the service address");
+    let patience = Patience::for_dead_after(dead_after);
+    let seen = look(failover, patience);
+    tracing::info!(took_us = started.elapsed().as_micros() as u64, ?patience, ?seen, "looked at the service address");
     let address = format!("{}:{}", failover.service_ip, failover.service_port);
     match seen {
         ServiceSeen::Served { holder } => {
@@ -131,6 +164,41 @@ pub(crate) fn active_still_serves(failover: &FailoverSettings, state: &NodeState
         ServiceSeen::Unknown { why } => {
             tracing::warn!(%address, %why, "cannot tell whether the service address is still served: promoting as without the check");
             false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_detection_keeps_the_measured_waits() {
+        let defaults = Patience { arp_wait: ARP_WAIT, service_wait: SERVICE_WAIT };
+        assert_eq!(Patience::for_dead_after(None), defaults);
+        // dead_after_ms 150 (the default) and anything quicker: 8 ms per probe, 300 ms for the service.
+        for millis in [10, 100, 150, 160] {
+            assert_eq!(Patience::for_dead_after(Some(Duration::from_millis(millis))), defaults, "{millis} ms");
+        }
+    }
+
+    #[test]
+    fn a_pair_that_tolerates_long_silences_waits_longer_for_the_holder() {
+        // The RDMA and TCP pair tests' TCG guests: dead_after_ms 2000. A stalled active answered ARP
+        // later than 16 ms there and was taken for dead.
+        let tcg = Patience::for_dead_after(Some(Duration::from_millis(2000)));
+        assert_eq!(tcg, Patience { arp_wait: Duration::from_millis(100), service_wait: Duration::from_millis(500) });
+        // Bounded: what the check adds to a machine death stays small against the detection time.
+        let slow = Patience::for_dead_after(Some(Duration::from_secs(60)));
+        assert_eq!(slow, Patience { arp_wait: ARP_WAIT_MAX, service_wait: SERVICE_WAIT_MAX });
+        for millis in [150u64, 500, 1000, 2000, 5000, 60_000] {
+            let dead_after = Duration::from_millis(millis);
+            let patience = Patience::for_dead_after(Some(dead_after));
+            assert!(patience.arp_wait >= ARP_WAIT && patience.service_wait >= SERVICE_WAIT, "{patience:?}");
+            if millis >= 1000 {
+                // Two ARP probes cost a machine death at most a tenth of the detection time.
+                assert!(patience.arp_wait * ARP_TRIES as u32 <= dead_after / 10, "{millis} ms: {patience:?}");
+            }
         }
     }
 }

@@ -826,7 +826,7 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                             continue;
                         }
                         // Only the replication link may have failed: one owner of the service address.
-                        if crate::failover_guard::active_still_serves(&promotion.failover, state, &mut served_noted) {
+                        if crate::failover_guard::active_still_serves(&promotion.failover, promotion.settings.dead_after, state, &mut served_noted) {
                             receiver.grace();
                             continue;
                         }

@@ -34,7 +34,7 @@ use crate::handshake::{Message as Handshake, Nonce, Outcome, RefuseReason, Shard
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::port::{Bell, Inbound, ShardPort, Wake};
 use crate::shipper::unix_millis;
-use crate::transport::{LinkError, LinkStats, StreamSource, TcpLink, Transport};
+use crate::transport::{Device, LinkError, LinkStats, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const CONN: Token = Token(0);
@@ -179,25 +179,14 @@ pub struct Receiver {
     restored_history: bool,
     /// When the ring last had data: the loop polls it without sleeping for a moment after.
     last_ring_data: Instant,
-    /// The RDMA device the rings are registered on (transport = "rdma").
-    #[cfg(feature = "rdma")]
-    device: Option<Arc<crate::rdma::link::Device>>,
+    /// The RDMA device the rings are registered on (transport = "rdma"; always None without the feature).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    device: Option<Device>,
 }
 
 impl Receiver {
     pub fn new(config: ReceiverConfig, ports: Vec<Arc<ShardPort>>, wake: Arc<dyn Wake>) -> io::Result<(Receiver, ReceiverHandle)> {
-        #[cfg(feature = "rdma")]
-        let device = match &config.transport {
-            Transport::Tcp => None,
-            Transport::Rdma(settings) => Some(
-                crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
-                    .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}")))?,
-            ),
-        };
-        #[cfg(not(feature = "rdma"))]
-        if matches!(config.transport, Transport::Rdma(_)) {
-            return Err(crate::transport::rdma_unsupported());
-        }
+        let device = crate::transport::open_device(&config.transport)?;
         let poll = Poll::new()?;
         let bell = Bell::new(mio::Waker::new(poll.registry(), BELL)?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -225,7 +214,6 @@ impl Receiver {
             handed_over: None,
             restored_history: false,
             last_ring_data: Instant::now(),
-            #[cfg(feature = "rdma")]
             device,
         };
         Ok((receiver, handle))
@@ -292,6 +280,13 @@ impl Receiver {
                 }
             }
             if let Some(dead_after) = self.config.dead_after {
+                if self.synced_once && self.last_heard.elapsed() > dead_after && self.conn.is_some() && self.held.is_empty() {
+                    // Silence is judged on what arrived, not on how long this thread did not look: a
+                    // standby whose own machine stalled past dead_after finds the heartbeats waiting.
+                    if let Err(reason) = self.read() {
+                        self.drop_connection(&reason);
+                    }
+                }
                 if self.synced_once && self.last_heard.elapsed() > dead_after {
                     tracing::warn!(silent_ms = self.last_heard.elapsed().as_millis() as u64, "the active is dead");
                     self.drop_connection("the active is dead");

@@ -49,7 +49,7 @@ use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonc
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
 use crate::port::{Bell, ShardPort, SnapshotChunk, SnapshotPart, Wake, ACKED_ALL};
-use crate::transport::{LinkError, LinkStats, StreamSink, StreamSource, TcpLink, Transport};
+use crate::transport::{Device, LinkError, LinkStats, StreamSink, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -190,10 +190,6 @@ enum PeerState {
 }
 
 #[cfg(feature = "rdma")]
-type DeviceHandle = Arc<crate::rdma::link::Device>;
-#[cfg(not(feature = "rdma"))]
-type DeviceHandle = ();
-#[cfg(feature = "rdma")]
 type RdmaSink = crate::ring_link::RingSink<crate::rdma::link::ActivePort>;
 
 /// Where a standby's data stream goes.
@@ -250,8 +246,7 @@ pub struct Shipper {
     degraded: Vec<bool>,
     handover: Arc<HandoverSlot>,
     /// The RDMA device every standby's queue pair is made on (transport = "rdma").
-    #[cfg(feature = "rdma")]
-    device: Option<Arc<crate::rdma::link::Device>>,
+    device: Option<Device>,
 }
 
 impl Shipper {
@@ -262,18 +257,7 @@ impl Shipper {
         ports: Vec<Arc<ShardPort>>,
         wake: Arc<dyn Wake>,
     ) -> io::Result<(Shipper, ShipperHandle)> {
-        #[cfg(feature = "rdma")]
-        let device = match &config.transport {
-            Transport::Tcp => None,
-            Transport::Rdma(settings) => Some(
-                crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
-                    .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}")))?,
-            ),
-        };
-        #[cfg(not(feature = "rdma"))]
-        if matches!(config.transport, Transport::Rdma(_)) {
-            return Err(crate::transport::rdma_unsupported());
-        }
+        let device = crate::transport::open_device(&config.transport)?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(config.listen)?;
         let listen = listener.local_addr()?;
@@ -311,7 +295,6 @@ impl Shipper {
             last_heartbeat: Instant::now(),
             degraded: vec![false; shards],
             handover,
-            #[cfg(feature = "rdma")]
             device,
         };
         Ok((shipper, handle))
@@ -319,16 +302,6 @@ impl Shipper {
 
     fn shard_count(&self) -> usize {
         self.logs.len()
-    }
-
-    #[cfg(feature = "rdma")]
-    fn rdma_device(&self) -> Option<DeviceHandle> {
-        self.device.clone()
-    }
-
-    #[cfg(not(feature = "rdma"))]
-    fn rdma_device(&self) -> Option<DeviceHandle> {
-        None
     }
 
     /// Fault injection for the system tests (see [`crate::rdma::link::take_fault`]).
@@ -502,7 +475,7 @@ impl Shipper {
 
     /// Reads and handles everything a standby sent.
     fn read_peer(&mut self, index: usize) {
-        let device = self.rdma_device();
+        let device = self.device.clone();
         let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else { return };
         match peer.link.receive(&mut peer.reader, usize::MAX) {
             Ok(0) => {}
@@ -1134,7 +1107,7 @@ impl Peer {
 
 /// Takes a standby's RDMA ring offer: connects a queue pair to it and answers with the active's end.
 #[cfg(feature = "rdma")]
-fn accept_offer(peer: &mut Peer, offer: &[u8], device: Option<&DeviceHandle>) -> Result<(), String> {
+fn accept_offer(peer: &mut Peer, offer: &[u8], device: Option<&Device>) -> Result<(), String> {
     let Some(device) = device.filter(|_| matches!(peer.data, DataPath::AwaitingOffer)) else {
         return Err("the standby offered an RDMA ring, but this active's transport is tcp (or it offered twice)".into());
     };
@@ -1145,7 +1118,7 @@ fn accept_offer(peer: &mut Peer, offer: &[u8], device: Option<&DeviceHandle>) ->
 }
 
 #[cfg(not(feature = "rdma"))]
-fn accept_offer(_: &mut Peer, _: &[u8], _: Option<&DeviceHandle>) -> Result<(), String> {
+fn accept_offer(_: &mut Peer, _: &[u8], _: Option<&Device>) -> Result<(), String> {
     Err("the standby offered an RDMA ring, but this active's transport is tcp".into())
 }
 

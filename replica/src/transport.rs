@@ -68,6 +68,29 @@ pub fn rdma_unsupported() -> io::Error {
     )
 }
 
+/// The RDMA device a node's links are made on (feature `rdma`): opened once, shared by every connection.
+#[cfg(feature = "rdma")]
+pub type Device = std::sync::Arc<crate::rdma::link::Device>;
+/// Without the feature there is no RDMA device: [`open_device`] refuses `transport = "rdma"`.
+#[cfg(not(feature = "rdma"))]
+#[derive(Clone, Debug)]
+pub enum Device {}
+
+/// Opens what `transport` needs, for the shipper and the receiver alike: nothing for TCP; for RDMA the
+/// device and port its settings name (an error saying why it cannot be opened), or, in a build
+/// without the feature, [`rdma_unsupported`].
+pub fn open_device(transport: &Transport) -> io::Result<Option<Device>> {
+    match transport {
+        Transport::Tcp => Ok(None),
+        #[cfg(feature = "rdma")]
+        Transport::Rdma(settings) => crate::rdma::link::Device::open(settings.device.as_deref(), settings.gid_index)
+            .map(Some)
+            .map_err(|e| io::Error::other(format!("the RDMA transport cannot open its device: {e}"))),
+        #[cfg(not(feature = "rdma"))]
+        Transport::Rdma(_) => Err(rdma_unsupported()),
+    }
+}
+
 /// Why a link failed. Every error ends the connection; the standby reconnects and resyncs from what
 /// its shards applied, so nothing after the failure is applied.
 #[derive(Debug, Error)]
