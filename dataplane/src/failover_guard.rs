@@ -41,6 +41,8 @@ const ARP_WAIT: Duration = Duration::from_millis(8);
 /// How long the holder's memcached port may take to connect and to answer `version`. Only asked when
 /// the address is held, so a generous bound costs a machine death nothing.
 const SERVICE_WAIT: Duration = Duration::from_millis(300);
+/// The least wait per probe sent through the userspace stacks (dataplane mode).
+const STACK_ARP_WAIT: Duration = Duration::from_millis(25);
 /// The most either wait grows to with a long `dead_after` (see [`Patience::for_dead_after`]).
 const ARP_WAIT_MAX: Duration = Duration::from_millis(100);
 const SERVICE_WAIT_MAX: Duration = Duration::from_millis(1000);
@@ -94,7 +96,9 @@ pub fn look(failover: &FailoverSettings, patience: Patience) -> ServiceSeen {
         // node's stack (or kernel) holding the address; a stack's address lives and dies with its
         // tandemd, so the holder serves, and asking its port too would need a kernel route to the
         // clients' link that a DPDK node may not have.
-        return match slot.probe(ARP_TRIES, patience.arp_wait) {
+        // Each probe crosses two userspace stacks whose pollers sleep between rounds (this node's
+        // announcing worker sends it, the holder's worker answers it): 8 ms lost answers on a busy host.
+        return match slot.probe(ARP_TRIES, patience.arp_wait.max(STACK_ARP_WAIT)) {
             Some(mac) => ServiceSeen::Served { holder: MacAddress(mac) },
             None => ServiceSeen::Unheld,
         };
