@@ -262,8 +262,9 @@ impl StreamSource for TcpLink {
 }
 
 /// Reads from `stream` into `buf`'s spare capacity and extends `buf` by what arrived. Not through
-/// `Read::read` on a zero-filled tail: zeroing the 256 KiB chunk cost more than reading a few acks.
-fn read_into_spare(stream: &mio::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// `Read::read` on a zero-filled tail: zeroing a 256 KiB chunk costs more than reading a few acks (the
+/// replication link), or a request into a 64 KiB buffer (the kernel-socket workers, which use it too).
+pub fn read_into_spare(stream: &mio::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let spare = buf.spare_capacity_mut();
     // SAFETY: read(2) writes at most `spare.len()` bytes into memory `buf` owns and reads none of it.

@@ -80,7 +80,7 @@ impl Transport for KernelTransport {
     }
 
     fn read(&mut self, stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-        read_into_spare(stream, buf)
+        replica::transport::read_into_spare(stream, buf)
     }
 
     fn write(&mut self, stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
@@ -94,21 +94,6 @@ impl Transport for KernelTransport {
     fn listeners(&self) -> Vec<(i32, SocketAddr)> {
         self.listeners.iter().filter_map(|l| Some((l.as_raw_fd(), l.local_addr().ok()?))).collect()
     }
-}
-
-/// Reads from the socket into `buf`'s spare capacity (no zero-filling first: a read is usually a few
-/// dozen bytes into a 64 KiB buffer) and extends `buf` by what arrived.
-fn read_into_spare(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: read(2) writes at most `spare.len()` bytes into memory we own and does not read it.
-    let n = unsafe { libc::read(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised exactly `n` bytes after the current length.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
 }
 
 /// memcached's default listen backlog.
