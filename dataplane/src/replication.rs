@@ -780,7 +780,7 @@ fn offer_restored(receiver: &mut Receiver, state: &NodeState, ports: &[Arc<Shard
     if let Some(history) = chosen {
         let history = ReplicationId(history);
         tracing::info!(%history, %epoch, ?offered, "restored from memory files: offering to resume");
-        receiver.set_restored_history(history);
+        receiver.offer_kept_history(history);
         receiver.set_epoch(epoch);
     }
 }
@@ -812,6 +812,11 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                         Exit::ActiveDead => "the active was silent past dead_after".to_string(),
                         Exit::HandedOver { from } => format!("switchover: the active {from} handed over"),
                         Exit::PromoteRequested => "asked by tandemctl promote".to_string(),
+                        // The active answers (it only restarted): neither the witness nor its silence
+                        // need checking. It steps down when it meets this node's newer epoch.
+                        Exit::ActiveLostItsLog { from } => {
+                            format!("the active {from} restarted within its reign without its log; this standby holds it")
+                        }
                     };
                     let Some(promotion) = promotion.as_ref() else {
                         // Without failover settings there is nothing to promote with: keep following.
@@ -1063,7 +1068,7 @@ impl Promotion {
         receiver.set_epoch(plan.epoch);
         let positions = match plan.resume {
             Some((history, positions)) => {
-                receiver.set_history(history);
+                receiver.offer_kept_history(history);
                 positions
             }
             None => vec![LogSeq::ZERO; self.ports.len()],

@@ -516,6 +516,8 @@ enum StandbyState {
 pub struct StandbyHandshake {
     config: StandbyConfig,
     state: StandbyState,
+    /// The epoch of the active once it proved it holds the secret.
+    proven_epoch: Option<Epoch>,
 }
 
 impl StandbyHandshake {
@@ -531,7 +533,13 @@ impl StandbyHandshake {
             nonce,
         };
         let message = Message::Hello(hello.clone());
-        (StandbyHandshake { config, state: StandbyState::AwaitHello { standby: hello } }, message)
+        (StandbyHandshake { config, state: StandbyState::AwaitHello { standby: hello }, proven_epoch: None }, message)
+    }
+
+    /// The epoch the active claimed, once it proved it holds the secret (a refusal after that comes
+    /// from a genuine member of the pair).
+    pub fn proven_active_epoch(&self) -> Option<Epoch> {
+        self.proven_epoch
     }
 
     /// Takes the active's next message.
@@ -562,6 +570,7 @@ impl StandbyHandshake {
                     let reason = RefuseReason::LowerEpoch { ours: self.config.epoch, theirs: active.epoch };
                     return Step::refuse(Vec::new(), reason, Role::Standby);
                 }
+                self.proven_epoch = Some(active.epoch);
                 self.state = StandbyState::AwaitVerdict { active };
                 Step::default()
             }
@@ -735,6 +744,7 @@ mod tests {
         // Reflecting the standby's own proof back does not pass for the active's.
         let step = standby.on_message(Message::Proof(standby_proof));
         assert_eq!(step.outcome, Some(Outcome::Refused(RefuseReason::WrongSecret)));
+        assert_eq!(standby.proven_active_epoch(), None, "an impostor's epoch is never taken as proven");
         assert_eq!(step.send, vec![Message::Refuse(RefuseReason::WrongSecret)]);
     }
 
@@ -759,6 +769,30 @@ mod tests {
             run(standby(Some(stranger), 3), active(3), |_, _| true),
             (Some(Outcome::RefusedByPeer(reason.clone())), Some(Outcome::Refused(reason)))
         );
+    }
+
+    #[test]
+    fn a_refusal_after_the_active_proved_itself_carries_its_epoch() {
+        // A restarted active refuses the history it forgot: the standby learns that an authenticated
+        // active of which epoch did so (what decides whether it takes over).
+        let stranger = ReplicationId([5; 20]);
+        let (mut standby, hello) = StandbyHandshake::start(standby(Some(stranger), 3), Nonce([1; NONCE_LEN]));
+        let mut active = ActiveHandshake::new(active(3), Nonce([2; NONCE_LEN]));
+        let mut to_active = vec![hello];
+        let mut outcome = None;
+        while let Some(message) = to_active.pop() {
+            let step = active.on_message(message, |_, _| true);
+            for reply in step.send {
+                if matches!(reply, Message::Hello(_) | Message::Proof(_)) {
+                    assert_eq!(standby.proven_active_epoch(), None, "nothing proven before the active's proof");
+                }
+                let step = standby.on_message(reply);
+                to_active.extend(step.send);
+                outcome = outcome.or(step.outcome);
+            }
+        }
+        assert_eq!(outcome, Some(Outcome::RefusedByPeer(RefuseReason::UnknownHistory { theirs: stranger })));
+        assert_eq!(standby.proven_active_epoch(), Some(Epoch(3)));
     }
 
     #[test]

@@ -79,6 +79,12 @@ pub enum Exit {
     HandedOver { from: SocketAddr },
     /// [`ReceiverHandle::promote`] was set.
     PromoteRequested,
+    /// The active at `from` proved itself at this standby's own epoch but no longer knows the history
+    /// this standby holds: it restarted within its reign and lost its log (and its cache, unless memory
+    /// files kept it), and a node that restarts as the active never resumes its old history. This standby
+    /// holds the reign's data: it must take over (the restarted node then meets a newer active and
+    /// follows it). Returned only by a standby that streamed from this reign and can promote.
+    ActiveLostItsLog { from: SocketAddr },
 }
 
 /// What `stats replication` shows on a standby.
@@ -175,8 +181,10 @@ pub struct Receiver {
     promote: Arc<AtomicBool>,
     /// The active that handed over to this standby, once it accepted.
     handed_over: Option<SocketAddr>,
-    /// `history` came from memory files (see [`Receiver::set_restored_history`]), until accepted.
-    restored_history: bool,
+    /// An active of this standby's own epoch that refused its history (see [`Exit::ActiveLostItsLog`]).
+    lost_its_log: Option<SocketAddr>,
+    /// `history` was kept from before this receiver (see [`Receiver::offer_kept_history`]), until accepted.
+    kept_history: bool,
     /// When the ring last had data: the loop polls it without sleeping for a moment after.
     last_ring_data: Instant,
     /// The RDMA device the rings are registered on (transport = "rdma"; always None without the feature).
@@ -212,7 +220,8 @@ impl Receiver {
             last_heard: Instant::now(),
             promote,
             handed_over: None,
-            restored_history: false,
+            lost_its_log: None,
+            kept_history: false,
             last_ring_data: Instant::now(),
             device,
         };
@@ -234,19 +243,15 @@ impl Receiver {
         self.epoch = epoch;
     }
 
-    /// Presents `history` at the next handshake, with what the shards' ports say they applied of it:
-    /// an active that stepped down at a known point resumes from there (a partial resync) instead of
-    /// a full sync, when the new active's log continues that history.
-    pub fn set_history(&mut self, history: ReplicationId) {
+    /// Presents `history` at the next handshake, with what the shards' ports say they applied of it, for
+    /// contents this node kept from before: an active that stepped down at a known point, or a restart
+    /// that found its memory files. An active whose log continues that history resumes it (a partial
+    /// resync); one that refuses it as unknown (it started a history of its own since) gets asked for a
+    /// full sync instead, which replaces them. Only a standby that followed a history in this process
+    /// keeps it against such an active (a mis-pointed standby does not lose its data silently).
+    pub fn offer_kept_history(&mut self, history: ReplicationId) {
         self.history = Some(history);
-    }
-
-    /// As [`Receiver::set_history`], for contents restored from memory files after a restart: an active
-    /// that refuses the history as unknown (it restarted with a new one) gets asked for a full sync
-    /// instead, which replaces them.
-    pub fn set_restored_history(&mut self, history: ReplicationId) {
-        self.history = Some(history);
-        self.restored_history = true;
+        self.kept_history = true;
     }
 
     /// Treats this standby's copy as complete, as if it had streamed every shard once: it may take
@@ -268,6 +273,11 @@ impl Receiver {
                 self.drop_connection("the active handed over to this standby");
                 self.publish_report();
                 return Exit::HandedOver { from };
+            }
+            if let Some(from) = self.lost_its_log.take() {
+                self.drop_connection("the active restarted without this reign's log");
+                self.publish_report();
+                return Exit::ActiveLostItsLog { from };
             }
             if self.promote.swap(false, Ordering::AcqRel) {
                 self.drop_connection("promoted by the operator");
@@ -562,7 +572,7 @@ impl Receiver {
                 }
                 self.history = Some(history);
                 self.epoch = epoch;
-                self.restored_history = false;
+                self.kept_history = false;
                 for port in &self.ports {
                     *port.following.lock().unwrap() = Some((history, epoch));
                 }
@@ -591,14 +601,30 @@ impl Receiver {
             }
             Some(outcome) => {
                 self.counters.refused += 1;
-                if self.restored_history
+                let proven_epoch = handshake.proven_active_epoch();
+                if self.synced_once
+                    && self.config.can_promote
+                    && self.config.dead_after.is_some()
+                    && !self.kept_history
+                    && self.history.is_some()
+                    && proven_epoch == Some(self.epoch)
                     && matches!(outcome, Outcome::RefusedByPeer(RefuseReason::UnknownHistory { .. }))
                 {
-                    // Contents restored from memory files, of a history this active does not continue (it
-                    // restarted too): not a mis-pointed standby's data to keep, a cache to refill.
-                    tracing::warn!("the active does not know the restored contents' history: asking for a full sync");
+                    // Same reign, another history: the active restarted and lost what this standby
+                    // holds. Following it would need a full sync from its empty log; take over instead.
+                    tracing::warn!(addr = %conn.addr, epoch = %self.epoch,
+                        "the active restarted within its reign with a new history: it lost the log this standby holds");
+                    self.lost_its_log = Some(conn.addr);
+                }
+                if self.kept_history
+                    && matches!(outcome, Outcome::RefusedByPeer(RefuseReason::UnknownHistory { .. }))
+                {
+                    // Contents kept from before (memory files, or this node's own reign as the active), of a
+                    // history this active does not continue: not a mis-pointed standby's data to keep, a
+                    // cache to refill.
+                    tracing::warn!("the active does not know the kept contents' history: asking for a full sync");
                     self.history = None;
-                    self.restored_history = false;
+                    self.kept_history = false;
                 }
                 // A refusal (wrong secret, stale epoch, other shard count) does not change by itself
                 // within milliseconds: ask again later, not in a tight loop.

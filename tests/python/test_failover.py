@@ -438,3 +438,47 @@ def test_a_promoted_standby_restarted_while_the_old_active_is_down_is_the_active
             assert time.monotonic() < deadline, "the service address never served the warm cache again"
             time.sleep(0.05)
         assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\nz\r\n") == b"STORED\r\n"
+
+
+def test_an_active_restarted_before_its_standby_noticed_hands_the_reign_to_the_warm_standby(tmp_path):
+    """systemd restarts a crashed tandemd within a second; with a dead_after longer than that (the
+    appliance pair under TCG uses 2 s) the standby never sees its active silent. The restarted active is
+    cold and starts a new history at the same epoch, which the standby cannot resume. The standby, which
+    holds the reign's data, takes over at once; the restarted node meets the newer active, gives up the
+    address and follows it with a full sync. Before, the cold node kept the address and the warm standby
+    stayed refused for good."""
+    with Topology(os.getpid() % 1000 * 10 + 7) as topo:
+        configs = {}
+        for name, role, peer in (("a", "active", "b"), ("b", "standby", "a")):
+            path = node_config(tmp_path, topo, name, role, peer, witness=True)
+            path.write_text(path.read_text().replace("[failover]\n", "[failover]\nheartbeat_ms = 100\ndead_after_ms = 3000\n"))
+            configs[name] = path
+        a = topo.start(tmp_path, "a", configs["a"])
+        topo.start(tmp_path, "b", configs["b"])
+        wait_until(lambda: stats_in(topo, "b").get("state") == "streaming", "the standby to stream")
+        keys = range(50)
+        for i in keys:
+            assert request_in(topo, "c", topo.service, b"set warm%d 0 0 3\r\nv%02d\r\n" % (i, i)) == b"STORED\r\n"
+        wait_until(lambda: stats_in(topo, "b", "").get("curr_items") == str(len(keys)), "the standby to hold every key")
+
+        # The crash and the restart (what Restart=on-failure does), well inside b's dead_after.
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=10)
+        killed = time.monotonic()
+        topo.start(tmp_path, "a", configs["a"])
+        wait_until(lambda: stats_in(topo, "b").get("role") == "active", "the warm standby to take over", 10)
+        took_over = time.monotonic() - killed
+        assert took_over < 3.0, f"took {took_over:.1f} s: that is the silence path, not the restarted active's refusal"
+        b_stats = stats_in(topo, "b")
+        assert b_stats["epoch"] == "2" and "restarted_within_its_reign" in b_stats.get("last_role_change", ""), b_stats
+        wait_until(lambda: stats_in(topo, "a").get("state") == "streaming", "the restarted node to follow", 10)
+        a_stats = stats_in(topo, "a")
+        assert a_stats["role"] == "standby" and a_stats["full_syncs"] == "1", a_stats
+        assert topo.service_address_on("b") and not topo.service_address_on("a")
+        want = b"".join(b"VALUE warm%d 0 3\r\nv%02d\r\n" % (i, i) for i in keys) + b"END\r\n"
+        get_all = b"get " + b" ".join(b"warm%d" % i for i in keys) + b"\r\n"
+        assert request_in(topo, "c", topo.service, get_all, b"END\r\n") == want
+        wait_until(lambda: stats_in(topo, "a", "").get("curr_items") == str(len(keys)), "the restarted node to hold the data again")
+        assert (tmp_path / "state-a" / "epoch").read_text().split() == ["2", "standby"]
+        print(f"\nrestarted active: the warm standby took over {took_over * 1000:.0f} ms after the kill; "
+              f"{b_stats['last_role_change']}")
