@@ -286,6 +286,17 @@ def test_pymemcache_integration_suite_passes_over_the_userspace_stack(dataplane)
 
 
 @pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)
+def test_the_stack_answers_ping_at_its_address(dataplane):
+    """ICMP echo is answered by tandemd's own stack (no kernel owns the address): small and near-MTU
+    payloads, every reply back with the same payload (ping checks it and flags duplicates)."""
+    for size in ("56", "1400"):
+        run = dataplane.run("ping", "-c", "5", "-i", "0.2", "-W", "2", "-s", size, dataplane.server_ip, check=False, timeout=30)
+        print(run.stdout.strip().splitlines()[-2])
+        assert run.returncode == 0 and " 5 received" in run.stdout, run.stdout + run.stderr
+        assert "wrong data" not in run.stdout and "DUP!" not in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("dataplane", ALL_BACKENDS, indirect=True)
 def test_verified_set_get_over_the_userspace_stack(dataplane):
     for protocol in ("text", "meta", "binary"):
         run = dataplane.run(
