@@ -116,6 +116,10 @@ impl StackConfig {
 #[derive(Default)]
 pub struct ThreadBell {
     thread: OnceLock<Thread>,
+    /// Set by every ring, cleared by the worker when it looks: whether mail may be waiting. (How long a
+    /// nap lasted says nothing: a ring that lands in the nap's last microseconds, or a thread slow to be
+    /// scheduled again, looks like a timeout, and the mail then waited for the worker's next 1 s poll.)
+    rung: AtomicBool,
 }
 
 /// The worker's doorbell and its transport share the bell.
@@ -132,9 +136,15 @@ impl ThreadBell {
     }
 
     fn wake(&self) {
+        self.rung.store(true, Ordering::Release);
         if let Some(thread) = self.thread.get() {
             thread.unpark();
         }
+    }
+
+    /// Whether the bell rang since the last call.
+    fn take_rung(&self) -> bool {
+        self.rung.load(Ordering::Relaxed) && self.rung.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -793,8 +803,10 @@ impl<P: Phy> Transport for StackTransport<P> {
                 self.reap_closing();
             }
             let found = self.take_woken(ready);
+            // Mail from another core: the worker looks at its rings when this returns.
+            let rung = self.bell.take_rung();
             let now = StdInstant::now();
-            if found || received {
+            if found || received || rung {
                 self.last_activity = now;
                 return Ok(());
             }
@@ -816,14 +828,8 @@ impl<P: Phy> Transport for StackTransport<P> {
                 nap = nap.min(garp.saturating_duration_since(StdInstant::now()));
             }
             if !nap.is_zero() {
+                // A ring unparks it; the next turn of the loop sees `rung`.
                 std::thread::park_timeout(nap);
-            }
-            // A doorbell (mail from another core) unparks us: let the worker look at its rings.
-            if StdInstant::now().duration_since(now) < nap {
-                self.last_activity = StdInstant::now();
-                self.run_stack();
-                self.take_woken(ready);
-                return Ok(());
             }
         }
     }
@@ -1085,6 +1091,38 @@ mod tests {
             }
         }
         ready
+    }
+
+    #[test]
+    fn a_ring_from_another_core_ends_the_wait_whenever_it_lands() {
+        // The bell may ring at any moment of a nap, its last microseconds included, or while the worker
+        // spins or runs its stack: each time the poll must return at once, never wait out its timeout
+        // (a worker waits 1 s when idle; mail that waited that long was a request's reply).
+        let (a, _b) = wire();
+        let mut server = server(a);
+        server.config.idle = IdlePolicy { spin: Duration::from_micros(50), sleep: Duration::from_micros(200) };
+        let bell = server.bell.clone();
+        let mut ready = Vec::new();
+        for round in 0..300u64 {
+            let ringing = bell.clone();
+            // Spread over the spin, several naps and the gaps between them.
+            let delay = Duration::from_micros(round * 37 % 900);
+            let ringer = std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                ThreadBell::wake(&ringing);
+            });
+            let started = StdInstant::now();
+            server.poll(Duration::from_secs(2), &mut ready).unwrap();
+            let waited = started.elapsed();
+            ringer.join().unwrap();
+            // A ring that landed before the poll began still ends it (the flag waits), so the next
+            // round starts clean either way.
+            if bell.rung.load(Ordering::Relaxed) {
+                server.poll(Duration::from_secs(2), &mut ready).unwrap();
+            }
+            assert!(waited < Duration::from_millis(500), "round {round}: a ring after {delay:?} was noticed only after {waited:?}");
+        }
+        assert!(ready.is_empty(), "nothing but the bell happened");
     }
 
     #[test]
