@@ -30,14 +30,15 @@ def stack_addr(topo, name):
     return f"{topo.subnet}.{11 if name == 'a' else 12}"
 
 
-def node_config(tmp_path, topo, name, role, peer):
+def node_config(tmp_path, topo, name, role, peer, threads=1):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     if hugepages_ready():
         eal = ["--no-pci", "--in-memory", "--no-telemetry", f"--file-prefix=tfd{name}{topo.tag}"]
     else:
         eal = ["--no-pci", "--no-huge", "-m", "256", "--no-shconf", "--no-telemetry"]
-    eal.append("--vdev=net_af_packet0,iface=eth0")
+    # With two workers, af_packet spreads flows over two queue pairs by a header hash (test_userspace.py).
+    eal.append("--vdev=net_af_packet0,iface=eth0" + (f",qpairs={threads}" if threads > 1 else ""))
     lines = [
         "[replication]",
         f'role = "{role}"',
@@ -75,10 +76,10 @@ def stats(topo, name, group="replication"):
     return dict(line.split(" ", 2)[1:] for line in reply.splitlines() if line.startswith("STAT "))
 
 
-def start(tmp_path, topo, name, config):
+def start(tmp_path, topo, name, config, threads=1):
     log = open(tmp_path / f"{name}.log", "wb")
     process = subprocess.Popen(
-        ["ip", "netns", "exec", topo.ns[name], dpdk_server(), "-p", "11211", "-t", "1", "-m", "128", "--config", str(config)],
+        ["ip", "netns", "exec", topo.ns[name], dpdk_server(), "-p", "11211", "-t", str(threads), "-m", "128", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -95,14 +96,30 @@ def start(tmp_path, topo, name, config):
         time.sleep(0.2)
 
 
-def test_kill_the_active_in_dataplane_mode_the_standby_stack_serves_every_acknowledged_write(tmp_path):
+# Opens COUNT connections from the client namespace to HOST:11211 at once, a set on each; prints how many
+# were stored.
+MANY_SETS = """
+import socket, sys
+host, count = sys.argv[1], int(sys.argv[2])
+conns = [socket.create_connection((host, 11211), timeout=5) for _ in range(count)]
+for i, c in enumerate(conns):
+    c.sendall(b"set many:%d 0 0 1\\r\\nx\\r\\n" % i)
+stored = sum(c.recv(64) == b"STORED\\r\\n" for c in conns)
+print(stored)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kill_the_active_in_dataplane_mode_the_standby_stack_serves_every_acknowledged_write(tmp_path, threads):
+    """With two workers the service address must be added to both stacks: flows hashed to either queue
+    reach the new active."""
     dpdk_server()  # fails under CI=true without the DPDK build, skips elsewhere
     with Topology(os.getpid() % 1000 * 10 + 7) as topo:
         # Full checksums and no 64 KiB super-frames from the kernels, so the stacks accept their frames.
         for name in ("c", "a", "b"):
             sh("ip", "netns", "exec", topo.ns[name], "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off")
-        a = start(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b"))
-        start(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a"))
+        a = start(tmp_path, topo, "a", node_config(tmp_path, topo, "a", "active", "b", threads), threads)
+        start(tmp_path, topo, "b", node_config(tmp_path, topo, "b", "standby", "a", threads), threads)
         wait_until(lambda: stats(topo, "b").get("state") == "streaming", "the standby to stream", 30)
         assert request(topo, topo.service, b"version\r\n").startswith(b"VERSION "), "the active's stack answers on the service address"
 
@@ -118,6 +135,18 @@ def test_kill_the_active_in_dataplane_mode_the_standby_stack_serves_every_acknow
         while int((net := stats(topo, "b", "net")).get("garps_sent", 0)) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert int(net["garps_sent"]) >= 3, f"the new active announced the address through DPDK: {net}"
+        if threads > 1:
+            accepted = [int(net.get(f"worker_{w}_tcp_accepted", 0)) for w in (0, 1)]
+            many = sh("ip", "netns", "exec", topo.ns["c"], sys.executable, "-c", MANY_SETS, topo.service, "40").stdout
+            assert many.strip() == "40", f"40 connections to the service address, {many.strip()} stored"
+            deadline = time.monotonic() + 6
+            while True:
+                net = stats(topo, "b", "net")
+                grown = [int(net.get(f"worker_{w}_tcp_accepted", 0)) - accepted[w] for w in (0, 1)]
+                if sum(grown) >= 40 and min(grown) > 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert min(grown) > 0, f"the service address is served by both workers' stacks: {grown} new connections per worker"
 
 
 def test_cutting_only_the_replication_link_in_dataplane_mode_leaves_the_active_alone(tmp_path):

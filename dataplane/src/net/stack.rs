@@ -797,6 +797,12 @@ impl<P: Phy> Transport for StackTransport<P> {
     fn poll(&mut self, timeout: Duration, ready: &mut Vec<Ready>) -> io::Result<()> {
         let start = StdInstant::now();
         self.bell.bind_current();
+        // What was written since the last round's egress (a sync-mode reply released once its ack came,
+        // before the worker polls) goes out now: the wait below may last until the next frame arrives.
+        if !self.dirty.is_empty() {
+            self.egress(true);
+            self.phy.flush();
+        }
         loop {
             let received = self.run_stack();
             if !self.closing.is_empty() {
@@ -1123,6 +1129,34 @@ mod tests {
             assert!(waited < Duration::from_millis(500), "round {round}: a ring after {delay:?} was noticed only after {waited:?}");
         }
         assert!(ready.is_empty(), "nothing but the bell happened");
+    }
+
+    #[test]
+    fn a_reply_written_between_rounds_leaves_before_the_worker_waits() {
+        // A sync-mode reply is released at the start of a round, when its ack has come: written before
+        // the worker polls, not after. The poll must send it rather than wait with it (the wait lasts
+        // until the next frame, up to a second when idle, and the client sends nothing until it has its
+        // reply).
+        let (a, b) = wire();
+        let mut server = server(a);
+        let mut client = Client::new(b);
+        let h = client.connect(40001);
+        assert_eq!(exchange(&mut server, &mut client, 20), vec![Ready::Listener(0)]);
+        let (mut stream, _) = server.accept(0).unwrap().expect("a connection");
+        server.register(&mut stream, 3).unwrap();
+        exchange(&mut server, &mut client, 3);
+
+        assert_eq!(server.write(&mut stream, b"STORED\r\n").unwrap(), 8);
+        let mut ready = Vec::new();
+        server.poll(Duration::from_millis(20), &mut ready).unwrap();
+        // No end_round: only the poll ran.
+        client.poll();
+        let mut got = Vec::new();
+        client.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
+            got.extend_from_slice(d);
+            (d.len(), ())
+        }).unwrap();
+        assert_eq!(got, b"STORED\r\n", "the reply left with the poll");
     }
 
     #[test]
