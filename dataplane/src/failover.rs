@@ -33,6 +33,11 @@ pub const ANNOUNCE_SPACING: Duration = Duration::from_millis(5);
 /// Later repeats, for neighbours that missed the burst.
 pub const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
 
+/// Kernel mode: bumped by every claim and every release of the service address by this process. A
+/// repeated announcement goes out only while the claim that scheduled it stands: one sent after this
+/// node gave the address up would point the clients back at it, away from the node that took over.
+static CLAIMS: AtomicU64 = AtomicU64::new(0);
+
 /// The service address in dataplane mode. The replication core claims and releases it; every worker's
 /// stack checks the version once per poll step and adds or drops the address on its interface.
 ///
@@ -138,7 +143,10 @@ impl ServiceSlot {
 pub fn release_service_address(failover: &FailoverSettings) -> Result<takeover::Released, takeover::TakeoverError> {
     match &failover.stack {
         Some(slot) => Ok(slot.release()),
-        None => takeover::release(&failover.interface, failover.service_ip, failover.prefix_len),
+        None => {
+            CLAIMS.fetch_add(1, Ordering::SeqCst);
+            takeover::release(&failover.interface, failover.service_ip, failover.prefix_len)
+        }
     }
 }
 
@@ -240,6 +248,7 @@ pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
         return Ok(());
     }
     let (interface, address, prefix) = (failover.interface.clone(), failover.service_ip, failover.prefix_len);
+    let claim = CLAIMS.fetch_add(1, Ordering::SeqCst) + 1;
     if takeover::claim(&interface, address, prefix).map_err(|e| e.to_string())? == takeover::Claimed::AlreadyHeld {
         tracing::info!(%interface, %address, "the service address was already on the interface");
     }
@@ -249,6 +258,10 @@ pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
         for at in ANNOUNCE_REPEATS {
             std::thread::sleep(at - waited);
             waited = at;
+            if CLAIMS.load(Ordering::SeqCst) != claim {
+                tracing::info!(%address, "the service address was released or claimed again: no more announcements of this claim");
+                return;
+            }
             if let Err(e) = takeover::announce(&interface, address, 1, Duration::ZERO) {
                 tracing::warn!(error = %e, "repeating the service address announcement failed");
             }
