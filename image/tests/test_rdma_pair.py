@@ -9,8 +9,9 @@ standby when the client hears of it; faults (a wrong rkey, the queue pair forced
 standby's tandemd killed mid-stream) are reported in `stats replication`, nothing corrupt is applied, the
 standby reconnects and converges (a partial resync after a link fault, a full one after the kill); in
 async mode (the pair's tandemd restarted with mode=async, then back to sync: no boot) the active answers
-writes while the standby is frozen and the standby converges once thawed; a second standby (another
-tandemd on B's guest) gets its own queue pair and ring and both equal the active; last, the active's VM
+writes while the standby is frozen and the standby converges once thawed; with two shards (threads = 2
+from then on) each shard is acked and every acknowledged write is on the standby; a second standby
+(another tandemd on B's guest) gets its own queue pair and ring and both equal the active; last, the active's VM
 is killed and the standby takes the service address with the data. Under TCG this asserts correctness
 only, never speed (bench_rdma_standby_cpu.py measures CPU per record, when asked).
 
@@ -241,16 +242,20 @@ def test_the_standby_killed_mid_stream_restarts_resyncs_and_converges(pair):
     assert int(standby["full_syncs"]) >= 1, standby
 
 
-def reconfigure(pair, **identity) -> None:
+def reconfigure(pair, threads: int | None = None, **identity) -> None:
     """Restarts the pair's tandemd processes with identity keys changed (mode=, transport=; tandemd.service
-    composes its configuration from /run/tandem/identity at every start). The standby's is stopped first,
-    so it cannot take over while the active's restarts; the standby then starts cold and full-syncs. The
-    guests, their Soft-RoCE links and their addresses stay as they are: no boot."""
+    composes its configuration from /run/tandem/identity at every start) and, given `threads`, that many
+    shards ([server] threads in /etc/tandem/tandem.toml). The standby's is stopped first, so it cannot
+    take over while the active's restarts; the standby then starts cold and full-syncs. The guests, their
+    Soft-RoCE links and their addresses stay as they are: no boot."""
     a, b = pair.members[:2]
-    edits = " ".join(f"-e 's/^{key}=.*/{key}={value}/'" for key, value in identity.items())
     b.sh("systemctl stop tandemd", timeout=120).check()
     for box in (a, b):
-        box.sh(f"sed -i {edits} /run/tandem/identity && grep -q '^{next(iter(identity))}=' /run/tandem/identity").check()
+        for key, value in identity.items():
+            box.sh(f"grep -q '^{key}=' /run/tandem/identity && sed -i 's/^{key}=.*/{key}={value}/' /run/tandem/identity").check()
+        if threads:
+            box.sh(f"sed -i '/^threads = /d; /^\\[server\\]$/a threads = {threads}' /etc/tandem/tandem.toml && "
+                   f"grep -qx 'threads = {threads}' /etc/tandem/tandem.toml").check()
     a.sh("systemctl restart tandemd", timeout=180).check()
     b.sh("systemctl start tandemd", timeout=180).check()
 
@@ -302,11 +307,41 @@ def test_async_mode_over_rdma_the_active_answers_ahead_of_the_standby_which_conv
         assert active["mode"] == "sync", active
 
 
+def test_two_shards_over_rdma_each_shard_acks_and_every_acknowledged_write_is_on_the_standby(pair):
+    """From here on the pair runs two shards (threads = 2 on each guest's one vCPU): one log, one ring
+    stream position and one ack per shard."""
+    a, b = pair.members
+    reconfigure(pair, threads=2)
+    active, standby = wait_streaming_over_rdma(pair)
+    assert active["mode"] == "sync" and len(active["newest"].split(",")) == len(standby["applied"].split(",")) == 2, (active, standby)
+    before = [int(n) for n in standby["applied"].split(",")]
+    for i in range(40):
+        assert memcached_call(pair.net, a.identity.ip, b"set shard-%d 0 0 3\r\nh%02d\r\n" % (i, i)) == b"STORED\r\n"
+        got = memcached_call(pair.net, b.identity.ip, b"get shard-%d\r\n" % i)
+        assert got == b"VALUE shard-%d 0 3\r\nh%02d\r\nEND\r\n" % (i, i), (i, got, stats(pair, a), stats(pair, b))
+    assert memcached_call(pair.net, a.identity.ip, workload("sh"), timeout=60).count(b"SERVER_ERROR") == 0
+    held = converge(pair)
+    assert held["sh-big"][1] == b"B" * 300_000 and held["sh-n"][1] == b"40"
+    # Both shards logged and shipped: each advanced on the standby, and the active holds an ack for each
+    # at its newest record.
+    deadline = time.monotonic() + 30
+    while True:
+        active, standby = stats(pair, a), stats(pair, b)
+        after = [int(n) for n in standby["applied"].split(",")]
+        if active["standby_0_acked"] == active["newest"] == standby["applied"]:
+            break
+        assert time.monotonic() < deadline, (active, standby)
+        time.sleep(1)
+    assert all(now > then for now, then in zip(after, before)), (before, after)
+    assert int(active["standby_0_rdma_errors"]) == 0 and int(standby["rdma_errors"]) == 0, (active, standby)
+
+
 SECOND_PORT = 11212
-SECOND_STANDBY = f"""[server]
+SECOND_STANDBY = """[server]
 listen = "{B.ip}"
 port = {SECOND_PORT}
 memory_mb = 64
+threads = {threads}
 [replication]
 role = "standby"
 listen = "{B.ip}:11312"
@@ -320,8 +355,10 @@ def test_two_standbys_over_rdma_each_get_their_own_ring_and_both_equal_the_activ
     """A second standby: another tandemd on B's guest (its own port, no failover), as a third guest would
     be but without a boot; the active ships to both, each over its own queue pair and ring."""
     a, b = pair.members
-    wait_streaming_over_rdma(pair)
-    b.sh(f"cat > /run/tandem/second.toml <<'EOF'\n{SECOND_STANDBY}EOF\n"
+    active, _ = wait_streaming_over_rdma(pair)
+    # As many shards as the active (the handshake refuses another count).
+    second = SECOND_STANDBY.format(B=B, A=A, SECOND_PORT=SECOND_PORT, threads=len(active["newest"].split(",")))
+    b.sh(f"cat > /run/tandem/second.toml <<'EOF'\n{second}EOF\n"
          "systemd-run --unit tandem-second /usr/bin/tandemd --config /run/tandem/second.toml").check()
     try:
         deadline = time.monotonic() + 120
