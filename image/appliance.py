@@ -376,11 +376,11 @@ class Pair:
             m.close()
 
 
-def memcached_call(net: Network, host: str, request: bytes, timeout: float = 10) -> bytes:
+def memcached_call(net: Network, host: str, request: bytes, timeout: float = 10, port: int = MEMCACHED_PORT) -> bytes:
     """Sends requests from the bridge side (inside the namespace) and returns every reply: `quit` is
     appended, so the server closes the connection once it has answered the rest."""
     script = ("import socket,sys\n"
-              f"s=socket.create_connection(({host!r},{MEMCACHED_PORT}),timeout={timeout})\n"
+              f"s=socket.create_connection(({host!r},{port}),timeout={timeout})\n"
               "s.sendall(sys.stdin.buffer.read()+b'quit\\r\\n')\n"
               "data=b''\n"
               "while chunk:=s.recv(65536): data+=chunk\n"

@@ -360,11 +360,27 @@ pub enum Fault {
 }
 
 /// The fault asked for in the file named by `TANDEM_RDMA_FAULT_FILE` (`wrong_rkey` or `qp_error`),
-/// once: the file is removed when read. None when the variable is unset or the file absent.
+/// once: the file is removed once read whole. None when the variable is unset or the file absent.
 pub fn take_fault() -> Option<Fault> {
     let path = std::env::var_os("TANDEM_RDMA_FAULT_FILE")?;
-    let text = std::fs::read_to_string(&path).ok()?;
-    let _ = std::fs::remove_file(&path);
+    take_fault_from(std::path::Path::new(&path))
+}
+
+/// Fault names a fault file may hold, each alone (a trailing newline allowed).
+const FAULT_NAMES: [&str; 2] = ["wrong_rkey", "qp_error"];
+
+/// [`take_fault`] from `path`. A writer such as `echo wrong_rkey > file` creates (truncates) the file
+/// first and writes it after: a read in between sees it empty, or cut short. Such a read (nothing, or a
+/// strict prefix of a fault's name with no newline yet) leaves the file for the next look, so the fault
+/// is never lost; anything else is consumed: the file is removed, whether it named a fault or not.
+/// Writers that want no window at all write another file and rename it into place.
+fn take_fault_from(path: &std::path::Path) -> Option<Fault> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let unfinished = !text.ends_with('\n') && FAULT_NAMES.iter().any(|name| name.starts_with(text.as_str()) && *name != text);
+    if unfinished {
+        return None;
+    }
+    let _ = std::fs::remove_file(path);
     match text.trim() {
         "wrong_rkey" => Some(Fault::WrongRkey),
         "qp_error" => Some(Fault::QpError),
@@ -372,5 +388,66 @@ pub fn take_fault() -> Option<Fault> {
             tracing::warn!(fault = other, "unknown RDMA fault asked for (wrong_rkey or qp_error)");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::{take_fault_from, Fault};
+
+    /// A fresh path in the temporary directory, removed when dropped.
+    struct FaultFile(std::path::PathBuf);
+
+    impl FaultFile {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("tandem-rdma-fault-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            Self(path)
+        }
+    }
+
+    impl Drop for FaultFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_fault_file_created_but_not_yet_written_keeps_its_fault_for_the_next_look() {
+        let file = FaultFile::new("created-then-written");
+        // `echo wrong_rkey > file`: the shell creates the file empty, then writes.
+        let mut writer = std::fs::File::create(&file.0).unwrap();
+        assert_eq!(take_fault_from(&file.0), None);
+        assert!(file.0.exists(), "an empty fault file was removed: its writer's fault would be lost");
+        writer.write_all(b"wrong_r").unwrap();
+        assert_eq!(take_fault_from(&file.0), None);
+        assert!(file.0.exists(), "a fault file cut short was removed");
+        writer.write_all(b"key\n").unwrap();
+        drop(writer);
+        assert_eq!(take_fault_from(&file.0), Some(Fault::WrongRkey));
+        assert!(!file.0.exists(), "a fault is taken once: its file is removed");
+        assert_eq!(take_fault_from(&file.0), None);
+    }
+
+    #[test]
+    fn a_whole_fault_file_is_taken_once_with_or_without_a_newline_and_anything_else_is_dropped() {
+        let file = FaultFile::new("whole");
+        std::fs::write(&file.0, "qp_error").unwrap();
+        assert_eq!(take_fault_from(&file.0), Some(Fault::QpError));
+        assert!(!file.0.exists());
+        // Renamed into place: never seen partial.
+        let staged = FaultFile::new("whole.new");
+        std::fs::write(&staged.0, "wrong_rkey\n").unwrap();
+        std::fs::rename(&staged.0, &file.0).unwrap();
+        assert_eq!(take_fault_from(&file.0), Some(Fault::WrongRkey));
+        // Not a fault and not the start of one: reported, removed, not retried forever.
+        std::fs::write(&file.0, "wrong_lkey\n").unwrap();
+        assert_eq!(take_fault_from(&file.0), None);
+        assert!(!file.0.exists(), "an unknown fault's file stays and is warned about at every look");
+        std::fs::write(&file.0, "qp").unwrap();
+        assert_eq!(take_fault_from(&file.0), None);
+        assert!(file.0.exists(), "a prefix of a fault's name with no newline may still be written to");
     }
 }
