@@ -457,8 +457,8 @@ def test_an_active_restarted_before_its_standby_noticed_hands_the_reign_to_the_w
         topo.start(tmp_path, "b", configs["b"])
         wait_until(lambda: stats_in(topo, "b").get("state") == "streaming", "the standby to stream")
         keys = range(50)
-        for i in keys:
-            assert request_in(topo, "c", topo.service, b"set warm%d 0 0 3\r\nv%02d\r\n" % (i, i)) == b"STORED\r\n"
+        sets = b"".join(b"set warm%d 0 0 3\r\nv%02d\r\n" % (i, i) for i in keys)
+        assert request_in(topo, "c", topo.service, sets, b"STORED\r\n" * len(keys)) == b"STORED\r\n" * len(keys)
         wait_until(lambda: stats_in(topo, "b", "").get("curr_items") == str(len(keys)), "the standby to hold every key")
 
         # The crash and the restart (what Restart=on-failure does), well inside b's dead_after.
