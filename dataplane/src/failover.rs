@@ -154,9 +154,14 @@ pub fn release_service_address(failover: &FailoverSettings) -> Result<takeover::
 pub fn holds_service_address(failover: &FailoverSettings) -> bool {
     match &failover.stack {
         Some(slot) => slot.state().1,
-        // The kernel lets a socket bind only to an address the node has.
-        None => std::net::UdpSocket::bind((failover.service_ip, 0)).is_ok(),
+        None => address_is_local(failover.service_ip),
     }
+}
+
+/// Whether the kernel has `address` on one of this node's interfaces: it lets a socket bind only to
+/// an address the node has.
+fn address_is_local(address: Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((address, 0)).is_ok()
 }
 
 /// Attempts a node configured as active makes to find an active peer before it takes the address.
@@ -258,8 +263,10 @@ pub fn take_service_address(failover: &FailoverSettings) -> Result<(), String> {
         for at in ANNOUNCE_REPEATS {
             std::thread::sleep(at - waited);
             waited = at;
-            if CLAIMS.load(Ordering::SeqCst) != claim {
-                tracing::info!(%address, "the service address was released or claimed again: no more announcements of this claim");
+            // Released by this node, claimed again (that claim repeats its own), or taken off the
+            // interface by hand: announcing an address the node does not answer for misleads clients.
+            if CLAIMS.load(Ordering::SeqCst) != claim || !address_is_local(address) {
+                tracing::info!(%address, "the service address was released, claimed again or removed: no more announcements of this claim");
                 return;
             }
             if let Err(e) = takeover::announce(&interface, address, 1, Duration::ZERO) {

@@ -17,14 +17,16 @@
 //! - [`port`]: what a shard's core and the replication core share (acks, snapshot requests and chunks,
 //!   records to apply, the applied position).
 //! - [`shipper`]: the active's replication core; [`receiver`]: the standby's.
+//! - [`stall`]: how long a thread was kept from running, so the standby counts the active's silence
+//!   on its own running time.
 //! - [`handover`]: a planned switchover from an active to a caught-up standby, over the same link.
 //! - [`transport`]: the data stream's narrow traits ([`transport::StreamSink`] on the active,
 //!   [`transport::StreamSource`] on the standby), the TCP control connection that also carries the
 //!   stream with the TCP transport, and an in-memory link for tests.
 //!
 //! The server (`dataplane`) implements the rest: its store reports changes into the log and applies
-//! records, and its workers run their per-round duties (see `dataplane::replication`). Roles and epochs
-//! on disk, heartbeat-driven failover and service-IP takeover are still to come. This crate depends on
+//! records, and its workers run their per-round duties (see `dataplane::replication`); roles and epochs
+//! on disk, failover and the service address are `dataplane::failover`'s. This crate depends on
 //! nothing in `dataplane`; `dataplane` depends on it.
 
 pub mod backlog;
@@ -41,6 +43,7 @@ pub mod record;
 pub mod ring;
 pub mod ring_link;
 pub mod shipper;
+pub mod stall;
 pub mod transport;
 pub mod wire;
 

@@ -34,6 +34,7 @@ use crate::handshake::{Message as Handshake, Nonce, Outcome, RefuseReason, Shard
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::port::{Bell, Inbound, ShardPort, Wake};
 use crate::shipper::unix_millis;
+use crate::stall::StallClock;
 use crate::transport::{Device, LinkError, LinkStats, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
@@ -45,6 +46,8 @@ const MAX_MESSAGE: usize = 80 << 20;
 const READ_CHUNK: usize = 256 << 10;
 /// After data in the ring, how long the loop polls it without sleeping.
 const RING_SPIN: Duration = Duration::from_micros(200);
+/// Shorter holds are the scheduler's ordinary delays, far below any `dead_after`: not counted.
+const STALL_WORTH_FORGIVING: Duration = Duration::from_millis(10);
 
 /// How long a standby waits before dialling again after a handshake was refused.
 pub const REFUSED_BACKOFF: Duration = Duration::from_millis(250);
@@ -110,6 +113,9 @@ pub struct ReceiverReport {
     pub last_error: String,
     /// Connections dropped because the RDMA ring or its queue pair failed.
     pub link_failures: u64,
+    /// Times this standby's thread was kept from running long enough to matter to failure detection
+    /// (its silence clock was moved on by that much; see [`crate::stall`]).
+    pub stalls_forgiven: u64,
 }
 
 pub struct ReceiverHandle {
@@ -187,6 +193,8 @@ pub struct Receiver {
     kept_history: bool,
     /// When the ring last had data: the loop polls it without sleeping for a moment after.
     last_ring_data: Instant,
+    /// Time this thread was kept from running is not the active's silence (see [`crate::stall`]).
+    stall: StallClock,
     /// The RDMA device the rings are registered on (transport = "rdma"; always None without the feature).
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     device: Option<Device>,
@@ -223,6 +231,7 @@ impl Receiver {
             lost_its_log: None,
             kept_history: false,
             last_ring_data: Instant::now(),
+            stall: StallClock::new(),
             device,
         };
         Ok((receiver, handle))
@@ -269,6 +278,7 @@ impl Receiver {
             if self.stop.load(Ordering::Relaxed) {
                 return Exit::Stopped;
             }
+            self.forgive_own_stall();
             if let Some(from) = self.handed_over.take() {
                 self.drop_connection("the active handed over to this standby");
                 self.publish_report();
@@ -341,6 +351,7 @@ impl Receiver {
             } else {
                 Duration::from_millis(1)
             };
+            self.stall.allow(timeout);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "replication poll failed");
@@ -367,7 +378,28 @@ impl Receiver {
 
     fn sleep(&mut self, duration: Duration) {
         let mut events = Events::with_capacity(4);
+        self.stall.allow(duration);
         let _ = self.poll.poll(&mut events, Some(duration));
+    }
+
+    /// Gives the active back the time this thread was kept from running since its last turn: it heard
+    /// nothing then because it did not run, and a pause of the whole machine silenced the active too.
+    /// Only what the active was granted is moved, never past now (an active silent before the pause is
+    /// still judged on the silence it had).
+    fn forgive_own_stall(&mut self) {
+        let held = self.stall.held_off();
+        if held < STALL_WORTH_FORGIVING {
+            return;
+        }
+        self.counters.stalls_forgiven += 1;
+        if held >= Duration::from_millis(50) {
+            tracing::info!(held_off_ms = held.as_millis() as u64, "this standby was kept from running; the active's silence is counted without that time");
+        }
+        let now = Instant::now();
+        self.last_heard = (self.last_heard + held).min(now);
+        if let Some(conn) = self.conn.as_mut() {
+            conn.last_heard = (conn.last_heard + held).min(now);
+        }
     }
 
     /// Dials the next peer and sends the Hello. Returns whether a connection is up.
@@ -385,6 +417,7 @@ impl Receiver {
         self.counters.state = "connecting";
         // A dead peer's address may not answer at all: bound the attempt by what failover can wait.
         let patience = self.config.dead_after.map_or(self.config.peer_timeout, |d| d / 3).max(Duration::from_millis(20));
+        self.stall.allow(patience);
         let stream = match std::net::TcpStream::connect_timeout(&addr, patience) {
             Ok(stream) => stream,
             Err(e) => {
@@ -531,6 +564,7 @@ impl Receiver {
         let deadline = Instant::now() + Duration::from_millis(500);
         while (!self.held.is_empty() || self.ports.iter().any(|p| !p.inbound.is_empty())) && Instant::now() < deadline {
             self.deliver_held();
+            self.stall.allow(Duration::from_millis(1));
             std::thread::sleep(Duration::from_millis(1));
         }
         let applied: Vec<LogSeq> = self.ports.iter().map(|p| p.applied()).collect();

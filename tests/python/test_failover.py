@@ -406,6 +406,36 @@ def test_a_standby_cut_off_from_everything_does_not_promote(tmp_path):
         assert request_in(topo, "c", topo.service, b"set still 0 0 1\r\nx\r\n") == b"STORED\r\n"
 
 
+def test_a_pause_of_the_whole_machine_is_no_failure_of_the_active(tmp_path):
+    """A host that stops its guest for a moment (a hypervisor's steal, a stalled VM) stops the active
+    and the standby alike. The standby that runs again first finds the active silent for longer than
+    dead_after, but it heard nothing because it was not running: silence is counted on the standby's
+    own running time, so it neither suspects nor drops the active."""
+    with Topology(os.getpid() % 1000 * 10 + 9) as topo:
+        a, b = topo.start_pair(tmp_path, witness=True)
+        assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
+        before = {name: stats_in(topo, name) for name in ("a", "b")}
+        for _ in range(3):
+            os.kill(a.pid, signal.SIGSTOP)
+            os.kill(b.pid, signal.SIGSTOP)
+            time.sleep(0.6)  # four times the default dead_after
+            # The standby resumes first: the worst order for it.
+            os.kill(b.pid, signal.SIGCONT)
+            time.sleep(0.02)
+            os.kill(a.pid, signal.SIGCONT)
+            time.sleep(1.0)
+        after = {name: stats_in(topo, name) for name in ("a", "b")}
+        for name in ("a", "b"):
+            for figure in ("role", "epoch", "promotions", "step_downs", "role_changes"):
+                assert after[name][figure] == before[name][figure], (name, figure, after[name].get("last_role_change"), after[name])
+        assert (after["b"]["state"], after["b"]["connects"]) == ("streaming", before["b"]["connects"]), after["b"]
+        assert after["a"]["sync_degraded"] == before["a"]["sync_degraded"], after["a"]
+        assert int(after["b"]["stalls_forgiven"]) >= 3, after["b"]  # each pause was seen, and forgiven
+        assert topo.service_address_on("a") and not topo.service_address_on("b")
+        assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\ny\r\nget before\r\n", b"END\r\n") == (
+            b"STORED\r\nVALUE before 0 1\r\nx\r\nEND\r\n")
+
+
 def test_a_promoted_standby_restarted_while_the_old_active_is_down_is_the_active_again(tmp_path):
     """The role is kept in the state directory with the epoch: a standby that took over and then restarts
     (its configuration still says standby) comes back as the active, address and warm cache included,

@@ -1075,6 +1075,16 @@ mod tests {
         fn poll(&mut self) {
             self.iface.poll(now(), &mut self.phy, &mut self.sockets);
         }
+
+        /// Takes what socket `h` has received so far.
+        fn received(&mut self, h: SocketHandle) -> Result<Vec<u8>, tcp::RecvError> {
+            let mut got = Vec::new();
+            self.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
+                got.extend_from_slice(d);
+                (d.len(), ())
+            })?;
+            Ok(got)
+        }
     }
 
     fn server(phy: MemoryPhy) -> StackTransport<MemoryPhy> {
@@ -1151,12 +1161,7 @@ mod tests {
         server.poll(Duration::from_millis(20), &mut ready).unwrap();
         // No end_round: only the poll ran.
         client.poll();
-        let mut got = Vec::new();
-        client.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
-            got.extend_from_slice(d);
-            (d.len(), ())
-        }).unwrap();
-        assert_eq!(got, b"STORED\r\n", "the reply left with the poll");
+        assert_eq!(client.received(h).unwrap(), b"STORED\r\n", "the reply left with the poll");
     }
 
     #[test]
@@ -1185,12 +1190,7 @@ mod tests {
         assert_eq!(server.read(&mut stream, &mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         let ready = exchange(&mut server, &mut client, 3);
         assert!(ready.is_empty(), "{ready:?}");
-        let mut got = Vec::new();
-        client.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
-            got.extend_from_slice(d);
-            (d.len(), ())
-        }).unwrap();
-        assert_eq!(got, b"END\r\n");
+        assert_eq!(client.received(h).unwrap(), b"END\r\n");
 
         // The client closes: the server reads end of stream, closes, and the socket is reaped.
         client.sockets.get_mut::<tcp::Socket>(h).close();
@@ -1262,10 +1262,9 @@ mod tests {
             }
             server.end_round();
             client.poll();
-            let _ = client.sockets.get_mut::<tcp::Socket>(h).recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
+            if let Ok(more) = client.received(h) {
+                got.extend_from_slice(&more);
+            }
             if got.len() == reply.len() {
                 break;
             }

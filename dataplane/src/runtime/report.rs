@@ -114,6 +114,7 @@ fn replication(shared: &Shared) -> Pairs {
             push(&mut p, "refused", r.refused.to_string());
             push(&mut p, "bytes_received", r.bytes_received.to_string());
             push(&mut p, "last_heard_ms", r.last_heard_millis.to_string());
+            push(&mut p, "stalls_forgiven", r.stalls_forgiven.to_string());
             if r.transport == "rdma" {
                 let link = &r.link;
                 push(&mut p, "rdma_slots", link.slots.to_string());
