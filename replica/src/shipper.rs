@@ -49,6 +49,7 @@ use crate::handshake::{ActiveConfig, ActiveHandshake, Message as Handshake, Nonc
 use crate::ids::{Epoch, LogSeq, ReplicationId, ShardId};
 use crate::log::{Drained, LogConsumer};
 use crate::port::{Bell, ShardPort, SnapshotChunk, SnapshotPart, Wake, ACKED_ALL};
+use crate::stall::StallClock;
 use crate::transport::{Device, LinkError, LinkStats, StreamSink, StreamSource, TcpLink, Transport};
 use crate::wire::{self, Kind, Message, MessageReader};
 
@@ -247,6 +248,8 @@ pub struct Shipper {
     handover: Arc<HandoverSlot>,
     /// The RDMA device every standby's queue pair is made on (transport = "rdma").
     device: Option<Device>,
+    /// Time this thread was kept from running is not the standbys' silence (see [`crate::stall`]).
+    stall: StallClock,
 }
 
 impl Shipper {
@@ -296,6 +299,7 @@ impl Shipper {
             degraded: vec![false; shards],
             handover,
             device,
+            stall: StallClock::new(),
         };
         Ok((shipper, handle))
     }
@@ -334,6 +338,7 @@ impl Shipper {
         let mut last_shipped: Option<Instant> = None;
         while !self.stop.load(Ordering::Relaxed) {
             if let Some(wait) = last_shipped.and_then(|at| self.batch_wait(at)) {
+                self.stall.allow(wait);
                 std::thread::sleep(wait);
             }
             let busy = self.drain_logs() | self.take_snapshots();
@@ -356,6 +361,7 @@ impl Shipper {
                     self.config.heartbeat_interval.min(Duration::from_millis(10))
                 }
             };
+            self.stall.allow(timeout);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "replication poll failed");
@@ -852,7 +858,12 @@ impl Shipper {
         #[cfg(feature = "rdma")]
         self.inject_faults();
         let millis = unix_millis();
+        // A standby is judged on this thread's running time, as the standby judges the active: a pause
+        // of the machine silenced both.
+        let held = self.stall.held_off();
+        let now = Instant::now();
         for peer in self.peers.iter_mut().flatten() {
+            peer.last_heard = (peer.last_heard + held).min(now);
             if peer.last_heard.elapsed() > self.config.peer_timeout {
                 tracing::warn!(addr = %peer.addr, "standby silent for too long; dropping it");
                 peer.closed = true;

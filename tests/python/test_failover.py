@@ -410,19 +410,21 @@ def test_a_pause_of_the_whole_machine_is_no_failure_of_the_active(tmp_path):
     """A host that stops its guest for a moment (a hypervisor's steal, a stalled VM) stops the active
     and the standby alike. The standby that runs again first finds the active silent for longer than
     dead_after, but it heard nothing because it was not running: silence is counted on the standby's
-    own running time, so it neither suspects nor drops the active."""
+    own running time, so it neither suspects nor drops the active; and the active, on its own, does
+    not drop its standby."""
     with Topology(os.getpid() % 1000 * 10 + 9) as topo:
         a, b = topo.start_pair(tmp_path, witness=True)
         assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
         before = {name: stats_in(topo, name) for name in ("a", "b")}
-        for _ in range(3):
+        # Four times the default dead_after with the standby resumed first (the worst order for it), then
+        # longer than the active's peer_timeout (1 s) with the active resumed first (the worst for it).
+        for pause, first, second in ((0.6, b, a), (0.6, b, a), (1.3, a, b)):
             os.kill(a.pid, signal.SIGSTOP)
             os.kill(b.pid, signal.SIGSTOP)
-            time.sleep(0.6)  # four times the default dead_after
-            # The standby resumes first: the worst order for it.
-            os.kill(b.pid, signal.SIGCONT)
+            time.sleep(pause)
+            os.kill(first.pid, signal.SIGCONT)
             time.sleep(0.02)
-            os.kill(a.pid, signal.SIGCONT)
+            os.kill(second.pid, signal.SIGCONT)
             time.sleep(1.0)
         after = {name: stats_in(topo, name) for name in ("a", "b")}
         for name in ("a", "b"):
