@@ -835,6 +835,12 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                             receiver.grace();
                             continue;
                         }
+                        // Several standbys heard the same silence: one of them takes over.
+                        if let Some(found) = promotion.another_standby_took_over(&receiver) {
+                            tracing::info!(active = %found.addr, epoch = %found.epoch, "another standby took over first: following it");
+                            receiver.grace();
+                            continue;
+                        }
                     }
                     break why;
                 };
@@ -891,6 +897,29 @@ impl Promotion {
     /// Shards of this node.
     pub(crate) fn shard_count(&self) -> u16 {
         self.ports.len() as u16
+    }
+
+    /// With several standbys, all of them hear the active fall silent at once, and if each promoted
+    /// there would be two actives of the same epoch. They go in the order of their replication
+    /// addresses (`listen`), lowest first: the first promotes at once; each later one waits half a
+    /// `dead_after` per place in that order and then asks the other peers (not the silent active)
+    /// whether one of them already is the active of a newer epoch, which it then follows. A pair (one
+    /// standby) promotes at once. Two that still promote together (a standby that did not hear of the
+    /// first's reign in time) meet at the same epoch, and the one with the lower history steps down
+    /// ([`Promotion::watch_for_a_newer_active`]).
+    fn another_standby_took_over(&self, receiver: &Receiver) -> Option<replica::receiver::ActiveFound> {
+        let silent = receiver.followed();
+        let others: Vec<std::net::SocketAddr> = self.settings.peers.iter().copied().filter(|&peer| Some(peer) != silent).collect();
+        let own = self.settings.listen?;
+        let place = others.iter().filter(|&&other| other < own).count() as u32;
+        if place == 0 {
+            return None;
+        }
+        let step = self.settings.dead_after.unwrap_or(std::time::Duration::from_millis(150)) / 2;
+        std::thread::sleep(step * place);
+        let (_, epoch, _) = receiver.position();
+        let patience = self.settings.dead_after.unwrap_or(std::time::Duration::from_millis(150));
+        replica::receiver::probe_for_active(&others, &self.settings.secret, self.shard_count(), epoch, patience).filter(|found| found.epoch > epoch)
     }
 
     /// Takes over: a new epoch on disk first, then writes allowed with every change logged, then the
@@ -1004,8 +1033,24 @@ impl Promotion {
                     continue;
                 }
                 let found = replica::receiver::probe_for_active(&self.settings.peers, &self.settings.secret, shards, epoch, patience);
-                if let Some(found) = found.filter(|found| found.epoch > epoch) {
-                    let why = format!("stepped down to standby: {} is the active at {} (ours was {epoch})", found.addr, found.epoch);
+                let ours = match state.report() {
+                    Report::Active { history, .. } => Some(history),
+                    _ => None,
+                };
+                // Two standbys that promoted together hold the same epoch: the lower history yields, so
+                // that each of them, looking at the other, comes to the same answer.
+                let newer = |found: &replica::receiver::ActiveFound| {
+                    found.epoch > epoch || (found.epoch == epoch && ours.is_some_and(|ours| found.history > ours))
+                };
+                if let Some(found) = found.filter(newer) {
+                    let why = if found.epoch > epoch {
+                        format!("stepped down to standby: {} is the active at {} (ours was {epoch})", found.addr, found.epoch)
+                    } else {
+                        format!(
+                            "stepped down to standby: {} is also the active at {epoch} (two standbys promoted together) and its history {} ranks above ours",
+                            found.addr, found.history
+                        )
+                    };
                     // Writes paused and the log still, this node presents its history and positions: if it
                     // took nothing beyond the point where the new active took over, it resumes from there
                     // (a partial resync); the new active's handshake decides, a full sync otherwise.

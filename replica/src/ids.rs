@@ -66,7 +66,8 @@ impl fmt::Display for Epoch {
 }
 
 /// Names one history of the data set, as Redis' replication id: 20 random bytes, hex when printed.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// Ordered (as bytes) only to break a tie the same way on every node.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ReplicationId(pub [u8; ReplicationId::LEN]);
 
 impl ReplicationId {

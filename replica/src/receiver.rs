@@ -195,6 +195,8 @@ pub struct Receiver {
     last_ring_data: Instant,
     /// Time this thread was kept from running is not the active's silence (see [`crate::stall`]).
     stall: StallClock,
+    /// The active whose handshake last accepted this standby.
+    followed: Option<SocketAddr>,
     /// The RDMA device the rings are registered on (transport = "rdma"; always None without the feature).
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     device: Option<Device>,
@@ -232,6 +234,7 @@ impl Receiver {
             kept_history: false,
             last_ring_data: Instant::now(),
             stall: StallClock::new(),
+            followed: None,
             device,
         };
         Ok((receiver, handle))
@@ -240,6 +243,12 @@ impl Receiver {
     /// The history and epoch this standby follows, and what each shard applied.
     pub fn position(&self) -> (Option<ReplicationId>, Epoch, Vec<LogSeq>) {
         (self.history, self.epoch, self.ports.iter().map(|p| p.applied()).collect())
+    }
+
+    /// The active whose handshake last accepted this standby (the one that went silent, after
+    /// [`Exit::ActiveDead`]).
+    pub fn followed(&self) -> Option<SocketAddr> {
+        self.followed
     }
 
     /// Gives the active another `dead_after` to be heard from (its silence was not acted on).
@@ -601,6 +610,7 @@ impl Receiver {
             None => Ok(()),
             Some(Outcome::Accepted { history, epoch, plan }) => {
                 conn.handshake = None;
+                self.followed = Some(conn.addr);
                 if self.history != Some(history) {
                     tracing::info!(%history, %epoch, "following the active's history");
                 }
@@ -882,6 +892,8 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>], from: From) -> R
 pub struct ActiveFound {
     pub addr: SocketAddr,
     pub epoch: Epoch,
+    /// The history it logs under.
+    pub history: ReplicationId,
 }
 
 /// Asks each of `peers` in turn, with the full authenticated handshake, whether it is an active that
@@ -930,7 +942,7 @@ fn probe_one(addr: SocketAddr, secret: &[u8], shard_count: u16, epoch: Epoch, ti
             stream.write_all(&out)?;
             match step.outcome {
                 None => {}
-                Some(Outcome::Accepted { epoch, .. }) => return Ok(Some(ActiveFound { addr, epoch })),
+                Some(Outcome::Accepted { epoch, history, .. }) => return Ok(Some(ActiveFound { addr, epoch, history })),
                 Some(_) => return Ok(None),
             }
         }

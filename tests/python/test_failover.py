@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -89,17 +90,18 @@ def sh(*args, check=True, **kwargs):
 
 
 class Topology:
-    """Three namespaces (client, a, b) on a bridge, named uniquely. Used as a context manager: the nodes
-    it started are killed and everything is removed on exit, failures included."""
+    """Three namespaces (client, a, b) on a bridge, named uniquely; ``d`` adds a fourth (a second
+    standby). Used as a context manager: the nodes it started are killed and everything is removed on
+    exit, failures included."""
 
-    def __init__(self, tag):
+    def __init__(self, tag, nodes=("c", "a", "b")):
         self.tag = tag
         self.processes = []
         self.subnet = f"10.{77 + tag % 100}.{tag % 250}"
         self.bridge = f"tbr{tag}"
-        self.ns = {name: f"tfo-{name}-{tag}" for name in ("c", "a", "b")}
-        self.host_if = {name: f"tfo{name}{tag}" for name in ("c", "a", "b")}
-        self.addr = {"c": f"{self.subnet}.3", "a": f"{self.subnet}.1", "b": f"{self.subnet}.2"}
+        self.ns = {name: f"tfo-{name}-{tag}" for name in nodes}
+        self.host_if = {name: f"tfo{name}{tag}" for name in nodes}
+        self.addr = {name: f"{self.subnet}.{host}" for name, host in (("a", 1), ("b", 2), ("c", 3), ("d", 4)) if name in nodes}
         self.service = f"{self.subnet}.100"
         # Memory files (-e) the nodes were given, removed on close.
         self.memory_files = []
@@ -172,6 +174,8 @@ class Topology:
 
 
 def node_config(tmp_path, topo, name, role, peer, mode="sync", witness=False, memory_file=None):
+    """Node ``name``'s configuration; ``peer`` names its peer, or a list of them."""
+    peers = ", ".join(f'"{topo.replication_addr[p]}:11311"' for p in ([peer] if isinstance(peer, str) else peer))
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     server = ["[server]", f'memory_file = "{memory_file}"'] if memory_file else []
@@ -179,7 +183,7 @@ def node_config(tmp_path, topo, name, role, peer, mode="sync", witness=False, me
         "[replication]",
         f'role = "{role}"',
         f'listen = "{topo.replication_addr[name]}:11311"',
-        f'peers = ["{topo.replication_addr[peer]}:11311"]',
+        f'peers = [{peers}]',
         f'mode = "{mode}"',
         f'secret_file = "{secret}"',
         "[failover]",
@@ -436,6 +440,89 @@ def test_a_pause_of_the_whole_machine_is_no_failure_of_the_active(tmp_path):
         assert topo.service_address_on("a") and not topo.service_address_on("b")
         assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\ny\r\nget before\r\n", b"END\r\n") == (
             b"STORED\r\nVALUE before 0 1\r\nx\r\nEND\r\n")
+
+
+def start_with_two_standbys(tmp_path, topo):
+    """Node a active, b and d its standbys (every node names the other two as peers); returns once both
+    stream and a write through the service address is on both."""
+    a = topo.start(tmp_path, "a", node_config(tmp_path, topo, "a", "active", ["b", "d"], witness=True))
+    for name, peers in (("b", ["a", "d"]), ("d", ["a", "b"])):
+        topo.start(tmp_path, name, node_config(tmp_path, topo, name, "standby", peers, witness=True))
+    for name in ("b", "d"):
+        wait_until(lambda: stats_in(topo, name).get("state") == "streaming", f"standby {name} to stream")
+    assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
+    for name in ("b", "d"):
+        wait_until(lambda: request_in(topo, "c", topo.addr[name], b"get before\r\n", b"END\r\n") != b"END\r\n", f"{name} to have the write")
+    return a
+
+
+def one_active_and_its_standby(topo):
+    """Waits until one of b and d is the active at epoch 2 with the service address and the other
+    streams from it; returns (active, standby) by name."""
+
+    def settled():
+        roles = {name: stats_in(topo, name) for name in ("b", "d")}
+        actives = [name for name, r in roles.items() if r["role"] == "active"]
+        if len(actives) != 1:
+            return None
+        other = "d" if actives[0] == "b" else "b"
+        if roles[other].get("state") != "streaming" or roles[other]["active"] != f"{topo.addr[actives[0]]}:11311":
+            return None
+        if not topo.service_address_on(actives[0]) or topo.service_address_on(other):
+            return None
+        return actives[0], other
+
+    wait_until(lambda: settled() is not None, "one active and one standby following it", 20)
+    # It stays so (the actives look for each other every half second).
+    time.sleep(1.5)
+    found = settled()
+    assert found is not None, {name: stats_in(topo, name) for name in ("b", "d")}
+    active, standby = found
+    roles = {name: stats_in(topo, name) for name in ("b", "d")}
+    assert roles[active]["epoch"] == roles[standby]["epoch"] == "2", roles
+    # Clients reach the new active with the old data; its writes reach the other standby.
+    assert request_in(topo, "c", topo.service, b"get before\r\n", b"END\r\n") == b"VALUE before 0 1\r\nx\r\nEND\r\n"
+    assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\ny\r\n") == b"STORED\r\n"
+    wait_until(
+        lambda: request_in(topo, "c", topo.addr[standby], b"get after\r\n", b"END\r\n") == b"VALUE after 0 1\r\ny\r\nEND\r\n",
+        "the remaining standby to have the new active's write",
+    )
+    return active, standby, roles
+
+
+def test_two_standbys_one_takes_over_and_the_other_follows_it(tmp_path):
+    """The active of two standbys dies. Both hear the silence; the one with the lower replication address
+    takes over at once, the other waits its turn, finds it the active and follows it (a partial resync:
+    the new history continues the old)."""
+    with Topology(os.getpid() % 1000 * 10 + 3, nodes=("c", "a", "b", "d")) as topo:
+        a = start_with_two_standbys(tmp_path, topo)
+        a.send_signal(signal.SIGKILL)
+        sh("ip", "link", "set", topo.host_if["a"], "down")
+        active, standby, roles = one_active_and_its_standby(topo)
+        assert (active, standby) == ("b", "d"), roles
+        assert roles["d"]["promotions"] == "0" and roles["d"]["step_downs"] == "0", roles["d"]
+        assert roles["d"]["partial_syncs"] == "1", roles["d"]
+
+
+def test_two_standbys_promoted_together_settle_on_one_active(tmp_path):
+    """Both standbys of a dead active are promoted at once (here by the operator, forced): two actives of
+    the same epoch. They find each other and the one with the lower history steps down and follows the
+    other: one service address, one active."""
+    from test_switchover import tandemctl
+
+    with Topology(os.getpid() % 1000 * 10 + 4, nodes=("c", "a", "b", "d")) as topo:
+        a = start_with_two_standbys(tmp_path, topo)
+        a.send_signal(signal.SIGKILL)
+        sh("ip", "link", "set", topo.host_if["a"], "down")
+        promotes = [
+            threading.Thread(target=tandemctl, args=(tmp_path, name, "promote", "--force")) for name in ("b", "d")
+        ]
+        for t in promotes:
+            t.start()
+        for t in promotes:
+            t.join()
+        active, standby, roles = one_active_and_its_standby(topo)
+        assert roles[standby]["step_downs"] == "1" and "two_standbys_promoted_together" in roles[standby]["last_role_change"], roles[standby]
 
 
 def test_a_promoted_standby_restarted_while_the_old_active_is_down_is_the_active_again(tmp_path):
