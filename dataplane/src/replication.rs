@@ -389,6 +389,10 @@ pub struct NodeState {
     next: Mutex<Option<Runner>>,
     /// A switchover's pause: writes wait in their connections instead of being refused.
     writes_held: AtomicBool,
+    /// An active restarted within its reign without its data holds writes (and leaves the service
+    /// address alone) until it knows no standby holds that reign's data (see
+    /// [`Promotion::hold_cold_restart`]); whoever clears it (opening for writes, or stepping down) acts.
+    cold_hold: AtomicBool,
     /// Just after a switchover's step-down: a write closes its connection (it was never run; the client
     /// reconnects, to the new active) instead of being refused.
     writes_closed: AtomicBool,
@@ -623,6 +627,14 @@ impl Node {
             })
             .transpose()?;
         let persisted = context.as_ref().map_or(Ok(Epoch(0)), |c| c.epochs.load())?;
+        // This node was the active of a reign when it stopped: a crash restarted by systemd, or an
+        // operator's restart. A standby may hold that reign's data, which this process lost.
+        let restarted_active = settings.role == Role::Active
+            && !settings.peers.is_empty()
+            && settings.dead_after.is_some()
+            && context.as_ref().and_then(|c| c.epochs.load_state().ok()).is_some_and(|(epoch, role)| {
+                epoch.0 >= 1 && role == Some(crate::failover::StoredRole::Active)
+            });
         let mut control = Control::default();
         let (report, sinks, bell, stop, runner) = match settings.role {
             Role::Active => {
@@ -678,6 +690,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             next: Mutex::new(None),
             writes_held: AtomicBool::new(false),
+            cold_hold: AtomicBool::new(false),
             writes_closed: AtomicBool::new(false),
             marks: Arc::new(WorkerMarks::new(shards)),
             counts: RoleCounts::default(),
@@ -692,6 +705,9 @@ impl Node {
             Report::Standby { .. } => None,
         };
         if let (Role::Active, Some(context)) = (settings.role, context) {
+            if restarted_active {
+                context.hold_cold_restart(&state, Epoch(persisted.0.max(1)));
+            }
             context.watch_for_a_newer_active(state.clone(), Epoch(persisted.0.max(1)));
         }
         let thread_state = state.clone();
@@ -1016,6 +1032,72 @@ impl Promotion {
         }
     }
 
+    /// An active restarted within its reign (its state directory says it was the active at `epoch`)
+    /// comes back without that reign's data, and its standby, which has it, takes over as soon as it
+    /// meets this node's new history (`Exit::ActiveLostItsLog` on the standby). Until then this node
+    /// must not take writes (they would be lost when it steps down) nor the service address (clients
+    /// would be sent to an empty cache). So it holds writes and leaves the address alone until one of:
+    /// - it meets an active of a newer epoch ([`Promotion::watch_for_a_newer_active`], which looks every
+    ///   25 ms meanwhile): it steps down, the held writes' connections are closed and their clients
+    ///   reconnect to the new active;
+    /// - a standby accepted its history (that standby held nothing newer; it takes a sync): it claims
+    ///   the address and opens;
+    /// - twice `dead_after` (at least a second) passes without either (no standby answers): the same.
+    fn hold_cold_restart(&self, state: &Arc<NodeState>, epoch: Epoch) {
+        let grace = (self.settings.dead_after.unwrap_or_default() * 2).max(std::time::Duration::from_secs(1));
+        state.cold_hold.store(true, Ordering::SeqCst);
+        state.hold_writes(true, &*self.wake);
+        // A crash without the stop hook leaves the address on the interface, answering ARP for it.
+        let removed = match crate::failover::release_service_address(&self.failover) {
+            Ok(crate::net::takeover::Released::Removed) => "; the service address the crash left here removed",
+            Ok(_) => "",
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the service address on a cold restart");
+                ""
+            }
+        };
+        state.note(format!(
+            "restarted as the active at {epoch} without its data: writes held and the service address left alone until no standby \
+             holds newer data (at most {} ms){removed}",
+            grace.as_millis()
+        ));
+        let reign = state.reign.load(Ordering::SeqCst);
+        let (state, promotion) = (state.clone(), self.clone());
+        let spawned = std::thread::Builder::new().name("tandem-cold".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            let why = loop {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                if state.stopping.load(Ordering::SeqCst) || state.reign.load(Ordering::SeqCst) != reign {
+                    return;
+                }
+                let accepted = match state.report() {
+                    Report::Active { report, .. } => report.lock().unwrap().peers.iter().find(|p| p.state != "handshake").map(|p| p.addr.clone()),
+                    Report::Standby { .. } => return,
+                };
+                if let Some(standby) = accepted {
+                    break format!("the standby {standby} accepted this node's history");
+                }
+                if started.elapsed() >= grace {
+                    break format!("no standby holds newer data after {} ms", grace.as_millis());
+                }
+            };
+            if !state.cold_hold.swap(false, Ordering::SeqCst) {
+                return; // it stepped down meanwhile
+            }
+            let claimed = crate::failover::take_service_address(&promotion.failover);
+            state.hold_writes(false, &*promotion.wake);
+            state.note(format!(
+                "opened for writes at {epoch}: {why}; service address {}/{} {}",
+                promotion.failover.service_ip,
+                promotion.failover.prefix_len,
+                claimed.map_or_else(|e| format!("NOT claimed: {e}"), |()| "claimed and announced".to_string())
+            ));
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the cold restart's hold: writes stay held");
+        }
+    }
+
     /// While this node is active, asks its peers every half second whether one of them is an active of a
     /// higher epoch (it took over while this node was cut off); if so, steps down. Ends when this reign
     /// ends; waits while a switchover pauses writes (the switchover steps down itself, resuming).
@@ -1028,8 +1110,10 @@ impl Promotion {
             let shards = self.ports.len() as u16;
             let patience = self.settings.dead_after.unwrap_or(std::time::Duration::from_millis(500));
             while !state.stopping.load(Ordering::SeqCst) && state.reign.load(Ordering::SeqCst) == reign {
-                std::thread::sleep(std::time::Duration::from_millis(500));
-                if state.writes_held() || state.reign.load(Ordering::SeqCst) != reign {
+                // A cold restart's hold waits on this look: look often then.
+                let cold = state.cold_hold.load(Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(if cold { 25 } else { 500 }));
+                if (state.writes_held() && !cold) || state.reign.load(Ordering::SeqCst) != reign {
                     continue;
                 }
                 let found = replica::receiver::probe_for_active(&self.settings.peers, &self.settings.secret, shards, epoch, patience);
@@ -1058,6 +1142,12 @@ impl Promotion {
                         Report::Active { history, .. } => Some(history),
                         _ => None,
                     };
+                    if state.cold_hold.swap(false, Ordering::SeqCst) {
+                        // It took no write and holds nothing of the reign: a full sync, at once.
+                        let plan = StepDown { epoch: found.epoch, persist: true, resume: None, assume_synced: false, close_held: true, why };
+                        self.step_down(&state, reign, plan);
+                        return;
+                    }
                     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
                     let resume = match (history, crate::roles::pause(&state, &*self.wake, deadline)) {
                         (Some(history), Ok(through)) => Some((history, through)),

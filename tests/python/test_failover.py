@@ -546,7 +546,10 @@ def test_a_promoted_standby_restarted_while_the_old_active_is_down_is_the_active
         assert b_stats["epoch"] == "2", b_stats
         log = (tmp_path / "b.log").read_text(errors="replace")
         assert "starting as active, not standby: this node was the active at epoch 2" in log, log[-2000:]
-        assert topo.service_address_on("b"), "the restarted active does not hold the service address"
+        # It was the active of this reign, so it first holds writes and leaves the address alone while it
+        # looks for a standby that may hold newer data (none: the old active is down), then takes both.
+        wait_until(lambda: topo.service_address_on("b"), "the restarted active to take the service address", 5)
+        assert "opened_for_writes_at_epoch_2:_no_standby_holds_newer_data" in stats_in(topo, "b")["last_role_change"]
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -563,9 +566,12 @@ def test_an_active_restarted_before_its_standby_noticed_hands_the_reign_to_the_w
     """systemd restarts a crashed tandemd within a second; with a dead_after longer than that (the
     appliance pair under TCG uses 2 s) the standby never sees its active silent. The restarted active is
     cold and starts a new history at the same epoch, which the standby cannot resume. The standby, which
-    holds the reign's data, takes over at once; the restarted node meets the newer active, gives up the
-    address and follows it with a full sync. Before, the cold node kept the address and the warm standby
-    stayed refused for good."""
+    holds the reign's data, takes over at once; the restarted node meets the newer active and follows it
+    with a full sync. Meanwhile the restarted node, which knows from its state directory that it was the
+    active, holds writes and never takes the service address: a write sent to it is never acknowledged
+    (its connection is closed when it steps down). Before, the cold node kept the address and the warm
+    standby stayed refused for good; later it held the address, and took writes that were then lost, for
+    the half second until it stepped down."""
     with Topology(os.getpid() % 1000 * 10 + 7) as topo:
         configs = {}
         for name, role, peer in (("a", "active", "b"), ("b", "standby", "a")):
@@ -583,9 +589,23 @@ def test_an_active_restarted_before_its_standby_noticed_hands_the_reign_to_the_w
         # The crash and the restart (what Restart=on-failure does), well inside b's dead_after.
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=10)
+        # No stop hook here: the crash left the service address on a's interface, and the restarted
+        # node, which does not take it, removes it.
         killed = time.monotonic()
         topo.start(tmp_path, "a", configs["a"])
-        wait_until(lambda: stats_in(topo, "b").get("role") == "active", "the warm standby to take over", 10)
+        # A write straight to the restarted node, at once: held, then its connection closed.
+        cold_write = in_ns(topo, "c", (
+            "import socket;s=socket.create_connection((%r,11211),timeout=5);s.sendall(b'set cold 0 0 1\\r\\nx\\r\\n');d=b''\n"
+            "while True:\n"
+            "    c=s.recv(100)\n"
+            "    d+=c\n"
+            "    if not c or d.endswith(b'\\r\\n'): break\n"
+            "print(repr(d))") % topo.addr["a"])
+        assert eval(cold_write) in (b"",), f"the restarted node answered a write: {cold_write}"
+        def taken_over():
+            assert not topo.service_address_on("a"), "the restarted node took the service address"
+            return stats_in(topo, "b").get("role") == "active"
+        wait_until(taken_over, "the warm standby to take over", 10)
         took_over = time.monotonic() - killed
         assert took_over < 3.0, f"took {took_over:.1f} s: that is the silence path, not the restarted active's refusal"
         b_stats = stats_in(topo, "b")
@@ -594,11 +614,10 @@ def test_an_active_restarted_before_its_standby_noticed_hands_the_reign_to_the_w
         a_stats = stats_in(topo, "a")
         assert a_stats["role"] == "standby" and a_stats["full_syncs"] == "1", a_stats
         assert topo.service_address_on("b") and not topo.service_address_on("a")
+        # Its two role events: the cold restart's hold, and the step-down.
+        assert a_stats["role_changes"] == "2" and a_stats["promotions"] == "0" and a_stats["step_downs"] == "1", a_stats
         want = b"".join(b"VALUE warm%d 0 3\r\nv%02d\r\n" % (i, i) for i in keys) + b"END\r\n"
         get_all = b"get " + b" ".join(b"warm%d" % i for i in keys) + b"\r\n"
-        # For the half second until the restarted node stepped down, both held the address, and the
-        # client's neighbour entry may have gone back to it; the new active's repeated announcements
-        # (ANNOUNCE_REPEATS) bring it over again.
         deadline = time.monotonic() + 10
         while True:
             try:
