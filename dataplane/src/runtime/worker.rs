@@ -355,6 +355,10 @@ impl<T: Transport> Worker<T> {
     }
 
     fn handle_mail(&mut self) {
+        // A request mailed by a worker that already follows a role change (a promotion: it took a write)
+        // runs under the same role here. This round may have begun before the change, and a write run
+        // on a shard without its new log would be stored and never replicated.
+        self.follow_role();
         let Worker { shard, postbox, conns, touched, limits, counters, replication, .. } = self;
         let sync = replication.as_ref().is_some_and(ShardReplication::sync);
         postbox.drain(|postbox, from, msg| match msg {
