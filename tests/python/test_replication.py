@@ -556,8 +556,9 @@ def test_a_standby_cut_off_during_its_full_sync_converges(start, tmp_path):
     assert len(final) > 100_000
 
 
-def test_a_failover_standby_promotes_when_its_active_dies_and_the_others_follow_it(start, tmp_path):
-    """Promotion on loopback (the service address part is tested in test_failover.py, in namespaces)."""
+def failover_standby_and_another(start, tmp_path):
+    """An active in sync mode; standby b with failover (it promotes when the active dies and then ships
+    from `promoted_port`), and standby c without, which knows both. Returns once both stream."""
     pair = Pair(start, tmp_path, mode="sync")
     promoted_port = harness.free_port()
     state = tmp_path / "state-b"
@@ -573,6 +574,12 @@ def test_a_failover_standby_promotes_when_its_active_dies_and_the_others_follow_
     c = start("--config", str(c_config), "-t", "2")
     for standby in (b, c):
         wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standbys to stream")
+    return pair, b, c, promoted_port, state
+
+
+def test_a_failover_standby_promotes_when_its_active_dies_and_the_others_follow_it(start, tmp_path):
+    """Promotion on loopback (the service address part is tested in test_failover.py, in namespaces)."""
+    pair, b, c, promoted_port, state = failover_standby_and_another(start, tmp_path)
     writer = RawConn(pair.active.host, pair.active.port)
     for i in range(200):
         writer.expect(b"set before:%d 0 0 1\r\nx\r\n" % i, b"STORED\r\n")
@@ -614,21 +621,7 @@ def test_every_write_a_promoted_standby_acknowledges_at_the_promotion_reaches_th
     Before the fix, the first write of a client sometimes ran on a shard whose worker had not yet taken
     its new log (the request was mailed from the worker that took the client's connection, and the
     owner was still in the round it began as a standby): stored on b, never shipped (3 runs of 6)."""
-    pair = Pair(start, tmp_path, mode="sync")
-    promoted_port = harness.free_port()
-    state = tmp_path / "state-b"
-    config = write_config(
-        tmp_path, "b", role="standby", listen=f"127.0.0.1:{promoted_port}", peers=[f"127.0.0.1:{pair.repl_port}"], mode="sync"
-    )
-    config.write_text(
-        config.read_text()
-        + f'[failover]\nservice_ip = "10.254.254.1/32"\ninterface = "tnd-absent0"\nstate_dir = "{state}"\n'
-    )
-    b = start("--config", str(config), "-t", "2")
-    c_config = write_config(tmp_path, "c", role="standby", peers=[f"127.0.0.1:{pair.repl_port}", f"127.0.0.1:{promoted_port}"])
-    c = start("--config", str(c_config), "-t", "2")
-    for standby in (b, c):
-        wait_for(lambda: repl_stats(standby)["state"] == "streaming", "the standbys to stream")
+    pair, b, c, promoted_port, state = failover_standby_and_another(start, tmp_path)
     stored = [[] for _ in range(8)]
     stop = threading.Event()
 
