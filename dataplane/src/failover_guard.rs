@@ -21,7 +21,8 @@
 //! section.
 //!
 //! - [`look`]: what the clients' link shows ([`ServiceSeen`]), bounded in time.
-//! - [`active_still_serves`]: the verdict the replication thread acts on (a refusal noted once).
+//! - [`active_still_serves`]: the verdict the replication thread acts on (each refusal counted as a
+//!   declined promotion).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -136,8 +137,8 @@ fn memcached_answers(addr: SocketAddr, wait: Duration) -> Result<(), String> {
 }
 
 /// Whether the active, silent on the replication link, still serves the service address, in which
-/// case this standby must not promote. The first refusal while following is noted as a role event
-/// (`noted` remembers it); every look is logged. `dead_after`: the pair's detection time, which sets
+/// case this standby must not promote. Every refusal is counted as a declined promotion, the first
+/// while following logged (`noted` remembers it); every look is logged. `dead_after`: the pair's detection time, which sets
 /// how long the look waits for answers ([`Patience::for_dead_after`]).
 pub(crate) fn active_still_serves(failover: &FailoverSettings, dead_after: Option<Duration>, state: &NodeState, noted: &mut bool) -> bool {
     let started = std::time::Instant::now();
@@ -148,13 +149,14 @@ pub(crate) fn active_still_serves(failover: &FailoverSettings, dead_after: Optio
     match seen {
         ServiceSeen::Served { holder } => {
             tracing::info!(%address, %holder, "the active is silent on the replication link but still serves the service address");
-            if !*noted {
-                *noted = true;
-                state.note(format!(
+            let first = !std::mem::replace(noted, true);
+            state.decline(
+                format!(
                     "not promoting: the active is silent on the replication link, but the service address {address} is still served \
-                     (held by {holder}): the replication link failed, not the active; staying standby"
-                ));
-            }
+                     (held by {holder}): the link or the active is slow, or the link failed; staying standby"
+                ),
+                first,
+            );
             true
         }
         ServiceSeen::Unheld => {

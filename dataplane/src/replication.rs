@@ -172,6 +172,11 @@ impl WorkerMarks {
 }
 
 impl ShardReplication {
+    /// Whether this shard follows an active (its changes come from the replication stream only).
+    pub fn is_standby(&self) -> bool {
+        self.role == Role::Standby
+    }
+
     /// Whether client replies wait for the standby's ack.
     pub fn sync(&self) -> bool {
         self.role == Role::Active && self.mode == Mode::Sync
@@ -382,6 +387,8 @@ pub struct NodeState {
     handovers: Vec<Mutex<Option<Handover>>>,
     /// Role changes, with their reasons (the newest last).
     changes: Mutex<Vec<String>>,
+    /// Why the last promotion was declined ([`NodeState::decline`]).
+    last_declined: Mutex<Option<String>>,
     /// How to stop whatever the replication thread runs now.
     stopper: Mutex<(Arc<AtomicBool>, Arc<Bell>)>,
     stopping: AtomicBool,
@@ -452,6 +459,9 @@ pub struct RoleCounts {
     pub step_downs: AtomicU64,
     pub switchovers: AtomicU64,
     pub switchovers_aborted: AtomicU64,
+    /// Silences of the active that did not make this standby promote (the witness did not answer, or
+    /// the service address was still served): not role changes, but what an operator watches for.
+    pub promotions_declined: AtomicU64,
 }
 
 /// Handles into the runner of the replication thread.
@@ -514,6 +524,22 @@ impl NodeState {
     pub fn report_restored(&self, shard: usize, mark: Option<ReplicationMark>) {
         self.restore.reports.lock().unwrap()[shard] = Some(mark);
         self.restore.reported.notify_all();
+    }
+
+    /// Records a standby's decision not to promote on its active's silence, with its reason: counted,
+    /// the newest kept for `stats replication`, and logged when `first` in a run of them (a cut
+    /// replication link declines every `dead_after` until it returns).
+    pub fn decline(&self, reason: String, first: bool) {
+        if first {
+            tracing::warn!(%reason, "promotion declined");
+        }
+        self.counts.promotions_declined.fetch_add(1, Ordering::Relaxed);
+        *self.last_declined.lock().unwrap() = Some(reason);
+    }
+
+    /// The reason of the last declined promotion.
+    pub fn last_declined(&self) -> Option<String> {
+        self.last_declined.lock().unwrap().clone()
     }
 
     /// Records a role change or role event with its reason (logged, and listed by `stats replication`).
@@ -686,6 +712,7 @@ impl Node {
             writable: AtomicBool::new(settings.role == Role::Active),
             handovers: (0..shards).map(|_| Mutex::new(None)).collect(),
             changes: Mutex::new(Vec::new()),
+            last_declined: Mutex::new(None),
             stopper: Mutex::new((stop, bell.clone())),
             stopping: AtomicBool::new(false),
             next: Mutex::new(None),
@@ -851,6 +878,9 @@ fn drive(mut runner: Runner, state: &Arc<NodeState>) {
                             receiver.grace();
                             continue;
                         }
+                        // The active is taken for dead from here on: whatever this standby does next, it
+                        // does not wait on that connection.
+                        receiver.disconnect("the active is dead");
                         // Several standbys heard the same silence: one of them takes over.
                         if let Some(found) = promotion.another_standby_took_over(&receiver) {
                             tracing::info!(active = %found.addr, epoch = %found.epoch, "another standby took over first: following it");
@@ -1019,14 +1049,12 @@ impl Promotion {
         match crate::net::witness::answers(witness, 3, std::time::Duration::from_millis(30)) {
             Ok(true) => true,
             outcome => {
-                if !*refused_once {
-                    *refused_once = true;
-                    let why = match outcome {
-                        Err(e) => format!("cannot ask it: {e}"),
-                        _ => "no answer".to_string(),
-                    };
-                    state.note(format!("not promoting: the active is silent but so is the witness {witness} ({why}); staying standby"));
-                }
+                let why = match outcome {
+                    Err(e) => format!("cannot ask it: {e}"),
+                    _ => "no answer".to_string(),
+                };
+                let first = !std::mem::replace(refused_once, true);
+                state.decline(format!("not promoting: the active is silent but so is the witness {witness} ({why}); staying standby"), first);
                 false
             }
         }

@@ -96,6 +96,8 @@ pub fn status(state: &NodeState) -> Vec<(String, String)> {
     push("switchovers", counts.switchovers.load(Ordering::Relaxed).to_string());
     push("switchovers_aborted", counts.switchovers_aborted.load(Ordering::Relaxed).to_string());
     push("last_role_change", changes.last().cloned().unwrap_or_else(|| "none".into()));
+    push("promotions_declined", counts.promotions_declined.load(Ordering::Relaxed).to_string());
+    push("last_promotion_declined", state.last_declined().unwrap_or_else(|| "none".into()));
     out
 }
 

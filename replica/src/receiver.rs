@@ -76,7 +76,10 @@ pub struct ReceiverConfig {
 pub enum Exit {
     /// Asked to stop.
     Stopped,
-    /// The active was silent for `dead_after` after this standby had been fully synced.
+    /// The active was silent for `dead_after` after this standby had been fully synced. The first time
+    /// in a silence the connection is kept: a slow active is not a dead one, and the caller that decides
+    /// not to act ([`Receiver::grace`]) lets it go on streaming where it was; the caller that acts drops
+    /// it ([`Receiver::disconnect`]). A silence that lasts through a grace drops it before returning.
     ActiveDead,
     /// The active handed over (a planned switchover) and this standby accepted: it must take over.
     HandedOver { from: SocketAddr },
@@ -184,6 +187,11 @@ pub struct Receiver {
     synced_once: bool,
     /// When the active was last heard from, across connections.
     last_heard: Instant,
+    /// The connection was kept through a declared silence ([`Exit::ActiveDead`]) and nothing was heard
+    /// since: the next declared silence drops it.
+    kept_through_silence: bool,
+    /// The active's clock on the last heartbeat received (ms since the epoch), for the log.
+    last_heartbeat_sent: u64,
     promote: Arc<AtomicBool>,
     /// The active that handed over to this standby, once it accepted.
     handed_over: Option<SocketAddr>,
@@ -228,6 +236,8 @@ impl Receiver {
             held: VecDeque::new(),
             synced_once: false,
             last_heard: Instant::now(),
+            kept_through_silence: false,
+            last_heartbeat_sent: 0,
             promote,
             handed_over: None,
             lost_its_log: None,
@@ -251,9 +261,21 @@ impl Receiver {
         self.followed
     }
 
-    /// Gives the active another `dead_after` to be heard from (its silence was not acted on).
+    /// Gives the active another `dead_after` to be heard from (its silence was not acted on), on the
+    /// connection kept through the silence if there is one.
     pub fn grace(&mut self) {
-        self.last_heard = Instant::now();
+        let now = Instant::now();
+        self.last_heard = now;
+        if let Some(conn) = self.conn.as_mut() {
+            conn.last_heard = now;
+        }
+    }
+
+    /// Drops the connection to the active (one declared dead and about to be replaced, or one whose
+    /// silence sends this standby looking elsewhere).
+    pub fn disconnect(&mut self, reason: &str) {
+        self.drop_connection(reason);
+        self.publish_report();
     }
 
     /// Sets the epoch to present (a restarted standby's persisted epoch).
@@ -317,8 +339,17 @@ impl Receiver {
                     }
                 }
                 if self.synced_once && self.last_heard.elapsed() > dead_after {
-                    tracing::warn!(silent_ms = self.last_heard.elapsed().as_millis() as u64, "the active is dead");
-                    self.drop_connection("the active is dead");
+                    let since_sent = unix_millis().saturating_sub(self.last_heartbeat_sent);
+                    tracing::warn!(
+                        silent_ms = self.last_heard.elapsed().as_millis() as u64,
+                        last_heartbeat_sent_ms_ago = since_sent,
+                        connected = self.conn.is_some(),
+                        kept_before = self.kept_through_silence,
+                        "the active is silent past dead_after"
+                    );
+                    if std::mem::replace(&mut self.kept_through_silence, true) {
+                        self.drop_connection("the active stayed silent");
+                    }
                     self.publish_report();
                     return Exit::ActiveDead;
                 }
@@ -396,7 +427,7 @@ impl Receiver {
     /// Only what the active was granted is moved, never past now (an active silent before the pause is
     /// still judged on the silence it had).
     fn forgive_own_stall(&mut self) {
-        let held = self.stall.held_off();
+        let held = self.stall.held_off_past(STALL_WORTH_FORGIVING);
         if held < STALL_WORTH_FORGIVING {
             return;
         }
@@ -522,6 +553,7 @@ impl Receiver {
             }
             conn.last_heard = Instant::now();
             self.last_heard = conn.last_heard;
+            self.kept_through_silence = false;
             self.counters.bytes_received += n as u64;
             self.dispatch()?;
             if !self.held.is_empty() || self.handed_over.is_some() {
@@ -554,7 +586,10 @@ impl Receiver {
                     self.held.push_back((shard, inbound));
                     self.deliver_held();
                 }
-                Action::Heartbeat(epoch) => self.epoch = self.epoch.max(epoch),
+                Action::Heartbeat(epoch, sent) => {
+                    self.epoch = self.epoch.max(epoch);
+                    self.note_heartbeat(sent);
+                }
                 Action::Handover(epoch, through) => {
                     self.answer_handover(epoch, &through);
                     if self.handed_over.is_some() {
@@ -564,6 +599,17 @@ impl Receiver {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the active's clock of its last heartbeat, and logs one that took long to arrive: with the
+    /// shipper's own log of its gaps, that tells a stalled active from a slow link when the standby
+    /// finds the active silent (the two clocks are one on a test machine, NTP-close between appliances).
+    fn note_heartbeat(&mut self, sent: u64) {
+        self.last_heartbeat_sent = sent;
+        let transit = unix_millis().saturating_sub(sent);
+        if self.config.dead_after.is_some_and(|dead_after| u128::from(transit) * 2 > dead_after.as_millis()) {
+            tracing::warn!(transit_ms = transit, "a heartbeat arrived late: the link (or the kernel under it) held it");
+        }
     }
 
     /// Answers the active's handover at `through`: accepts when every shard received and applied
@@ -799,7 +845,8 @@ enum Action {
     Handshake(Handshake),
     RdmaAccept(Vec<u8>),
     Deliver(usize, Inbound),
-    Heartbeat(Epoch),
+    /// The active's epoch and its clock when it sent the heartbeat (ms since the epoch).
+    Heartbeat(Epoch, u64),
     Handover(Epoch, Vec<LogSeq>),
 }
 
@@ -879,7 +926,7 @@ fn next_action(conn: &mut Connection, ports: &[Arc<ShardPort>], from: From) -> R
             awaiting_snapshot[shard] = false;
             Action::Deliver(shard, Inbound::SnapshotEnd)
         }
-        Message::Heartbeat { epoch, .. } => Action::Heartbeat(epoch),
+        Message::Heartbeat { epoch, millis } => Action::Heartbeat(epoch, millis),
         Message::Handover { epoch, through } => Action::Handover(epoch, through),
         Message::RdmaAccept(accept) => Action::RdmaAccept(accept.to_vec()),
         Message::RdmaOffer(_) | Message::RdmaReady => return Err("the active sent a message out of turn".into()),

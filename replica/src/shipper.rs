@@ -250,6 +250,8 @@ pub struct Shipper {
     device: Option<Device>,
     /// Time this thread was kept from running is not the standbys' silence (see [`crate::stall`]).
     stall: StallClock,
+    /// When heartbeats were last due and sent.
+    last_turn: Instant,
 }
 
 impl Shipper {
@@ -300,6 +302,7 @@ impl Shipper {
             handover,
             device,
             stall: StallClock::new(),
+            last_turn: Instant::now(),
         };
         Ok((shipper, handle))
     }
@@ -862,6 +865,11 @@ impl Shipper {
         // of the machine silenced both.
         let held = self.stall.held_off();
         let now = Instant::now();
+        // A standby that finds this active silent logs it; this says whether this thread was the cause.
+        let gap = now - std::mem::replace(&mut self.last_turn, now);
+        if gap > (self.config.heartbeat_interval * 4).max(Duration::from_millis(100)) {
+            tracing::warn!(gap_ms = gap.as_millis() as u64, held_off_ms = held.as_millis() as u64, "the shipper's heartbeats were late");
+        }
         for peer in self.peers.iter_mut().flatten() {
             peer.last_heard = (peer.last_heard + held).min(now);
             if peer.last_heard.elapsed() > self.config.peer_timeout {

@@ -35,6 +35,17 @@ impl StallClock {
         self.allowed += wait;
     }
 
+    /// [`StallClock::held_off`] when at least `least` of wall time has passed since the interval began
+    /// (it cannot be that long otherwise); zero, with the interval going on, before. A loop that turns
+    /// thousands of times a second looks at the clock (a `clock_gettime` that is a real system call for
+    /// a thread's CPU time) only when a stall worth counting is possible.
+    pub fn held_off_past(&mut self, least: Duration) -> Duration {
+        if self.wall.elapsed() < least {
+            return Duration::ZERO;
+        }
+        self.held_off()
+    }
+
     /// The time since the last call (or since [`StallClock::new`]) that the thread neither ran nor
     /// waited as it asked, and starts the next interval.
     pub fn held_off(&mut self) -> Duration {
@@ -76,6 +87,15 @@ mod tests {
         clock.allow(Duration::from_millis(250));
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(clock.held_off(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_short_interval_is_not_looked_at_and_goes_on() {
+        let mut clock = StallClock::new();
+        assert_eq!(clock.held_off_past(Duration::from_secs(5)), Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(40));
+        // The interval began at new(): the first look did not restart it.
+        assert!(clock.held_off_past(Duration::from_millis(10)) >= Duration::from_millis(35));
     }
 
     #[test]

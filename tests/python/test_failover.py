@@ -399,7 +399,8 @@ def test_a_standby_cut_off_from_everything_does_not_promote(tmp_path):
         time.sleep(1.5)
         b_stats = stats_in(topo, "b")
         assert b_stats["role"] == "standby", b_stats
-        assert "not_promoting" in b_stats.get("last_role_change", ""), b_stats
+        assert int(b_stats["promotions_declined"]) >= 1 and "not_promoting" in b_stats.get("last_promotion_declined", ""), b_stats
+        assert b_stats["promotions"] == "0", b_stats
         assert not topo.service_address_on("b"), "an isolated standby took the service address"
         # Its link returns: it follows the active again, which never stepped down.
         sh("ip", "link", "set", topo.host_if["b"], "up")
@@ -440,6 +441,38 @@ def test_a_pause_of_the_whole_machine_is_no_failure_of_the_active(tmp_path):
         assert topo.service_address_on("a") and not topo.service_address_on("b")
         assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\ny\r\nget before\r\n", b"END\r\n") == (
             b"STORED\r\nVALUE before 0 1\r\nx\r\nEND\r\n")
+
+
+def test_an_active_slow_past_dead_after_keeps_its_standby_streaming(tmp_path):
+    """An active whose stream stalls past dead_after while its machine runs on (its process not
+    scheduled, a long fault in its replication thread) is slow, not dead. The standby declares the
+    silence and looks at the service address: still served (the stalled process answers `version` once
+    it runs again, within the look's wait), so it declines to promote. It keeps its replication
+    connection through that look, so the active goes on streaming where it was: no reconnect, no resync,
+    no degraded sync, no role change; the decline is counted."""
+    with Topology(os.getpid() % 1000 * 10 + 9) as topo:
+        a, _ = topo.start_pair(tmp_path, witness=True)
+        assert request_in(topo, "c", topo.service, b"set before 0 0 1\r\nx\r\n") == b"STORED\r\n"
+        before = {name: stats_in(topo, name) for name in ("a", "b")}
+        # 250 ms: past dead_after (150 ms), and short enough that the stalled active answers the standby's
+        # `version` within the look's 300 ms.
+        for _ in range(2):
+            os.kill(a.pid, signal.SIGSTOP)
+            time.sleep(0.25)
+            os.kill(a.pid, signal.SIGCONT)
+            time.sleep(1.0)
+        after = {name: stats_in(topo, name) for name in ("a", "b")}
+        declined = int(after["b"]["promotions_declined"]) - int(before["b"]["promotions_declined"])
+        assert declined >= 1, ("the standby never suspected the stalled active", after["b"])
+        assert "still_served" in after["b"]["last_promotion_declined"], after["b"]
+        for name in ("a", "b"):
+            for figure in ("role", "epoch", "promotions", "step_downs", "role_changes"):
+                assert after[name][figure] == before[name][figure], (name, figure, after[name].get("last_role_change"), after[name])
+        assert (after["b"]["state"], after["b"]["connects"]) == ("streaming", before["b"]["connects"]), after["b"]
+        assert (after["b"]["full_syncs"], after["b"]["partial_syncs"]) == (before["b"]["full_syncs"], before["b"]["partial_syncs"])
+        assert after["a"]["sync_degraded"] == before["a"]["sync_degraded"], after["a"]
+        assert request_in(topo, "c", topo.service, b"set after 0 0 1\r\ny\r\n") == b"STORED\r\n"
+        assert topo.service_address_on("a") and not topo.service_address_on("b")
 
 
 def start_with_two_standbys(tmp_path, topo):

@@ -194,7 +194,7 @@ def test_cutting_only_the_replication_link_leaves_exactly_one_owner(tmp_path):
         a_stats, b_stats = stats_in(topo, "a"), stats_in(topo, "b")
         assert a_stats["role"] == "active" and a_stats["step_downs"] == "0", a_stats
         assert b_stats["role"] == "standby" and b_stats["promotions"] == "0", b_stats
-        assert "not_promoting" in b_stats.get("last_role_change", "") and "still_served" in b_stats["last_role_change"], b_stats
+        assert "not_promoting" in b_stats.get("last_promotion_declined", "") and "still_served" in b_stats["last_promotion_declined"], b_stats
         # The link is back: b follows a again and gets what a took meanwhile.
         wait_until(lambda: stats_in(topo, "b").get("state") == "streaming", "the standby to stream again", 15)
         last = max(w[2] for w in writes if w[3])

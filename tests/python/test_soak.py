@@ -5,8 +5,10 @@ Two client processes in the client's namespace write and read back through the s
 as the pair answers (sync replication, the witness configured, the default heartbeat and dead_after):
 each round pipelines 100 sets of keys it owns and then a multi-get of them, and checks every value. The
 pair must show no spurious failover and no role change: the active stays active, the standby stays a
-standby, promotions and step_downs stay 0 and role_changes stays what start-up left on both; every request answered and verified.
-The figures are printed.
+standby, promotions and step_downs stay 0 and role_changes stays what start-up left on both; the standby
+keeps streaming and sync mode never degrades; every request answered and verified. A moment when the
+active's stream was slow past dead_after is allowed if the standby saw the active still serving and kept
+streaming (a declined promotion, counted and printed, not a role change). The figures are printed.
 """
 
 import json
@@ -151,7 +153,9 @@ def test_soak_no_spurious_failover_under_full_load(tmp_path):
             f"wrong values {sum(r['bad'] for r in results)}, worst round {max(r['worst_round_ms'] for r in results):.0f} ms; "
             f"{checks} role checks; a: {role_figures(a_stats)}, sync_degraded {a_stats['sync_degraded']} (at start {at_start['a']['sync_degraded']}), "
             f"max lag {max_lag_ms} ms, cmd_set {general.get('cmd_set')}; b: {role_figures(b_stats)}, "
-            f"full_syncs {b_stats['full_syncs']}, partial_syncs {b_stats['partial_syncs']}, max last_heard {max_last_heard} ms"
+            f"full_syncs {b_stats['full_syncs']}, partial_syncs {b_stats['partial_syncs']}, max last_heard {max_last_heard} ms, "
+            f"stalls_forgiven {b_stats['stalls_forgiven']}, promotions_declined {b_stats['promotions_declined']} "
+            f"({b_stats.get('last_promotion_declined', 'none')})"
         )
         for r in results:
             assert r["errors"] == 0 and r["bad"] == 0, results

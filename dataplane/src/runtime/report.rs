@@ -138,6 +138,10 @@ fn replication(shared: &Shared) -> Pairs {
     if let Some(last) = changes.last() {
         push(&mut p, "last_role_change", last.replace(' ', "_"));
     }
+    push(&mut p, "promotions_declined", counts.promotions_declined.load(std::sync::atomic::Ordering::Relaxed).to_string());
+    if let Some(last) = node.last_declined() {
+        push(&mut p, "last_promotion_declined", last.replace(' ', "_"));
+    }
     p
 }
 

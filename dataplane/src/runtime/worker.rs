@@ -361,13 +361,17 @@ impl<T: Transport> Worker<T> {
         self.follow_role();
         let Worker { shard, postbox, conns, touched, limits, counters, replication, .. } = self;
         let sync = replication.as_ref().is_some_and(ShardReplication::sync);
+        // The other direction: a write mailed while the node was the active, run here after it stepped
+        // down, would change a standby's copy with no log behind it. It is refused as a standby's write
+        // is (never acknowledged, nothing lost); the client retries at the new active.
+        let standby = replication.as_ref().is_some_and(ShardReplication::is_standby);
         postbox.drain(|postbox, from, msg| match msg {
             Msg::Request { conn, slot, proto, key_only, frame } => {
                 let mut out = postbox.buffer();
                 let before = if sync { log_position(shard) } else { 0 };
                 match proto {
-                    Proto::Text => run_frame::<TextCodec>(shard, &frame, key_only, limits, &mut out),
-                    Proto::Binary => run_frame::<BinaryCodec>(shard, &frame, key_only, limits, &mut out),
+                    Proto::Text => run_frame::<TextCodec>(shard, &frame, key_only, standby, limits, &mut out),
+                    Proto::Binary => run_frame::<BinaryCodec>(shard, &frame, key_only, standby, limits, &mut out),
                 }
                 let after = if sync { log_position(shard) } else { 0 };
                 postbox.recycle(frame);
@@ -412,8 +416,9 @@ fn log_position(shard: &mut Shard) -> u64 {
 }
 
 /// Runs a frame mailed from another core on this shard.
-fn run_frame<C: Codec>(shard: &mut Shard, frame: &[u8], key_only: bool, limits: &Limits, out: &mut Vec<u8>) {
+fn run_frame<C: Codec>(shard: &mut Shard, frame: &[u8], key_only: bool, refuse_writes: bool, limits: &Limits, out: &mut Vec<u8>) {
     match C::parse(frame, limits) {
+        Parse::Request { request, .. } if refuse_writes && C::mutates(&request) => C::refuse_read_only(&request, out),
         Parse::Request { request, .. } if key_only => C::execute_key(shard, &request, 0, out),
         Parse::Request { request, .. } => C::execute(shard, &request, out),
         // The sender parsed these exact bytes as a request; anything else is a bug, reported to the client.
@@ -793,5 +798,32 @@ fn admin_request<C: Codec, S>(ctx: &mut Ctx<'_>, conn: &mut Conn<S>, request: &C
             Some(pairs) => emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::Stats(&pairs), out)),
             None => emit(conn, ctx.postbox, |out| C::answer_admin(request, AdminReply::BadArgument, out)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn shard() -> Shard {
+        let config = StoreConfig { memory_bytes: 16 << 20, item_size_max: 1 << 20, evict: true, shard_index: 0, shard_count: 1, try_hugepages: false, memory_file: None, clock_origin: 0 };
+        Shard::new(0, Store::new(config).expect("store"), Arc::new(Settings::default()))
+    }
+
+    #[test]
+    fn a_mailed_write_on_a_shard_that_stepped_down_is_refused_and_changes_nothing() {
+        let limits = Limits { item_size_max: 1 << 20 };
+        let mut shard = shard();
+        let mut out = Vec::new();
+        run_frame::<TextCodec>(&mut shard, b"set k 0 0 1\r\nx\r\n", false, false, &limits, &mut out);
+        assert_eq!(out, b"STORED\r\n");
+        out.clear();
+        run_frame::<TextCodec>(&mut shard, b"set k 0 0 1\r\ny\r\n", false, true, &limits, &mut out);
+        assert_eq!(out, crate::protocol::READ_ONLY_STANDBY);
+        out.clear();
+        // Reads still run where writes are refused (a mailed get asks for one key of the client's list).
+        run_frame::<TextCodec>(&mut shard, b"get k\r\n", true, true, &limits, &mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "VALUE k 0 1\r\nx\r\n");
     }
 }
