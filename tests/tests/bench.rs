@@ -104,9 +104,15 @@ fn compare_runs_memcached_and_tandemd_side_by_side() {
     let tandemd = tandemd_path();
     let report = bench_json(&[
         "compare", "--tandemd", tandemd.to_str().unwrap(), "--rounds", "1", "--duration", "1", "--memory", "64",
-        "--keys", "1000", "--connections", "4",
+        "--keys", "1000", "--connections", "4", "--warm-up", "1",
     ]);
     assert_eq!(report["errors"], 0, "{report}");
+    // Both servers were warmed up, each for at most about the second asked (a pass is a second).
+    let warm_ups = report["warm_ups"].as_array().unwrap();
+    assert_eq!(warm_ups.len(), 2, "{report}");
+    for warm in warm_ups {
+        assert!(warm["sets"].as_u64().unwrap() > 0 && warm["seconds"].as_f64().unwrap() < 5.0, "{warm}");
+    }
     assert_eq!(report["rounds"].as_array().unwrap().len(), 2, "{report}");
     for side in ["memcached", "tandemd", "ratio"] {
         for field in ["ops_per_sec", "p99_us", "cpu_us_per_request"] {

@@ -101,6 +101,11 @@ enum Command {
         item_size: Option<String>,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Before the rounds, each server takes sets until its memory (--memory) was written over once,
+        /// for at most this many seconds (0: no warm-up): tandemd's store fills its whole arena before
+        /// it reuses any, and rounds that fault it in measure a server still warming up.
+        #[arg(long, default_value_t = 10)]
+        warm_up: u64,
         /// Which program drives the load: tandem-bench's own blast, or memaslap (text or binary,
         /// --pipeline 1, set and get only; --keys becomes its key window, in thousands per connection;
         /// its latency percentiles are the upper edges of its power-of-two buckets).
@@ -339,7 +344,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(status(report.errors == 0))
         }
-        Command::Compare { memcached, tandemd, server_threads, variants, memory, item_size, rounds, client, memaslap, workload, json } => {
+        Command::Compare { memcached, tandemd, server_threads, variants, memory, item_size, rounds, warm_up, client, memaslap, workload, json } => {
             if !tandemd.exists() {
                 bail!("{}: no such file (build it with `cargo build --release -p dataplane`, or pass --tandemd)", tandemd.display());
             }
@@ -349,7 +354,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ClientKind::Blast => compare::Client::Blast,
                 ClientKind::Memaslap => compare::Client::Memaslap(memaslap),
             };
-            let config = CompareConfig { memcached, tandemd, server_threads, variants, memory_mb: memory, item_size, rounds, blast, client };
+            let warm_up = Duration::from_secs(warm_up);
+            let config = CompareConfig { memcached, tandemd, server_threads, variants, memory_mb: memory, item_size, rounds, warm_up, blast, client };
             let report = compare::run(&config, |round| {
                 if !json {
                     println!(
@@ -370,6 +376,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&report)?;
             } else {
+                for w in &report.warm_ups {
+                    println!("warm-up {:<15} {:>10} sets ({} MB) in {:.1} s, before the rounds", w.server, w.sets, w.mb_written, w.seconds);
+                }
                 let m = report.memcached;
                 println!("median {:<16} {:>10.0} ops/s  p99 {:>8.1} us  {:>6.2} us CPU/request", "memcached", m.ops_per_sec, m.p99_us, m.cpu_us_per_request);
                 for v in &report.variants {
