@@ -369,11 +369,7 @@ impl Receiver {
             if !self.held.is_empty() {
                 // The shards have not taken what already arrived, so this standby does not read: that
                 // is its own back-pressure, not the active's silence (which counts again once it reads).
-                let now = Instant::now();
-                self.last_heard = now;
-                if let Some(conn) = self.conn.as_mut() {
-                    conn.last_heard = now;
-                }
+                self.grace();
             }
             self.send_acks();
             let polling_ring = self.conn.as_ref().is_some_and(|c| c.data_wants_poll());

@@ -250,8 +250,6 @@ pub struct Shipper {
     device: Option<Device>,
     /// Time this thread was kept from running is not the standbys' silence (see [`crate::stall`]).
     stall: StallClock,
-    /// When heartbeats were last due and sent.
-    last_turn: Instant,
 }
 
 impl Shipper {
@@ -302,7 +300,6 @@ impl Shipper {
             handover,
             device,
             stall: StallClock::new(),
-            last_turn: Instant::now(),
         };
         Ok((shipper, handle))
     }
@@ -379,9 +376,10 @@ impl Shipper {
                     Token(index) => self.read_peer(index),
                 }
             }
-            if self.last_heartbeat.elapsed() >= self.config.heartbeat_interval {
+            let since_heartbeat = self.last_heartbeat.elapsed();
+            if since_heartbeat >= self.config.heartbeat_interval {
                 self.last_heartbeat = Instant::now();
-                self.heartbeat_and_expire();
+                self.heartbeat_and_expire(since_heartbeat);
             }
             if self.handover.busy() {
                 self.drive_handover();
@@ -857,7 +855,9 @@ impl Shipper {
         }
     }
 
-    fn heartbeat_and_expire(&mut self) {
+    /// Sends the heartbeats due and drops standbys silent past `peer_timeout`; `gap`: the time since
+    /// the last heartbeats were due and sent.
+    fn heartbeat_and_expire(&mut self, gap: Duration) {
         #[cfg(feature = "rdma")]
         self.inject_faults();
         let millis = unix_millis();
@@ -866,7 +866,6 @@ impl Shipper {
         let held = self.stall.held_off();
         let now = Instant::now();
         // A standby that finds this active silent logs it; this says whether this thread was the cause.
-        let gap = now - std::mem::replace(&mut self.last_turn, now);
         if gap > (self.config.heartbeat_interval * 4).max(Duration::from_millis(100)) {
             tracing::warn!(gap_ms = gap.as_millis() as u64, held_off_ms = held.as_millis() as u64, "the shipper's heartbeats were late");
         }

@@ -243,27 +243,23 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn warm_up(config: &CompareConfig, server: &ServerChild) -> Result<WarmUp> {
     let started = Instant::now();
     let target = (config.memory_mb as u64) << 20;
-    let mut written = 0u64;
-    let mut warm = WarmUp { server: server.name.clone(), sets: 0, mb_written: 0, seconds: 0.0 };
-    while written < target && started.elapsed() < config.warm_up {
-        let pass = BlastConfig {
-            addr: server.addr,
-            ratio: "set=1".parse().map_err(anyhow::Error::msg)?,
-            pipeline: config.blast.pipeline.max(4),
-            limit: blast::Limit::Duration(Duration::from_secs(1).min(config.warm_up)),
-            ..config.blast.clone()
-        };
+    let per_set = (config.blast.value_size.max() + config.blast.keys.length) as u64;
+    let pass = BlastConfig {
+        addr: server.addr,
+        ratio: "set=1".parse().map_err(anyhow::Error::msg)?,
+        pipeline: config.blast.pipeline.max(4),
+        limit: blast::Limit::Duration(Duration::from_secs(1).min(config.warm_up)),
+        ..config.blast.clone()
+    };
+    let mut sets = 0u64;
+    while sets * per_set < target && started.elapsed() < config.warm_up {
         let result = blast::run(&pass)?;
         if result.errors > 0 {
             bail!("warm-up of {} failed: {} errors, first: {:?}", server.name, result.errors, result.error_samples.first());
         }
-        let sets: u64 = result.replies.iter().sum();
-        warm.sets += sets;
-        written += sets * (config.blast.value_size.max() + config.blast.keys.length) as u64;
+        sets += result.replies.iter().sum::<u64>();
     }
-    warm.mb_written = (written >> 20) as usize;
-    warm.seconds = started.elapsed().as_secs_f64();
-    Ok(warm)
+    Ok(WarmUp { server: server.name.clone(), sets, mb_written: ((sets * per_set) >> 20) as usize, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// What one server's warm-up did.
